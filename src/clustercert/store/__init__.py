@@ -1,0 +1,65 @@
+"""The state store (DESIGN §9): the :class:`Store` interface, its backends and a factory.
+
+``open_store`` turns the operator's ``--store`` value into a backend:
+
+- a plain path (``/var/lib/clustercert/state.db``) or ``sqlite:///abs/path.db``: SQLite;
+- ``etcd://host:port[/prefix]``: etcd v3 over its JSON gateway (plain HTTP), keys under
+  ``/prefix/`` (default ``/clustercert/``).
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from clustercert.errors import ConfigError
+from clustercert.store.base import Delete, Entry, Put, Store
+from clustercert.store.sqlite import SqliteStore
+
+__all__ = ["Delete", "Entry", "Put", "SqliteStore", "Store", "open_store"]
+
+DEFAULT_ETCD_PORT = 2379
+DEFAULT_ETCD_PREFIX = "/clustercert/"
+
+_FORMS = "a file path, sqlite:///ABSOLUTE/PATH.db or etcd://HOST:PORT[/PREFIX]"
+
+
+def open_store(url_or_path: str | os.PathLike[str]) -> Store:
+    """Open the store named by ``url_or_path`` (see the module docstring).
+
+    Raises :class:`~clustercert.errors.ConfigError` for a value of none of those forms and
+    :class:`~clustercert.errors.StoreError` if a SQLite file cannot be opened. An etcd store
+    does not contact the server until its first call.
+    """
+    if isinstance(url_or_path, os.PathLike):
+        return SqliteStore(url_or_path)
+    if not url_or_path:
+        raise ConfigError(f"empty store location; expected {_FORMS}")
+    if "://" not in url_or_path:
+        return SqliteStore(url_or_path)
+    parts = urlsplit(url_or_path)
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+            raise ConfigError(
+                f"store {url_or_path!r}: a SQLite URL needs an absolute path after three "
+                f"slashes, e.g. sqlite:///var/lib/clustercert/state.db"
+            )
+        return SqliteStore(parts.path)
+    if scheme == "etcd":
+        from clustercert.store.etcd import EtcdStore
+
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise ConfigError(f"store {url_or_path!r}: {exc}; expected {_FORMS}") from exc
+        if not host or parts.query or parts.fragment or parts.username or parts.password:
+            raise ConfigError(f"store {url_or_path!r}: expected {_FORMS}")
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        prefix = parts.path.strip("/")
+        return EtcdStore(
+            endpoint=f"http://{host}:{port or DEFAULT_ETCD_PORT}",
+            prefix=f"/{prefix}/" if prefix else DEFAULT_ETCD_PREFIX,
+        )
+    raise ConfigError(f"store {url_or_path!r}: unknown scheme {parts.scheme!r}; expected {_FORMS}")
