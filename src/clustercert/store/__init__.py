@@ -14,9 +14,10 @@ from urllib.parse import urlsplit
 
 from clustercert.errors import ConfigError
 from clustercert.store.base import Delete, Entry, Put, Store
+from clustercert.store.etcd import EtcdStore
 from clustercert.store.sqlite import SqliteStore
 
-__all__ = ["Delete", "Entry", "Put", "SqliteStore", "Store", "open_store"]
+__all__ = ["Delete", "Entry", "EtcdStore", "Put", "SqliteStore", "Store", "open_store"]
 
 DEFAULT_ETCD_PORT = 2379
 DEFAULT_ETCD_PREFIX = "/clustercert/"
@@ -47,8 +48,6 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
             )
         return SqliteStore(parts.path)
     if scheme == "etcd":
-        from clustercert.store.etcd import EtcdStore
-
         try:
             host, port = parts.hostname, parts.port
         except ValueError as exc:

@@ -1,0 +1,447 @@
+"""The shared store backend: etcd v3 through its JSON gateway, over httpx (DESIGN §9).
+
+Several control planes may share one etcd. Layout under ``prefix`` (default ``/clustercert/``):
+
+- ``<prefix>kv/<key>``: the keys of :class:`~clustercert.store.base.Store`; the value is the
+  caller's JSON text, the revision etcd's ``mod_revision``.
+- ``<prefix>lock/<name>``: a lock; the value is the owner, attached to a lease whose TTL is the
+  lock's ttl. The lease is the expiry: a crashed holder stops keeping it alive and etcd deletes
+  the key. Keeping locks outside ``kv/`` means no caller key can collide with one.
+
+Mapping of the contract onto etcd (gateway paths under ``/v3/``, keys and values base64):
+
+- get, list: ``kv/range`` (list pages through the prefix at one pinned revision, so it is one
+  snapshot however many pages it takes);
+- put, delete, commit: one ``kv/txn``. Its compares are the expectations (``mod_revision == n``,
+  or ``create_revision == 0`` for "absent"); its success branch holds the writes, so they land
+  at one revision; its failure branch reads back every guarded key so that a
+  :class:`~clustercert.errors.StoreConflict` can name the first key that failed;
+- try_lock: ``lease/grant`` then a txn that puts the lock key with that lease only if the key
+  does not exist; refresh_lock: ``lease/keepalive``; unlock: ``lease/revoke``.
+
+This client speaks plain HTTP to the gateway, which etcd serves on its client URL (3.4 serves
+both ``/v3beta`` and ``/v3``; 3.5 only ``/v3``). Every httpx error, non-200 answer or answer of
+an unexpected shape becomes a :class:`~clustercert.errors.StoreError` here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import httpx
+
+from clustercert.errors import StoreConflict, StoreError
+from clustercert.store.base import (
+    Delete,
+    Entry,
+    Put,
+    Store,
+    check_expectation,
+    check_key,
+    check_ops,
+    check_ttl,
+    conflict,
+    expectation_holds,
+)
+
+__all__ = ["EtcdStore"]
+
+_T = TypeVar("_T")
+_LIST_PAGE = 500
+
+_Json = dict[str, Any]
+_Jsons = list[_Json]  # `list` is a method name inside EtcdStore
+
+
+class _BadAnswer(Exception):
+    """etcd answered, but not with what the gateway documents; becomes a StoreError."""
+
+
+class EtcdStore(Store):
+    """A :class:`~clustercert.store.base.Store` in etcd v3.
+
+    ``endpoint``: etcd's client URL. ``prefix``: where this cluster's data lives (normalised to
+    start and end with ``/``); control planes of one cluster share it, different clusters must
+    not. ``timeout``: seconds for each HTTP request.
+
+    The constructor does not contact etcd. Thread-safe (one pooled ``httpx.Client``, no other
+    shared state).
+    """
+
+    def __init__(
+        self,
+        endpoint: str = "http://127.0.0.1:2379",
+        prefix: str = "/clustercert/",
+        timeout: float = 5.0,
+    ) -> None:
+        self._endpoint = endpoint.rstrip("/")
+        self._prefix = f"/{prefix.strip('/')}/" if prefix.strip("/") else "/"
+        self._kv = (self._prefix + "kv/").encode()
+        self._locks = (self._prefix + "lock/").encode()
+        self._client = httpx.Client(base_url=self._endpoint, timeout=timeout)
+        self._closed = False
+        self._closing = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self._endpoint!r}, prefix={self._prefix!r})"
+
+    # --- keys ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        check_key(key)
+        doing = f"reading {key!r}"
+
+        def read() -> Entry | None:
+            kvs = self._kvs(self._call("kv/range", {"key": _b64(self._kv + key.encode())}, doing))
+            return self._entry(kvs[0]) if kvs else None
+
+        return self._run(doing, read)
+
+    def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
+        check_key(key)
+        check_expectation(expect_revision)
+        if not isinstance(value, str):
+            raise TypeError(f"store value must be str, not {type(value).__name__}")
+        doing = f"writing {key!r}"
+        revision, _ = self._run(doing, lambda: self._txn([Put(key, value, expect_revision)], doing))
+        return revision
+
+    def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
+        check_key(key)
+        check_expectation(expect_revision)
+        doing = f"deleting {key!r}"
+        _, deleted = self._run(doing, lambda: self._txn([Delete(key, expect_revision)], doing))
+        return deleted
+
+    def list(self, prefix: str) -> list[Entry]:
+        if not isinstance(prefix, str):
+            raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        doing = f"listing keys under {prefix!r}"
+        start = self._kv + prefix.encode()
+        request: _Json = {
+            "key": _b64(start),
+            "range_end": _b64(_prefix_end(start)),
+            "limit": _LIST_PAGE,
+            "sort_order": "ASCEND",
+            "sort_target": "KEY",
+        }
+
+        def read() -> list[Entry]:
+            entries: list[Entry] = []
+            while True:
+                answer = self._call("kv/range", request, doing)
+                kvs = self._kvs(answer)
+                entries.extend(self._entry(kv) for kv in kvs)
+                if not answer.get("more") or not kvs:
+                    return entries
+                # Next page: after the last key, at the revision of the first page.
+                request["key"] = _b64(_unb64(kvs[-1]["key"]) + b"\0")
+                request["revision"] = _header_revision(answer)
+
+        return self._run(doing, read)
+
+    def commit(self, ops: Sequence[Put | Delete]) -> int:
+        check_ops(ops)
+        doing = f"committing {len(ops)} operation(s)"
+        revision, _ = self._run(doing, lambda: self._txn(ops, doing))
+        return revision
+
+    # --- locks --------------------------------------------------------------------------
+
+    def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        check_key(name, "lock name")
+        check_key(owner, "lock owner")
+        check_ttl(ttl)
+        doing = f"taking lock {name!r} for {owner!r}"
+        lock_key = _b64(self._locks + name.encode())
+
+        def take() -> bool:
+            held = self._lock_record(lock_key, doing)
+            if held is not None:
+                holder, lease = held
+                if holder != owner:
+                    return False
+                if self._keepalive(lease, doing):
+                    return True
+                # Our lease ran out between the read and the keepalive: take the lock afresh.
+            granted = self._call("lease/grant", {"TTL": _lease_ttl(ttl)}, doing)
+            lease = int(granted["ID"])
+            answer = self._call(
+                "kv/txn",
+                {
+                    "compare": [_compare(lock_key, 0)],
+                    "success": [
+                        {
+                            "request_put": {
+                                "key": lock_key,
+                                "value": _b64(owner.encode()),
+                                "lease": lease,
+                            }
+                        }
+                    ],
+                    "failure": [{"request_range": {"key": lock_key}}],
+                },
+                doing,
+            )
+            if answer.get("succeeded"):
+                return True
+            self._revoke(lease, doing)  # the lease we did not use
+            kvs = self._kvs(answer["responses"][0]["response_range"])
+            # Another thread of this same owner may have won the race: then owner holds it.
+            return bool(kvs) and _unb64(kvs[0].get("value", "")).decode() == owner
+
+        return self._run(doing, take)
+
+    def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
+        check_key(name, "lock name")
+        check_key(owner, "lock owner")
+        check_ttl(ttl)
+        doing = f"refreshing lock {name!r} for {owner!r}"
+        lock_key = _b64(self._locks + name.encode())
+
+        def refresh() -> bool:
+            held = self._lock_record(lock_key, doing)
+            return held is not None and held[0] == owner and self._keepalive(held[1], doing)
+
+        return self._run(doing, refresh)
+
+    def unlock(self, name: str, owner: str) -> None:
+        check_key(name, "lock name")
+        check_key(owner, "lock owner")
+        doing = f"releasing lock {name!r} for {owner!r}"
+        lock_key = _b64(self._locks + name.encode())
+
+        def release() -> None:
+            held = self._lock_record(lock_key, doing)
+            if held is not None and held[0] == owner:
+                # Revoking the lease deletes the key. It is this owner's own lease, so even if it
+                # expired meanwhile and someone else took the lock, their lease is untouched.
+                self._revoke(held[1], doing)
+
+        self._run(doing, release)
+
+    def lock_holder(self, name: str) -> str | None:
+        check_key(name, "lock name")
+        doing = f"reading lock {name!r}"
+        lock_key = _b64(self._locks + name.encode())
+
+        def read() -> str | None:
+            held = self._lock_record(lock_key, doing)
+            return None if held is None else held[0]
+
+        return self._run(doing, read)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+        self._client.close()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _error(self, doing: str, what: str) -> StoreError:
+        return StoreError(
+            f"etcd store at {self._endpoint} (prefix {self._prefix!r}): {doing}: {what}"
+        )
+
+    def _run(self, doing: str, work: Callable[[], _T]) -> _T:
+        """Run ``work``, turning a malformed etcd answer into :class:`StoreError`."""
+        if self._closed:
+            raise self._error(doing, "the store is closed")
+        try:
+            return work()
+        except (_BadAnswer, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise self._error(
+                doing, f"unexpected answer from etcd ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _post(self, path: str, body: _Json, doing: str) -> httpx.Response:
+        try:
+            return self._client.post(f"/v3/{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise self._error(doing, f"cannot reach etcd ({type(exc).__name__}: {exc})") from exc
+        except RuntimeError as exc:  # httpx: the client was closed by another thread
+            raise self._error(doing, f"the store is closed ({exc})") from exc
+
+    def _call(self, path: str, body: _Json, doing: str) -> _Json:
+        """POST one unary gateway request; return its JSON answer or raise StoreError."""
+        response = self._post(path, body, doing)
+        if response.status_code != 200:
+            raise self._error(doing, _describe_failure(path, response))
+        return _json_object(response.text, path)
+
+    def _keepalive(self, lease: int, doing: str) -> bool:
+        """Renew ``lease``; ``False`` if it no longer exists (the lock already expired)."""
+        if lease == 0:
+            return False  # not a leased key: not one of our locks
+        response = self._post("lease/keepalive", {"ID": lease}, doing)
+        if response.status_code != 200:
+            raise self._error(doing, _describe_failure("lease/keepalive", response))
+        # A streaming call: the gateway answers one {"result": ...} or {"error": ...} object per
+        # line. We sent one request, so the first line is its answer.
+        lines = [line for line in response.text.splitlines() if line.strip()]
+        if not lines:
+            raise _BadAnswer("lease/keepalive answered nothing")
+        message = _json_object(lines[0], "lease/keepalive")
+        if "error" in message:
+            raise self._error(
+                doing, f"etcd refused lease/keepalive: {_error_text(message['error'])}"
+            )
+        # etcd answers TTL 0 (omitted in JSON) for a lease that does not exist any more.
+        return int(message["result"].get("TTL", 0)) > 0
+
+    def _revoke(self, lease: int, doing: str) -> None:
+        """Revoke ``lease`` (deleting the keys attached to it); an unknown lease is no error."""
+        response = self._post("lease/revoke", {"ID": lease}, doing)
+        if response.status_code == 404 and "lease not found" in response.text:
+            return
+        if response.status_code != 200:
+            raise self._error(doing, _describe_failure("lease/revoke", response))
+
+    def _lock_record(self, lock_key: str, doing: str) -> tuple[str, int] | None:
+        """The (owner, lease) of a lock key, or ``None`` if nobody holds it."""
+        kvs = self._kvs(self._call("kv/range", {"key": lock_key}, doing))
+        if not kvs:
+            return None
+        return _unb64(kvs[0].get("value", "")).decode(), int(kvs[0].get("lease", 0))
+
+    def _txn(self, ops: Sequence[Put | Delete], doing: str) -> tuple[int, bool]:
+        """Apply ``ops`` in one etcd transaction guarded by their expectations.
+
+        Returns the transaction's revision and whether any key was deleted.
+        """
+        guarded = [op for op in ops if op.expect_revision is not None]
+        keys = {op.key: _b64(self._kv + op.key.encode()) for op in ops}
+        success: _Jsons = []
+        for op in ops:
+            if isinstance(op, Put):
+                success.append(
+                    {"request_put": {"key": keys[op.key], "value": _b64(op.value.encode())}}
+                )
+            else:
+                success.append({"request_delete_range": {"key": keys[op.key]}})
+        answer = self._call(
+            "kv/txn",
+            {
+                "compare": [_compare(keys[op.key], op.expect_revision) for op in guarded],
+                "success": success,
+                "failure": [{"request_range": {"key": keys[op.key]}} for op in guarded],
+            },
+            doing,
+        )
+        responses: _Jsons = answer.get("responses", [])
+        if not answer.get("succeeded"):
+            # The failure branch read every guarded key at the revision the compares saw.
+            for op, response in zip(guarded, responses, strict=True):
+                kvs = self._kvs(response["response_range"])
+                found = int(kvs[0]["mod_revision"]) if kvs else 0
+                assert op.expect_revision is not None
+                if not expectation_holds(op.expect_revision, found):
+                    raise conflict(op.key, op.expect_revision, found)
+            raise StoreConflict(f"compare-and-set lost on one of {[op.key for op in guarded]!r}")
+        deleted = any(
+            int(response.get("response_delete_range", {}).get("deleted", 0)) > 0
+            for response in responses
+        )
+        return _header_revision(answer), deleted
+
+    def _kvs(self, answer: _Json) -> _Jsons:
+        kvs = answer.get("kvs", [])
+        if not isinstance(kvs, list):
+            raise _BadAnswer(f"'kvs' is {type(kvs).__name__}, not a list")
+        return kvs
+
+    def _entry(self, kv: _Json) -> Entry:
+        full = _unb64(kv["key"])
+        if not full.startswith(self._kv):
+            raise _BadAnswer(f"key {full!r} is outside {self._kv!r}")
+        revision = int(kv["mod_revision"])
+        if revision <= 0:
+            raise _BadAnswer(f"key {full!r} has mod_revision {revision}")
+        return Entry(
+            key=full[len(self._kv) :].decode(),
+            value=_unb64(kv.get("value", "")).decode(),
+            revision=revision,
+        )
+
+
+# --- the gateway's JSON ----------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise _BadAnswer(f"not base64: {text!r}") from exc
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix`` (etcd's range_end)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\0"  # etcd: every key
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _compare(key: str, expect_revision: int | None) -> _Json:
+    """The txn compare for an expectation: absent (create_revision 0) or at mod_revision n."""
+    if expect_revision == 0:
+        return {"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}
+    return {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": expect_revision}
+
+
+def _lease_ttl(ttl: float) -> int:
+    """etcd lease TTLs are whole seconds: round up so a lock is never shorter than asked."""
+    return max(1, math.ceil(ttl))
+
+
+def _header_revision(answer: _Json) -> int:
+    revision = int(answer["header"]["revision"])
+    if revision <= 0:
+        raise _BadAnswer(f"header revision {revision}")
+    return revision
+
+
+def _json_object(text: str, path: str) -> _Json:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise _BadAnswer(
+            f"{path} answered with something that is not JSON: {text[:200]!r}"
+        ) from exc
+    if not isinstance(value, dict):
+        raise _BadAnswer(f"{path} answered {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _error_text(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("error") or error)
+    return str(error)
+
+
+def _describe_failure(path: str, response: httpx.Response) -> str:
+    """Say what etcd answered to a non-200: its gRPC error message when it sent one."""
+    try:
+        body = json.loads(response.text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("message" in body or "error" in body):
+        return f"etcd refused {path} (HTTP {response.status_code}): {_error_text(body)}"
+    return (
+        f"{path} answered HTTP {response.status_code} {response.reason_phrase}, not etcd's "
+        f"JSON gateway: {response.text[:200]!r} (is the endpoint an etcd v3.4+ client URL?)"
+    )
