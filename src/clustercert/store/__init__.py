@@ -22,6 +22,7 @@ __all__ = ["Delete", "Entry", "EtcdStore", "Put", "SqliteStore", "Store", "open_
 DEFAULT_ETCD_PORT = 2379
 DEFAULT_ETCD_PREFIX = "/clustercert/"
 
+_SCHEMES = ("sqlite", "etcd")
 _FORMS = "a file path, sqlite:///ABSOLUTE/PATH.db or etcd://HOST:PORT[/PREFIX]"
 
 
@@ -36,10 +37,10 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
         return SqliteStore(url_or_path)
     if not url_or_path:
         raise ConfigError(f"empty store location; expected {_FORMS}")
-    if "://" not in url_or_path:
-        return SqliteStore(url_or_path)
     parts = urlsplit(url_or_path)
     scheme = parts.scheme.lower()
+    if "://" not in url_or_path and scheme not in _SCHEMES:
+        return SqliteStore(url_or_path)
     if scheme == "sqlite":
         if parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
             raise ConfigError(
