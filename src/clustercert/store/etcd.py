@@ -171,6 +171,8 @@ class EtcdStore(Store):
                     return True
                 # Our lease ran out between the read and the keepalive: take the lock afresh.
             granted = self._call("lease/grant", {"TTL": _lease_ttl(ttl)}, doing)
+            if granted.get("error"):  # LeaseGrantResponse has its own error field
+                raise self._error(doing, f"etcd refused lease/grant: {granted['error']}")
             lease = int(granted["ID"])
             answer = self._call(
                 "kv/txn",
