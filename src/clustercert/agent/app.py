@@ -1,0 +1,306 @@
+"""The node agent: joins once with a token, then serves the internode API over mutual TLS.
+
+Internode API (only the control plane, holding an internal-CA clientAuth certificate, may call):
+
+- ``GET    /internal/status[?probe=true]``             generations on disk (and what is served)
+- ``PUT    /internal/certificates/{name}/{generation}`` stage: check the pair, write it durably
+- ``POST   /internal/certificates/{name}/{generation}/commit``  switch services, verify
+- ``DELETE /internal/certificates/{name}/{generation}`` abort: remove a staged generation
+- ``DELETE /internal/certificates/{name}``              remove every file of an optional name
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from cryptography import x509
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from clustercert import pki
+from clustercert.agent.config import AgentConfig, ServiceConfig
+from clustercert.agent.files import CertificateFiles, GenerationPaths, write_atomically
+from clustercert.agent.services import CommandService, RedisService, Service, ServiceResult
+from clustercert.errors import AgentUnavailable, ConfigError
+from clustercert.names import NAMES
+
+__all__ = ["Agent", "Identity", "run_agent"]
+
+log = logging.getLogger("clustercert.agent")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The node's internal-CA identity, obtained when it joined."""
+
+    node_id: int
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    @classmethod
+    def load(cls, directory: Path) -> Identity | None:
+        meta = directory / "node.json"
+        if not meta.exists():
+            return None
+        node_id = int(json.loads(meta.read_text())["node_id"])
+        return cls(node_id, directory / "cert.pem", directory / "key.pem", directory / "ca.pem")
+
+
+def join(config: AgentConfig, directory: Path) -> Identity:
+    """Exchange the one-time token for an identity certificate. The key never leaves the node."""
+    if not config.join_token:
+        raise ConfigError("join_token: required until the node has joined")
+    key = pki.new_private_key()
+    body = {
+        "token": config.join_token,
+        "name": config.name,
+        "agent_url": config.advertise_url,
+        "csr": pki.make_csr(key, config.name),
+    }
+    verify: ssl.SSLContext | bool = True
+    if config.ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(config.ca_file))
+    try:
+        response = httpx.post(
+            f"{config.control_plane_url}/v1/internal/join", json=body, verify=verify, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        raise AgentUnavailable(
+            f"cannot reach the control plane at {config.control_plane_url}: {exc}"
+        ) from exc
+    if response.status_code != 200:
+        raise ConfigError(f"the control plane refused to join this node: {response.text}")
+    answer = response.json()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomically(directory / "key.pem", pki.key_to_pem(key).encode())
+    write_atomically(directory / "cert.pem", answer["certificate"].encode(), 0o644)
+    write_atomically(directory / "ca.pem", answer["ca_certificate"].encode(), 0o644)
+    write_atomically(directory / "node.json", json.dumps({"node_id": answer["node_id"]}).encode())
+    identity = Identity.load(directory)
+    assert identity is not None
+    log.info("joined the cluster as node %s (%s)", answer["node_id"], config.name)
+    return identity
+
+
+class StageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    certificate: str
+    key: str | None = None
+
+
+def _leaf_fingerprint(cert_pem: str) -> str:
+    return pki.fingerprint_sha256(x509.load_pem_x509_certificates(cert_pem.encode())[0])
+
+
+class Agent:
+    """Node-local truth: the files on disk and what each service serves."""
+
+    def __init__(self, config: AgentConfig, identity: Identity) -> None:
+        self.config = config
+        self.identity = identity
+        self.files = CertificateFiles(config.data_dir)
+        self.services: list[Service] = [self._service(s) for s in config.services]
+        self._lock = asyncio.Lock()
+
+    def _service(self, config: ServiceConfig) -> Service:
+        if config.type == "redis":
+            return RedisService(
+                config, self.config.probe_timeout, self.identity.ca_file, self.config.data_dir
+            )
+        return CommandService(config, self.config.probe_timeout)
+
+    def current_paths(self) -> dict[str, GenerationPaths]:
+        current: dict[str, GenerationPaths] = {}
+        for name in self.files.names():
+            generation = self.files.current(name)
+            paths = self.files.paths(name, generation) if generation is not None else None
+            if paths is not None:
+                current[name] = paths
+        return current
+
+    async def start(self) -> None:
+        current = self.current_paths()
+        for service in self.services:
+            try:
+                await service.start(current)
+            except Exception:
+                log.exception(
+                    "service %s did not start; it will start on the next commit", service.name
+                )
+
+    async def stop(self) -> None:
+        for service in self.services:
+            await service.stop()
+
+    async def status(self, probe: bool) -> dict[str, Any]:
+        certificates: dict[str, Any] = {}
+        for name in self.files.names():
+            generation = self.files.current(name)
+            paths = self.files.paths(name, generation) if generation is not None else None
+            entry: dict[str, Any] = {
+                "generation": generation,
+                "fingerprint": _leaf_fingerprint(paths.cert.read_text()) if paths else None,
+                "staged": [g for g in self.files.generations(name) if g != generation],
+            }
+            if probe:
+                entry["services"] = [
+                    {"service": s.name, "served_fingerprint": await s.served(name)}
+                    for s in self.services
+                    if name in s.certificates()
+                ]
+            certificates[name] = entry
+        redis_pids = [s.pid() for s in self.services if isinstance(s, RedisService)]
+        return {
+            "node_id": self.identity.node_id,
+            "name": self.config.name,
+            "certificates": certificates,
+            "redis_pid": redis_pids[0] if redis_pids else None,
+        }
+
+    async def stage(self, name: str, generation: int, body: StageBody) -> dict[str, Any]:
+        async with self._lock:
+            paths = self.files.stage(name, generation, body.certificate, body.key)
+            if paths.key is not None:
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths.cert, paths.key)
+                except (ssl.SSLError, OSError) as exc:
+                    self.files.discard(name, generation)
+                    raise StageRejected(
+                        f"the pair does not load into a TLS context: {exc}"
+                    ) from exc
+            return {"name": name, "generation": generation, "staged": True}
+
+    async def commit(self, name: str, generation: int) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                paths = self.files.activate(name, generation)
+            except FileNotFoundError as exc:
+                raise StageRejected(str(exc)) from exc
+            expected = _leaf_fingerprint(paths.cert.read_text())
+            results: list[ServiceResult] = []
+            for service in self.services:
+                if name in service.certificates():
+                    results.append(await service.apply(name, paths, expected))
+            ok = all(r.ok for r in results)
+            log.info(
+                "commit %s generation %d: %s",
+                name, generation, "verified" if ok else "FAILED " + "; ".join(
+                    r.error or "" for r in results if not r.ok
+                ),
+            )  # fmt: skip
+            return {
+                "name": name,
+                "generation": generation,
+                "fingerprint": expected,
+                "ok": ok,
+                "services": [r.as_json() for r in results],
+            }
+
+    async def abort(self, name: str, generation: int) -> dict[str, Any]:
+        async with self._lock:
+            self.files.discard(name, generation)
+            return {"name": name, "generation": generation, "aborted": True}
+
+    async def remove(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            self.files.remove(name)
+            return {"name": name, "removed": True}
+
+
+class StageRejected(Exception):
+    """The node refuses a stage or commit request; the message says why."""
+
+
+def build_app(agent: Agent) -> FastAPI:
+    app = FastAPI(title="clustercert agent", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StageRejected)
+    async def rejected(request: Request, exc: StageRejected) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @app.exception_handler(FileExistsError)
+    async def exists(request: Request, exc: FileExistsError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=409)
+
+    def check_name(name: str) -> None:
+        if name not in NAMES:
+            raise StageRejected(f"unknown certificate name {name!r}")
+
+    @app.get("/internal/status")
+    async def status(probe: bool = False) -> dict[str, Any]:
+        return await agent.status(probe)
+
+    @app.put("/internal/certificates/{name}/{generation}")
+    async def stage(name: str, generation: int, body: StageBody) -> dict[str, Any]:
+        check_name(name)
+        return await agent.stage(name, generation, body)
+
+    @app.post("/internal/certificates/{name}/{generation}/commit")
+    async def commit(name: str, generation: int) -> dict[str, Any]:
+        check_name(name)
+        return await agent.commit(name, generation)
+
+    @app.delete("/internal/certificates/{name}/{generation}")
+    async def abort(name: str, generation: int) -> dict[str, Any]:
+        check_name(name)
+        return await agent.abort(name, generation)
+
+    @app.delete("/internal/certificates/{name}")
+    async def remove(name: str) -> dict[str, Any]:
+        check_name(name)
+        return await agent.remove(name)
+
+    return app
+
+
+def internode_server_context(identity: Identity) -> ssl.SSLContext:
+    """Mutual TLS: only clients with an internal-CA certificate allowing clientAuth get in.
+
+    Node identities allow serverAuth only, so a node cannot call another node; the control
+    plane's identity allows clientAuth (see docs/decisions.md)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(identity.cert_file, identity.key_file)
+    ctx.load_verify_locations(cafile=str(identity.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def _serve(config: AgentConfig) -> None:
+    identity_dir = config.data_dir / "identity"
+    identity = Identity.load(identity_dir)
+    if identity is None:
+        identity = await asyncio.to_thread(join, config, identity_dir)
+    agent = Agent(config, identity)
+    await agent.start()
+    context = internode_server_context(identity)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(agent),
+            host=config.listen[0],
+            port=config.listen[1],
+            ssl_context_factory=lambda _config, _default: context,
+            log_level="warning",
+            timeout_keep_alive=75,
+        )
+    )
+    log.info("agent %s listening on %s", config.name, config.advertise_url)
+    try:
+        await server.serve()
+    finally:
+        await agent.stop()
+
+
+def run_agent(config: AgentConfig) -> None:
+    """Run until SIGINT/SIGTERM; then stop what the agent supervises."""
+    asyncio.run(_serve(config))

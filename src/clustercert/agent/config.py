@@ -1,0 +1,121 @@
+"""The node agent's configuration file (TOML), parsed once into frozen values.
+
+Every error names the key that is wrong (``ConfigError``, CLI exit 2).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clustercert.errors import ConfigError
+from clustercert.names import NAMES
+
+__all__ = ["AgentConfig", "ServiceConfig", "load_agent_config", "split_address"]
+
+
+def split_address(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One TLS service on the node that the agent reloads and verifies."""
+
+    name: str
+    type: str  # "redis" | "command"
+    certificate: str  # the certificate name it serves
+    address: tuple[str, int] | None  # where a handshake proves what it serves
+    socket: Path | None = None  # redis: local unix socket for CONFIG SET
+    client_certificate: str | None = None  # redis: outgoing client certificate (syncer)
+    supervise: bool = False  # redis: the agent starts redis-server itself
+    server_binary: str = "redis-server"
+    command: tuple[str, ...] = ()  # command: argv; {cert} and {key} are replaced by paths
+    sni: str = "localhost"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    data_dir: Path
+    listen: tuple[str, int]
+    advertise_url: str
+    control_plane_url: str
+    ca_file: Path | None
+    join_token: str | None
+    services: tuple[ServiceConfig, ...]
+    probe_timeout: float = 5.0
+
+
+def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}{key}: missing")
+    value = table[key]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
+    where = f"services[{index}]."
+    kind = _require(raw, "type", str, where)
+    if kind not in {"redis", "command"}:
+        raise ConfigError(f"{where}type: expected redis or command, got {kind!r}")
+    default_cert = "proxy" if kind == "redis" else None
+    certificate = str(raw.get("certificate", default_cert))
+    if certificate not in NAMES:
+        raise ConfigError(f"{where}certificate: unknown certificate name {certificate!r}")
+    address = raw.get("address")
+    client_cert = raw.get("client_certificate")
+    if client_cert is not None and client_cert not in NAMES:
+        raise ConfigError(f"{where}client_certificate: unknown certificate name {client_cert!r}")
+    socket = raw.get("socket")
+    if kind == "redis" and not socket:
+        raise ConfigError(f"{where}socket: required for a redis service (its unix socket)")
+    command = raw.get("command", [])
+    if kind == "command" and (not command or not all(isinstance(a, str) for a in command)):
+        raise ConfigError(f"{where}command: required, a list of strings")
+    if kind == "redis" and not address:
+        raise ConfigError(f"{where}address: required (HOST:PORT of the TLS listener)")
+    return ServiceConfig(
+        name=str(raw.get("name", f"{kind}-{index}")),
+        type=kind,
+        certificate=certificate,
+        address=split_address(address, where + "address") if address else None,
+        socket=Path(socket) if socket else None,
+        client_certificate=client_cert,
+        supervise=bool(raw.get("supervise", False)),
+        server_binary=str(raw.get("server_binary", "redis-server")),
+        command=tuple(command),
+        sni=str(raw.get("sni", "localhost")),
+    )
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"agent configuration {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"agent configuration {path} is not valid TOML: {exc}") from exc
+    listen = split_address(_require(raw, "listen", str, ""), "listen")
+    advertise = raw.get("advertise_url") or f"https://{listen[0]}:{listen[1]}"
+    services = raw.get("services", [])
+    if not isinstance(services, list):
+        raise ConfigError("services: expected an array of tables ([[services]])")
+    return AgentConfig(
+        name=_require(raw, "name", str, ""),
+        data_dir=Path(_require(raw, "data_dir", str, "")),
+        listen=listen,
+        advertise_url=str(advertise),
+        control_plane_url=_require(raw, "control_plane_url", str, ""),
+        ca_file=Path(raw["ca_file"]) if raw.get("ca_file") else None,
+        join_token=raw.get("join_token"),
+        services=tuple(_service(s, i) for i, s in enumerate(services)),
+        probe_timeout=float(raw.get("probe_timeout", 5.0)),
+    )

@@ -1,0 +1,155 @@
+"""Versioned, immutable certificate files on a node (DESIGN §7).
+
+Layout under the agent's data directory::
+
+    certs/<name>/<generation>/cert.pem   (0600)
+    certs/<name>/<generation>/key.pem    (0600, absent for names without a key)
+    certs/<name>/current                 (the generation services use, one line)
+
+A generation directory is built under a temporary name and renamed into place, so it is either
+complete or absent; files a service reads are never overwritten. Directories are 0700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CertificateFiles", "GenerationPaths", "write_atomically"]
+
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+CURRENT_FILE = "current"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part.
+
+    The temporary file is created with ``mode`` (never chmod-ed after the fact), written,
+    fsync-ed, renamed over ``path``, and the directory is fsync-ed so the rename survives a crash.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class GenerationPaths:
+    generation: int
+    cert: Path
+    key: Path | None
+
+
+class CertificateFiles:
+    """The certificate files of one node. Not thread-safe: the agent serialises calls."""
+
+    def __init__(self, root: Path, keep: int = 2) -> None:
+        self.root = root / "certs"
+        self.keep = keep
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _name_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def paths(self, name: str, generation: int) -> GenerationPaths | None:
+        """The files of ``generation``, or None when it is not on disk."""
+        gen_dir = self._name_dir(name) / str(generation)
+        cert = gen_dir / CERT_FILE
+        if not cert.exists():
+            return None
+        key = gen_dir / KEY_FILE
+        return GenerationPaths(generation, cert, key if key.exists() else None)
+
+    def stage(
+        self, name: str, generation: int, cert_pem: str, key_pem: str | None
+    ) -> GenerationPaths:
+        """Durably write a new generation without touching what is served.
+
+        Idempotent: staging a generation that is already on disk with the same certificate
+        returns it; with different content it raises ``FileExistsError`` (generations are
+        immutable).
+        """
+        existing = self.paths(name, generation)
+        if existing is not None:
+            if existing.cert.read_text() != cert_pem:
+                raise FileExistsError(f"{name} generation {generation} exists with other content")
+            return existing
+        name_dir = self._name_dir(name)
+        name_dir.mkdir(mode=0o700, exist_ok=True)
+        tmp_dir = name_dir / f".{generation}.staging"
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(mode=0o700)
+        write_atomically(tmp_dir / CERT_FILE, cert_pem.encode())
+        if key_pem is not None:
+            write_atomically(tmp_dir / KEY_FILE, key_pem.encode())
+        os.rename(tmp_dir, name_dir / str(generation))
+        _fsync_dir(name_dir)
+        paths = self.paths(name, generation)
+        assert paths is not None
+        return paths
+
+    def discard(self, name: str, generation: int) -> None:
+        """Remove a staged generation (abort). The current generation is never removed."""
+        if self.current(name) == generation:
+            return
+        gen_dir = self._name_dir(name) / str(generation)
+        if gen_dir.exists():
+            shutil.rmtree(gen_dir)
+            _fsync_dir(gen_dir.parent)
+
+    def current(self, name: str) -> int | None:
+        try:
+            return int((self._name_dir(name) / CURRENT_FILE).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def activate(self, name: str, generation: int) -> GenerationPaths:
+        """Make ``generation`` current, then prune all but the newest ``keep`` generations
+        (the current one and the previous, for rollback)."""
+        paths = self.paths(name, generation)
+        if paths is None:
+            raise FileNotFoundError(f"{name} generation {generation} is not staged")
+        write_atomically(self._name_dir(name) / CURRENT_FILE, f"{generation}\n".encode())
+        self._prune(name, generation)
+        return paths
+
+    def _prune(self, name: str, current: int) -> None:
+        older = [g for g in self.generations(name) if g < current]
+        for generation in older[: max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(self._name_dir(name) / str(generation))
+
+    def generations(self, name: str) -> list[int]:
+        name_dir = self._name_dir(name)
+        if not name_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in name_dir.iterdir() if p.name.isdigit())
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def remove(self, name: str) -> None:
+        """Remove every file of ``name`` (DELETE of an optional certificate)."""
+        name_dir = self._name_dir(name)
+        if name_dir.exists():
+            shutil.rmtree(name_dir)
+            _fsync_dir(self.root)

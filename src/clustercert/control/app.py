@@ -1,0 +1,354 @@
+"""The REST API (DESIGN §4): routes, the order of checks, and the one error handler.
+
+Order of checks: authentication, permission, media type and size, JSON and schema, unknown
+name, then validation of each certificate. Routes never choose a status code for a failure:
+they raise from :mod:`clustercert.errors` and :func:`error_response` answers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cryptography import x509
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clustercert import pki
+from clustercert.control.auth import UPDATE, VIEW, Authenticator, User
+from clustercert.control.reconcile import Reconciler
+from clustercert.control.rollout import Coordinator, NodeOutcome
+from clustercert.control.state import CertRecord, ClusterState
+from clustercert.errors import (
+    CertificateNotFound,
+    ClusterCertError,
+    InvalidJSON,
+    InvalidSchema,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from clustercert.names import NAMES, lookup
+from clustercert.validation import TrustStore, UploadItem, ValidatedCertificate, validate_all
+
+__all__ = ["ControlPlane", "build_app", "error_response"]
+
+log = logging.getLogger("clustercert.api")
+
+MAX_BODY = 1024 * 1024
+_M = TypeVar("_M", bound=BaseModel)
+
+
+@dataclass
+class ControlPlane:
+    """Everything the routes need, built once by the server."""
+
+    state: ClusterState
+    coordinator: Coordinator
+    reconciler: Reconciler
+    authenticator: Authenticator
+    trust: TrustStore
+    ca: pki.CertificateAuthority
+    clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
+    join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
+
+
+# --- request bodies (parsed once at the edge; unknown fields are errors) -----------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CertificateItem(_Strict):
+    name: str
+    certificate: str
+    key: str | None = None
+
+
+class CertificatesBody(_Strict):
+    certificates: list[CertificateItem]
+
+
+class JoinBody(_Strict):
+    token: str
+    name: str
+    agent_url: str
+    csr: str
+
+
+def error_response(exc: ClusterCertError) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Basic realm="clustercert"'} if exc.http_status == 401 else None
+    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers)
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body: 415 unless JSON, 413 over 1 MiB (before parsing), 400 if it
+    does not parse."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            "send the body as JSON with 'Content-Type: application/json' "
+            f"(got {media_type or 'none'!r})"
+        )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+        raise PayloadTooLarge(
+            f"the body is {declared} bytes; the limit is {MAX_BODY} bytes (1 MiB)"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise PayloadTooLarge(f"the body exceeds the limit of {MAX_BODY} bytes (1 MiB)")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
+
+
+def parse_model(model: type[_M], data: Any) -> _M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidSchema(f"the body does not match the schema: {problems}") from None
+
+
+def _certificate_body(validated: ValidatedCertificate, record: CertRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "generation": record.generation,
+        "fingerprint_sha256": record.fingerprint,
+        "not_after": record.not_after,
+        "warnings": list(validated.warnings),
+    }
+
+
+def _nodes_body(outcomes: Sequence[NodeOutcome]) -> list[dict[str, Any]]:
+    return [o.as_json() for o in outcomes]
+
+
+def build_app(cp: ControlPlane) -> FastAPI:
+    app = FastAPI(title="clustercert", version="0.1.0", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ClusterCertError)
+    async def domain_error(request: Request, exc: ClusterCertError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc.description)
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return error_response(
+                MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+            )
+        if exc.status_code == 404:
+            return error_response(
+                CertificateNotFound(f"no such endpoint: {request.method} {request.url.path}")
+            )
+        return JSONResponse({"error_code": "http_error", "description": str(exc.detail),
+                             "message": str(exc.detail)}, status_code=exc.status_code)  # fmt: skip
+
+    def user_with(request: Request, permission: str) -> User:
+        user = cp.authenticator.authenticate_basic(request.headers.get("authorization"))
+        user.require(permission)
+        return user
+
+    def validate_items(items: Sequence[CertificateItem]) -> list[ValidatedCertificate]:
+        for item in items:
+            lookup(item.name)  # 403 unknown_certificate before any certificate is parsed
+        uploads = [UploadItem(i.name, i.certificate, i.key) for i in items]
+        return validate_all(uploads, at=cp.clock(), trust=cp.trust)
+
+    def proposed(validated: ValidatedCertificate, user: User) -> CertRecord:
+        return CertRecord(
+            name=validated.name,
+            generation=0,
+            certificate=validated.chain_pem,
+            key=validated.key_pem,
+            fingerprint=validated.fingerprint_sha256,
+            not_after=validated.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            source="user",
+            updated_at="",
+            updated_by=user.email,
+        )
+
+    async def roll_out(
+        validated: list[ValidatedCertificate], user: User
+    ) -> tuple[list[CertRecord], list[NodeOutcome]]:
+        records = [proposed(v, user) for v in validated]
+        outcomes = await cp.coordinator.roll_out(records, user.email)
+        stored = [cp.state.certificate(r.name) or r for r in records]
+        return stored, outcomes
+
+    @app.put("/v1/cluster/update_cert")
+    async def update_cert(request: Request) -> dict[str, Any]:
+        user = user_with(request, UPDATE)
+        item = parse_model(CertificateItem, await read_json(request))
+        validated = validate_items([item])
+        stored, outcomes = await roll_out(validated, user)
+        return {**_certificate_body(validated[0], stored[0]), "nodes": _nodes_body(outcomes)}
+
+    @app.put("/v1/cluster/certificates")
+    async def put_certificates(request: Request) -> dict[str, Any]:
+        user = user_with(request, UPDATE)
+        data = await read_json(request)
+        if isinstance(data, dict) and "certificates" not in data and "name" in data:
+            # redisctl sends the flat update_cert object to this path: a one-item list.
+            data = {"certificates": [data]}
+        body = parse_model(CertificatesBody, data)
+        if not body.certificates:
+            raise InvalidSchema("certificates: give at least one certificate")
+        names = [c.name for c in body.certificates]
+        if len(set(names)) != len(names):
+            raise InvalidSchema("certificates: each name may appear once")
+        validated = validate_items(body.certificates)
+        stored, outcomes = await roll_out(validated, user)
+        return {
+            "certificates": [
+                _certificate_body(v, s) for v, s in zip(validated, stored, strict=True)
+            ],
+            "nodes": _nodes_body(outcomes),
+        }
+
+    @app.post("/v1/cluster/certificates/validate")
+    async def validate(request: Request) -> dict[str, Any]:
+        user_with(request, UPDATE)
+        data = await read_json(request)
+        if isinstance(data, dict) and "certificates" not in data:
+            data = {"certificates": [data]}
+        body = parse_model(CertificatesBody, data)
+        validated = validate_items(body.certificates)
+        return {
+            "valid": True,
+            "certificates": [
+                {**v.summary(), "name": v.name, "warnings": list(v.warnings)} for v in validated
+            ],
+        }
+
+    @app.get("/v1/cluster/certificates")
+    async def get_certificates(request: Request) -> dict[str, str]:
+        user = user_with(request, VIEW)
+        answer: dict[str, str] = {}
+        for record in cp.state.certificates():
+            answer[f"{record.name}_cert"] = record.certificate
+            if record.key is not None and user.role == "admin":
+                answer[f"{record.name}_key"] = record.key
+        return answer
+
+    @app.get("/v1/cluster/certificates/events")
+    async def events(request: Request, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        user_with(request, VIEW)
+        everything = cp.state.events()
+        limit = max(1, min(limit, 500))
+        return {"total": len(everything), "events": everything[offset : offset + limit]}
+
+    @app.get("/v1/cluster/certificates/{name}")
+    async def get_certificate(request: Request, name: str) -> dict[str, Any]:
+        user_with(request, VIEW)
+        if name not in NAMES:
+            raise CertificateNotFound(f"{name!r} is not a certificate name")
+        record = cp.state.certificate(name)
+        if record is None:
+            raise CertificateNotFound(f"{name} is not set")
+        nodes = []
+        for node in cp.state.nodes():
+            applied = cp.state.applied(node.node_id).get(name)
+            nodes.append(
+                {
+                    "node_id": node.node_id,
+                    "name": node.name,
+                    "generation": applied.generation if applied else None,
+                    "in_sync": bool(
+                        applied and applied.ok and applied.generation == record.generation
+                    ),
+                    "fingerprint": applied.fingerprint if applied else None,
+                    "services": applied.services if applied else [],
+                    "verified_at": applied.at if applied else None,
+                }
+            )
+        leaf = x509.load_pem_x509_certificates(record.certificate.encode())[0]
+        return {
+            "name": name,
+            "generation": record.generation,
+            "source": record.source,
+            "subject": leaf.subject.rfc4514_string(),
+            "issuer": leaf.issuer.rfc4514_string(),
+            "fingerprint_sha256": record.fingerprint,
+            "not_after": record.not_after,
+            "updated_at": record.updated_at,
+            "updated_by": record.updated_by,
+            "nodes": nodes,
+        }
+
+    @app.get("/v1/nodes")
+    async def nodes(request: Request) -> list[dict[str, Any]]:
+        user_with(request, VIEW)
+        return [_node_body(cp, n.node_id) for n in cp.state.nodes()]
+
+    @app.get("/v1/nodes/{node_id}")
+    async def node(request: Request, node_id: int) -> dict[str, Any]:
+        user_with(request, VIEW)
+        return _node_body(cp, node_id)
+
+    @app.post("/v1/internal/join")
+    async def join(request: Request) -> dict[str, Any]:
+        body = parse_model(JoinBody, await read_json(request))
+        now = cp.clock()
+        if not cp.state.consume_join_token(body.token, now):
+            raise Unauthorized("the join token is unknown, already used or expired")
+        host = body.agent_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        try:
+            certificate = pki.sign_csr(
+                cp.ca, body.csr, body.name, sans=(host,), eku={"serverAuth"}, now=now
+            )
+        except ValueError as exc:
+            raise InvalidSchema(f"csr: {exc}") from None
+        node = cp.state.add_node(body.name, body.agent_url, now)
+        cp.reconciler.wake(node.node_id)
+        cp.state.add_event(
+            {"at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "who": f"node:{body.name}",
+             "action": "join", "node_id": node.node_id, "agent_url": body.agent_url}
+        )  # fmt: skip
+        return {
+            "node_id": node.node_id,
+            "certificate": certificate,
+            "ca_certificate": cp.ca.cert_pem,
+        }
+
+    return app
+
+
+def _node_body(cp: ControlPlane, node_id: int) -> dict[str, Any]:
+    node = cp.state.node(node_id)
+    if node is None:
+        raise NotFound(f"no node with id {node_id}")
+    desired = {r.name: r.generation for r in cp.state.certificates()}
+    applied = cp.state.applied(node_id)
+    in_sync = all(
+        (a := applied.get(name)) is not None and a.ok and a.generation == generation
+        for name, generation in desired.items()
+    )
+    return {
+        "uid": node.node_id,
+        "name": node.name,
+        "agent_url": node.agent_url,
+        "joined_at": node.joined_at,
+        "in_sync": in_sync,
+        "certificates": {
+            name: {"generation": a.generation, "fingerprint": a.fingerprint, "ok": a.ok}
+            for name, a in applied.items()
+        },
+    }

@@ -1,0 +1,115 @@
+"""The reconciler: a loop that brings every node to the desired generation of every certificate.
+
+Each pass asks every node what it holds, and pushes (stage + commit) what is missing or was not
+verified. It takes the cluster lock without waiting, so it never races a rollout; a node that
+keeps failing is retried with exponential backoff. One log line per change says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+
+from clustercert.control.rollout import LOCK_TTL, ROLLOUT_LOCK, Coordinator
+from clustercert.control.state import CertRecord, NodeRecord
+from clustercert.errors import AgentUnavailable, ClusterCertError
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger("clustercert.reconcile")
+
+
+class Reconciler:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        *,
+        interval: float = 1.0,
+        max_backoff: float = 30.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.state = coordinator.state
+        self.interval = interval
+        self.max_backoff = max_backoff
+        self._clock = clock
+        self._retry_at: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._owner = "reconciler-" + secrets.token_hex(6)
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    def _missing(self, node: NodeRecord, status: dict[str, object]) -> list[CertRecord]:
+        held = status.get("certificates")
+        held = held if isinstance(held, dict) else {}
+        applied = self.state.applied(node.node_id)
+        missing = []
+        for record in self.state.certificates():
+            entry = held.get(record.name) or {}
+            proven = applied.get(record.name)
+            if (
+                entry.get("generation") != record.generation
+                or entry.get("fingerprint") != record.fingerprint
+                or proven is None
+                or not proven.ok
+                or proven.generation != record.generation
+            ):
+                missing.append(record)
+        return missing
+
+    async def reconcile_node(self, node: NodeRecord) -> bool:
+        """One node, one pass: True when it holds everything desired afterwards."""
+        client = await self.coordinator.pool.client(node)
+        try:
+            status = await client.status()
+        except AgentUnavailable as exc:
+            log.debug("reconcile: %s", exc.description)
+            return False
+        missing = self._missing(node, status)
+        if not missing:
+            return True
+        outcome = await self.coordinator.push(node, missing)
+        names = ", ".join(f"{r.name}@{r.generation}" for r in missing)
+        if outcome.ok:
+            log.info("reconcile: %s now serves %s", node.name, names)
+        else:
+            log.warning("reconcile: %s did not take %s: %s", node.name, names, outcome.error)
+        return outcome.ok
+
+    async def run_once(self) -> bool:
+        """One pass over every node due for it; True when every node is in sync."""
+        owner = self._owner
+        if not self.state.store.try_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
+            return False  # a rollout is in progress; it does this work itself
+        try:
+            now = self._now()
+            due = [n for n in self.state.nodes() if self._retry_at.get(n.node_id, 0.0) <= now]
+            results = await asyncio.gather(*(self.reconcile_node(n) for n in due))
+            for node, ok in zip(due, results, strict=True):
+                if ok:
+                    self._failures.pop(node.node_id, None)
+                    self._retry_at.pop(node.node_id, None)
+                else:
+                    failures = self._failures.get(node.node_id, 0) + 1
+                    self._failures[node.node_id] = failures
+                    delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
+                    self._retry_at[node.node_id] = now + delay
+            return all(results)
+        finally:
+            self.state.store.unlock(ROLLOUT_LOCK, owner)
+
+    def wake(self, node_id: int) -> None:
+        """Retry ``node_id`` on the next pass (e.g. it just joined)."""
+        self._retry_at.pop(node_id, None)
+        self._failures.pop(node_id, None)
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except ClusterCertError as exc:
+                log.warning("reconcile pass failed: %s", exc.description)
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,112 @@
+"""Wires the control plane together and serves it: store, listener, coordinator, reconciler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import uvicorn
+
+from clustercert.agent.files import CertificateFiles, GenerationPaths
+from clustercert.cluster import ClusterDirectory
+from clustercert.control.agents import AgentPool, internode_client_context
+from clustercert.control.app import ControlPlane, build_app
+from clustercert.control.auth import Authenticator
+from clustercert.control.reconcile import Reconciler
+from clustercert.control.rollout import Coordinator
+from clustercert.control.state import CertRecord, ClusterState
+from clustercert.errors import ConfigError
+from clustercert.tls import ReloadableServerContext
+from clustercert.validation import TrustStore
+
+__all__ = ["ServerSettings", "serve"]
+
+log = logging.getLogger("clustercert.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 9443
+    store: str | None = None  # overrides the cluster directory's store URL
+    agent_timeout: float = 10.0  # per agent call; bounds how long a frozen node delays a 409
+    lock_wait: float = 30.0
+    reconcile_interval: float = 1.0
+
+
+class ApiListener:
+    """The API listener's certificate files and hot-swappable context (the `api` name)."""
+
+    def __init__(self, directory: ClusterDirectory, state: ClusterState, port: int) -> None:
+        self.files = CertificateFiles(directory.run_dir / f"api-{port}")
+        record = state.certificate("api")
+        if record is None or record.key is None:
+            raise ConfigError("the store holds no `api` certificate; was the cluster initialised?")
+        paths = self._write(record)
+        assert paths.key is not None
+        self.context = ReloadableServerContext(paths.cert, paths.key)
+        self.generation = record.generation
+
+    def _write(self, record: CertRecord) -> GenerationPaths:
+        self.files.stage("api", record.generation, record.certificate, record.key)
+        return self.files.activate("api", record.generation)
+
+    def on_committed(self, records: Sequence[CertRecord]) -> None:
+        for record in records:
+            if record.name == "api" and record.generation != self.generation:
+                paths = self._write(record)
+                assert paths.key is not None
+                self.context.reload(paths.cert, paths.key)
+                self.generation = record.generation
+                log.info("api listener now serves generation %d", record.generation)
+
+
+async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    store = directory.open_store(settings.store)
+    try:
+        state = directory.state(store)
+        ca = directory.ca()
+        listener = ApiListener(directory, state, settings.port)
+        pool = AgentPool(
+            internode_client_context(
+                directory.ca_file, directory.identity_cert, directory.identity_key
+            ),
+            settings.agent_timeout,
+        )
+        coordinator = Coordinator(
+            state, pool, lock_wait=settings.lock_wait, on_committed=listener.on_committed
+        )
+        reconciler = Reconciler(coordinator, interval=settings.reconcile_interval)
+        control = ControlPlane(
+            state=state,
+            coordinator=coordinator,
+            reconciler=reconciler,
+            authenticator=Authenticator(state.user),
+            trust=TrustStore.system(extra=[ca.cert]),
+            ca=ca,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(control),
+                host=settings.host,
+                port=settings.port,
+                ssl_context_factory=lambda _config, _default: listener.context.base,
+                log_level="warning",
+                timeout_keep_alive=30,
+            )
+        )
+        reconciling = asyncio.create_task(reconciler.run_forever())
+        log.info("control plane listening on https://%s:%d", settings.host, settings.port)
+        try:
+            await server.serve()
+        finally:
+            reconciling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciling
+            await pool.aclose()
+    finally:
+        store.close()

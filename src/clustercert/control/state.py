@@ -1,0 +1,212 @@
+"""The control plane's records in the store, and the key layout they use.
+
+Key layout (the store itself is layout-agnostic)::
+
+    meta/cluster                   {"name", "next_node_id", "next_uid"}
+    certs/<name>                   desired certificate: generation, chain, sealed key, ...
+    nodes/<node_id>                a joined node: name, agent URL
+    applied/<node_id>/<name>       what the node last proved it serves
+    users/<email>                  a user: uid, role, scrypt hash
+    tokens/<sha256 of token>       a one-time join token and its expiry
+    events/<zero-padded sequence>  the audit history
+
+Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach the store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from clustercert.control.auth import User
+from clustercert.errors import StoreConflict
+from clustercert.sealing import KeySealer
+from clustercert.store import Delete, Put, Store
+
+__all__ = ["AppliedRecord", "CertRecord", "ClusterState", "NodeRecord"]
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class CertRecord:
+    """The desired state of one certificate name."""
+
+    name: str
+    generation: int
+    certificate: str  # PEM chain, leaf first
+    key: str | None  # plaintext PEM in memory only; sealed in the store
+    fingerprint: str
+    not_after: str
+    source: str  # "internal" (issued by the cluster CA) or "user"
+    updated_at: str
+    updated_by: str
+    revision: int = 0  # store revision it was read at (0: not stored yet)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: int
+    name: str
+    agent_url: str
+    joined_at: str
+
+
+@dataclass(frozen=True)
+class AppliedRecord:
+    """What a node last proved: the generation it committed and what its services serve."""
+
+    generation: int
+    fingerprint: str
+    ok: bool
+    services: list[dict[str, Any]] = field(default_factory=list)
+    at: str = ""
+
+
+class ClusterState:
+    """Typed access to the control plane's records. Thread-safe as the store is."""
+
+    def __init__(self, store: Store, sealer: KeySealer) -> None:
+        self.store = store
+        self.sealer = sealer
+
+    # --- cluster ------------------------------------------------------------------------
+
+    def cluster_name(self) -> str:
+        entry = self.store.get("meta/cluster")
+        return str(json.loads(entry.value)["name"]) if entry else "cluster.local"
+
+    def _next_id(self, counter: str) -> int:
+        while True:
+            entry = self.store.get("meta/cluster")
+            if entry is None:
+                raise ValueError("the cluster is not initialised")
+            meta = json.loads(entry.value)
+            value = int(meta.get(counter, 1))
+            meta[counter] = value + 1
+            try:
+                self.store.put("meta/cluster", json.dumps(meta), expect_revision=entry.revision)
+            except StoreConflict:
+                continue
+            return value
+
+    # --- certificates -------------------------------------------------------------------
+
+    def _decode_cert(self, value: str, revision: int) -> CertRecord:
+        raw = json.loads(value)
+        sealed = raw.pop("key_sealed", None)
+        key = self.sealer.open(sealed, "certs/" + raw["name"]) if sealed else None
+        return CertRecord(**raw, key=key, revision=revision)
+
+    def encode_cert(self, record: CertRecord) -> str:
+        raw = asdict(record)
+        raw.pop("revision")
+        key = raw.pop("key")
+        raw["key_sealed"] = self.sealer.seal(key, "certs/" + record.name) if key else None
+        return json.dumps(raw)
+
+    def certificate(self, name: str) -> CertRecord | None:
+        entry = self.store.get("certs/" + name)
+        return self._decode_cert(entry.value, entry.revision) if entry else None
+
+    def certificates(self) -> list[CertRecord]:
+        return [self._decode_cert(e.value, e.revision) for e in self.store.list("certs/")]
+
+    def put_certificate(self, record: CertRecord) -> CertRecord:
+        """Compare-and-set against ``record.revision`` (0: must not exist)."""
+        revision = self.store.put(
+            "certs/" + record.name, self.encode_cert(record), expect_revision=record.revision
+        )
+        return replace(record, revision=revision)
+
+    def delete_certificate(self, record: CertRecord) -> None:
+        ops: list[Put | Delete] = [Delete("certs/" + record.name, record.revision)]
+        ops += [
+            Delete(e.key) for e in self.store.list("applied/") if e.key.endswith("/" + record.name)
+        ]
+        self.store.commit(ops)
+
+    # --- nodes --------------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeRecord]:
+        records = [NodeRecord(**json.loads(e.value)) for e in self.store.list("nodes/")]
+        return sorted(records, key=lambda n: n.node_id)
+
+    def node(self, node_id: int) -> NodeRecord | None:
+        entry = self.store.get(f"nodes/{node_id}")
+        return NodeRecord(**json.loads(entry.value)) if entry else None
+
+    def add_node(self, name: str, agent_url: str, now: dt.datetime) -> NodeRecord:
+        for existing in self.nodes():
+            if existing.name == name:
+                # A node that joins again (e.g. its disk was wiped) keeps its id.
+                record = replace(existing, agent_url=agent_url)
+                self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)))
+                return record
+        record = NodeRecord(self._next_id("next_node_id"), name, agent_url, _iso(now))
+        self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)), expect_revision=0)
+        return record
+
+    def applied(self, node_id: int) -> dict[str, AppliedRecord]:
+        prefix = f"applied/{node_id}/"
+        return {
+            e.key[len(prefix) :]: AppliedRecord(**json.loads(e.value))
+            for e in self.store.list(prefix)
+        }
+
+    def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:
+        self.store.put(f"applied/{node_id}/{name}", json.dumps(asdict(record)))
+
+    # --- users --------------------------------------------------------------------------
+
+    def user(self, email: str) -> User | None:
+        entry = self.store.get("users/" + email.lower())
+        return User(**json.loads(entry.value)) if entry else None
+
+    def users(self) -> list[User]:
+        return [User(**json.loads(e.value)) for e in self.store.list("users/")]
+
+    def add_user(self, email: str, name: str, role: str, password_hash: str) -> User:
+        user = User(self._next_id("next_uid"), email.lower(), name, role, password_hash)
+        self.store.put("users/" + user.email, json.dumps(asdict(user)), expect_revision=0)
+        return user
+
+    # --- join tokens --------------------------------------------------------------------
+
+    def new_join_token(self, now: dt.datetime, ttl: dt.timedelta) -> str:
+        token = secrets.token_urlsafe(32)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        self.store.put(
+            "tokens/" + digest,
+            json.dumps({"expires_at": (now + ttl).timestamp()}),
+            expect_revision=0,
+        )
+        return token
+
+    def consume_join_token(self, token: str, now: dt.datetime) -> bool:
+        """True once for a valid, unexpired token; it is deleted atomically (CAS)."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        entry = self.store.get("tokens/" + digest)
+        if entry is None:
+            return False
+        try:
+            self.store.delete(entry.key, expect_revision=entry.revision)
+        except StoreConflict:
+            return False
+        return float(json.loads(entry.value)["expires_at"]) > now.timestamp()
+
+    # --- events -------------------------------------------------------------------------
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        sequence = self._next_id("next_event")
+        self.store.put(f"events/{sequence:012d}", json.dumps({"id": sequence, **event}))
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event, newest first."""
+        return [json.loads(e.value) for e in reversed(self.store.list("events/"))]

@@ -1,0 +1,321 @@
+"""A local multi-node cluster on loopback: ``clustercert demo`` and the tests' cluster fixture.
+
+It initialises a cluster directory (if needed), starts the control plane and N agents (each
+supervising a real ``redis-server`` with TLS on its own port) as separate processes, waits until
+every node serves the desired certificates, and writes ``DIR/cluster.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clustercert.cluster import ClusterDirectory, init_cluster
+from clustercert.errors import ConfigError
+
+__all__ = ["DemoCluster", "DemoNode", "free_port"]
+
+ADMIN_EMAIL = "admin@cluster.local"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _python_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clustercert", *args]
+
+
+@dataclass
+class DemoNode:
+    name: str
+    directory: Path
+    agent_port: int
+    redis_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "agent.toml"
+
+    @property
+    def agent_url(self) -> str:
+        return f"https://127.0.0.1:{self.agent_port}"
+
+    @property
+    def redis_pid(self) -> int | None:
+        try:
+            return int((self.directory / "redis.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_config(self, api_url: str, ca_file: Path, token: str | None) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lines = [
+            f'name = "{self.name}"',
+            f'data_dir = "{self.directory}"',
+            f'listen = "127.0.0.1:{self.agent_port}"',
+            f'control_plane_url = "{api_url}"',
+            f'ca_file = "{ca_file}"',
+        ]
+        if token:
+            lines.append(f'join_token = "{token}"')
+        lines += [
+            "",
+            "[[services]]",
+            'name = "redis"',
+            'type = "redis"',
+            'certificate = "proxy"',
+            'client_certificate = "syncer"',
+            f'socket = "{self.directory / "redis.sock"}"',
+            f'address = "127.0.0.1:{self.redis_port}"',
+            "supervise = true",
+        ]
+        self.config_file.write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class DemoCluster:
+    directory: Path
+    nodes_count: int = 3
+    api_port: int = 9443
+    admin_password: str | None = None
+    server_args: tuple[str, ...] = ()
+    log_dir: Path | None = None
+    server: subprocess.Popen[bytes] | None = None
+    nodes: list[DemoNode] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def cluster(self) -> ClusterDirectory:
+        return ClusterDirectory(self.directory)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start a process whose output goes to ``logs/<name>.log``."""
+        log_dir = self.log_dir or self.directory / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with (log_dir / f"{name}.log").open("ab") as log:
+            return subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        assert self.admin_password is not None
+        return httpx.Client(
+            base_url=self.api_url,
+            auth=(ADMIN_EMAIL, self.admin_password),
+            verify=ssl.create_default_context(cafile=str(self.cluster.ca_file)),
+            timeout=timeout,
+        )
+
+    def start(self, wait: float = 60.0) -> None:
+        self.directory = self.directory.resolve()
+        secrets_file = self.directory / "demo-credentials.json"
+        if not self.cluster.settings_file.exists():
+            result = init_cluster(
+                self.directory,
+                name="cluster.local",
+                admin_email=ADMIN_EMAIL,
+                admin_password=self.admin_password,
+                now=dt.datetime.now(dt.UTC),
+            )
+            self.admin_password = result.admin_password
+            fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump({"username": ADMIN_EMAIL, "password": result.admin_password}, out)
+        elif self.admin_password is None:
+            self.admin_password = json.loads(secrets_file.read_text())["password"]
+        self.start_server()
+        self.wait_for_api(wait)
+        for index in range(1, self.nodes_count + 1):
+            self.add_node(f"node-{index}")
+        self.wait_in_sync(wait)
+
+    def start_server(self) -> None:
+        self.server = self._spawn(
+            "server",
+            _python_command(
+                "server", "--dir", str(self.directory), "--listen", f"127.0.0.1:{self.api_port}",
+                *self.server_args,
+            ),
+        )  # fmt: skip
+
+    def add_node(self, name: str) -> DemoNode:
+        node_dir = self.directory / "nodes" / name
+        node = DemoNode(name, node_dir, free_port(), free_port())
+        token = None
+        if not (node_dir / "identity" / "node.json").exists():
+            with self.cluster.open_store() as store:
+                token = self.cluster.state(store).new_join_token(
+                    dt.datetime.now(dt.UTC), dt.timedelta(minutes=10)
+                )
+        node.write_config(self.api_url, self.cluster.ca_file, token)
+        self.nodes.append(node)
+        self.start_agent(node)
+        return node
+
+    def start_agent(self, node: DemoNode) -> None:
+        node.process = self._spawn(
+            node.name, _python_command("agent", "--config", str(node.config_file))
+        )
+
+    def wait_for_api(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        with self.client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.server is not None and self.server.poll() is not None:
+                    raise ConfigError(
+                        f"the control plane exited with {self.server.returncode}; "
+                        f"see {self.directory / 'logs' / 'server.log'}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get("/v1/nodes").status_code == 200:
+                        return
+                time.sleep(0.1)
+        raise ConfigError(f"the control plane did not answer at {self.api_url} within {wait} s")
+
+    def wait_in_sync(self, wait: float) -> None:
+        """Until every node has joined and proved every desired certificate."""
+        deadline = time.monotonic() + wait
+        nodes: list[dict[str, Any]] = []
+        with self.client(timeout=5) as client:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    nodes = client.get("/v1/nodes").json()
+                    if len(nodes) >= len(self.nodes) and all(n["in_sync"] for n in nodes):
+                        return
+                for node in self.nodes:
+                    if node.process is not None and node.process.poll() is not None:
+                        raise ConfigError(
+                            f"agent {node.name} exited with {node.process.returncode}; "
+                            f"see {self.directory / 'logs' / (node.name + '.log')}"
+                        )
+                time.sleep(0.1)
+        raise ConfigError(f"the nodes were not in sync within {wait} s: {nodes}")
+
+    def describe(self) -> dict[str, Any]:
+        """The contents of ``cluster.json`` (DESIGN §10)."""
+        return {
+            "api_url": self.api_url,
+            "username": ADMIN_EMAIL,
+            "password": self.admin_password,
+            "ca_file": str(self.cluster.ca_file),
+            "server_pid": self.server.pid if self.server else None,
+            "nodes": [
+                {
+                    "name": n.name,
+                    "agent_url": n.agent_url,
+                    "agent_pid": n.process.pid if n.process else None,
+                    "redis": {"host": "127.0.0.1", "tls_port": n.redis_port, "pid": n.redis_pid},
+                }
+                for n in self.nodes
+            ],
+        }
+
+    def write_cluster_json(self) -> Path:
+        path = self.directory / "cluster.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(self.describe(), out, indent=2)
+        return path
+
+    def stop(self) -> None:
+        """Stop every process this cluster started: agents (which stop their redis), then the
+        control plane. Waits for each; kills what does not stop within 10 s."""
+        processes = [n.process for n in self.nodes if n.process] + (
+            [self.server] if self.server else []
+        )
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for node in self.nodes:
+            pid = node.redis_pid
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+
+def run_demo(directory: Path, nodes: int, port: int) -> None:
+    """``clustercert demo``: start, print what to try, run until SIGINT/SIGTERM, stop all."""
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    cluster = DemoCluster(directory, nodes_count=nodes, api_port=port)
+    try:
+        print(f"starting a {nodes}-node cluster in {directory} ...", flush=True)
+        cluster.start()
+        path = cluster.write_cluster_json()
+        print(_instructions(cluster, path), flush=True)
+        while not stopping:
+            time.sleep(0.2)
+    finally:
+        print("stopping every process of the demo ...", flush=True)
+        cluster.stop()
+        print("stopped.", flush=True)
+
+
+def _instructions(cluster: DemoCluster, path: Path) -> str:
+    info = cluster.describe()
+    redis_lines = "\n".join(
+        f"    {n['name']}: redis TLS on 127.0.0.1:{n['redis']['tls_port']}" for n in info["nodes"]
+    )
+    return f"""
+clustercert demo is running.
+
+  API:       {info["api_url"]}
+  user:      {info["username"]}
+  password:  {info["password"]}
+  CA file:   {info["ca_file"]}
+  details:   {path}
+{redis_lines}
+
+Try:
+  export CLUSTERCERT_URL={info["api_url"]} CLUSTERCERT_USER={info["username"]} \\
+         CLUSTERCERT_PASSWORD='{info["password"]}' CLUSTERCERT_CA_FILE={info["ca_file"]}
+  curl --cacert $CLUSTERCERT_CA_FILE -u "$CLUSTERCERT_USER:$CLUSTERCERT_PASSWORD" \\
+       $CLUSTERCERT_URL/v1/nodes
+
+  # replace the `proxy` certificate (redis TLS) on every node:
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 90 \\
+       -subj /CN=redis.example -addext subjectAltName=DNS:redis.example \\
+       -addext basicConstraints=critical,CA:FALSE -keyout proxy.key -out proxy.pem
+  CERT=$(sed -z 's/\\n/\\\\n/g' proxy.pem); KEY=$(sed -z 's/\\n/\\\\n/g' proxy.key)
+  curl --cacert $CLUSTERCERT_CA_FILE -u "$CLUSTERCERT_USER:$CLUSTERCERT_PASSWORD" \\
+       -X PUT -H 'Content-Type: application/json' $CLUSTERCERT_URL/v1/cluster/update_cert \\
+       --data "{{\\"name\\": \\"proxy\\", \\"certificate\\": \\"$CERT\\", \\"key\\": \\"$KEY\\"}}"
+
+  # what node-1's redis serves now:
+  openssl s_client -connect 127.0.0.1:{info["nodes"][0]["redis"]["tls_port"]} </dev/null \\
+       2>/dev/null | openssl x509 -noout -fingerprint -sha256
+
+Press Ctrl-C to stop every process.
+"""

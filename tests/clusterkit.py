@@ -1,0 +1,74 @@
+"""Helpers for tests that drive a real cluster (control plane, agents, redis-server).
+
+Everything here talks to real processes over real TLS on loopback; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from clustercert.demo import DemoCluster
+
+__all__ = ["api", "served_by_node", "served_fingerprint", "wait_until"]
+
+
+def served_fingerprint(host: str, port: int, server_name: str | None = None) -> str:
+    """SHA-256 of the leaf a TLS server presents, by a real handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def served_by_node(cluster: DemoCluster) -> dict[str, str]:
+    """What every node's redis serves right now, proven by handshake."""
+    return {n.name: served_fingerprint("127.0.0.1", n.redis_port) for n in cluster.nodes}
+
+
+def api(cluster: DemoCluster, auth: tuple[str, str] | bool | None = True) -> httpx.Client:
+    """A client for the cluster's API; ``auth=True`` logs in as admin, None sends no credentials."""
+    if auth is True:
+        assert cluster.admin_password is not None
+        auth = ("admin@cluster.local", cluster.admin_password)
+    return httpx.Client(
+        base_url=cluster.api_url,
+        auth=auth if isinstance(auth, tuple) else None,
+        verify=ssl.create_default_context(cafile=str(cluster.cluster.ca_file)),
+        timeout=60,
+    )
+
+
+def wait_until(
+    check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or check}: {last!r}")
