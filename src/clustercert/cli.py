@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from clustercert.agent.app import run_agent
 from clustercert.agent.config import load_agent_config
+from clustercert.client import ApiClient, Connection
 from clustercert.cluster import ClusterDirectory, init_cluster
 from clustercert.control.server import ServerSettings, serve
 from clustercert.demo import run_demo
@@ -139,6 +144,180 @@ def agent(config_file: Path) -> None:
 def demo(nodes: int, directory: Path, port: int) -> None:
     """Start a local cluster (control plane, N agents, N redis-server) until Ctrl-C."""
     run_demo(directory, nodes, port)
+
+
+# --- client commands (over the REST API) ------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def client_options(command: F) -> F:
+    """--url/--user/--password/--ca-file (or CLUSTERCERT_*), or --cluster-file."""
+    options = [
+        click.option("--url", envvar="CLUSTERCERT_URL", help="API URL, e.g. https://host:9443"),
+        click.option("--user", envvar="CLUSTERCERT_USER"),
+        click.option("--password", envvar="CLUSTERCERT_PASSWORD"),
+        click.option("--ca-file", envvar="CLUSTERCERT_CA_FILE", help="CA bundle for the API."),
+        click.option(
+            "--cluster-file", envvar="CLUSTERCERT_CLUSTER_FILE",
+            help="cluster.json written by `clustercert demo` (or its directory).",
+        ),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _client(options: dict[str, Any]) -> ApiClient:
+    connection = Connection.resolve(
+        options.pop("url"),
+        options.pop("user"),
+        options.pop("password"),
+        options.pop("ca_file"),
+        options.pop("cluster_file"),
+    )
+    return ApiClient(connection)
+
+
+def _print_nodes(nodes: list[dict[str, Any]]) -> None:
+    table = Table("node", "result", "serves (SHA-256)", "detail", box=None)
+    for node in nodes:
+        served = node.get("served_fingerprint")
+        table.add_row(
+            str(node.get("name")),
+            "[green]ok[/green]" if node.get("ok") else "[red]FAILED[/red]",
+            (served[:16] + "…") if isinstance(served, str) else "-",
+            str(node.get("error") or ""),
+        )
+    Console().print(table)
+
+
+def _roll_out(client: ApiClient, method: str, path: str, body: Any, what: str) -> Any:
+    """Run one rollout call with a spinner; on 409, show each node's outcome, then fail."""
+    console = Console(stderr=True)
+    try:
+        with console.status(f"{what}: staging on every node, then switching and verifying..."):
+            return client.call(method, path, body)
+    except ClusterCertError as exc:
+        if exc.nodes:
+            _print_nodes(exc.nodes)
+        raise
+
+
+def _read(path: Path | None) -> str | None:
+    return path.read_text() if path is not None else None
+
+
+@certificates.command("list")
+@client_options
+def list_certificates(**options: Any) -> None:
+    """A table of the cluster's certificates and how many nodes serve each."""
+    with _client(options) as client:
+        present = client.call("GET", "/v1/cluster/certificates")
+        names = sorted(k[: -len("_cert")] for k in present if k.endswith("_cert"))
+        details = [client.call("GET", f"/v1/cluster/certificates/{n}") for n in names]
+    table = Table("name", "subject", "expires in", "SHA-256", "nodes in sync", box=None)
+    now = dt.datetime.now(dt.UTC)
+    for detail in details:
+        not_after = dt.datetime.fromisoformat(detail["not_after"].replace("Z", "+00:00"))
+        nodes = detail["nodes"]
+        in_sync = sum(1 for n in nodes if n["in_sync"])
+        table.add_row(
+            detail["name"],
+            detail["subject"],
+            f"{(not_after - now).days} days",
+            detail["fingerprint_sha256"][:16] + "…",
+            f"{in_sync}/{len(nodes)}",
+        )
+    Console().print(table)
+
+
+@certificates.command("show")
+@click.argument("name")
+@client_options
+def show_certificate(name: str, **options: Any) -> None:
+    """Metadata of one certificate and what each node serves (never the key)."""
+    with _client(options) as client:
+        click.echo(json.dumps(client.call("GET", f"/v1/cluster/certificates/{name}"), indent=2))
+
+
+@certificates.command("set")
+@click.argument("name")
+@click.option("--cert", "cert_file", required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--key", "key_file", type=click.Path(path_type=Path, exists=True))
+@client_options
+def set_certificate(name: str, cert_file: Path, key_file: Path | None, **options: Any) -> None:
+    """Replace NAME on every node (PUT /v1/cluster/update_cert)."""
+    body = {"name": name, "certificate": cert_file.read_text(), "key": _read(key_file)}
+    with _client(options) as client:
+        answer = _roll_out(client, "PUT", "/v1/cluster/update_cert", body, f"replacing {name}")
+    _print_nodes(answer["nodes"])
+    for warning in answer.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(
+        f"{name} is now generation {answer['generation']} on every node "
+        f"(SHA-256 {answer['fingerprint_sha256']})"
+    )
+
+
+@certificates.command("delete")
+@click.argument("name")
+@client_options
+def delete_certificate(name: str, **options: Any) -> None:
+    """Delete an optional certificate from the store and every node."""
+    with _client(options) as client:
+        answer = _roll_out(
+            client, "DELETE", f"/v1/cluster/certificates/{name}", None, f"deleting {name}"
+        )
+    click.echo(f"{name} deleted from {len(answer['nodes'])} nodes")
+
+
+@certificates.command("rotate")
+@click.argument("name", required=False)
+@client_options
+def rotate_certificates(name: str | None, **options: Any) -> None:
+    """Re-issue autogenerated certificates from the internal CA on every node."""
+    body = {"name": name} if name else {}
+    with _client(options) as client:
+        answer = _roll_out(
+            client, "POST", "/v1/cluster/certificates/rotate", body, f"rotating {name or 'all'}"
+        )
+    _print_nodes(answer["nodes"])
+    for item in answer["certificates"]:
+        click.echo(f"{item['name']}: generation {item['generation']}")
+
+
+@cli.group("cluster")
+def cluster_group() -> None:
+    """rladmin-style commands."""
+
+
+@cluster_group.group("certificate")
+def cluster_certificate() -> None:
+    """rladmin-style certificate commands."""
+
+
+@cluster_certificate.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("words", nargs=-1, required=True)
+@client_options
+def rladmin_set(name: str, words: tuple[str, ...], **options: Any) -> None:
+    """NAME certificate_file F [key_file K] (rladmin syntax)."""
+    pairs = dict(zip(words[::2], words[1::2], strict=False))
+    unknown = set(pairs) - {"certificate_file", "key_file"}
+    if len(words) % 2 or unknown or "certificate_file" not in pairs:
+        raise click.UsageError(
+            "expected: cluster certificate set NAME certificate_file FILE [key_file FILE]"
+        )
+    cert_path = Path(pairs["certificate_file"])
+    key_path = Path(pairs["key_file"]) if "key_file" in pairs else None
+    try:
+        body = {"name": name, "certificate": cert_path.read_text(), "key": _read(key_path)}
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    with _client(options) as client:
+        _roll_out(client, "PUT", "/v1/cluster/update_cert", body, f"replacing {name}")
+    click.echo(f"Set {name} certificate to contents of file {pairs['certificate_file']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

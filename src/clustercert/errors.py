@@ -46,6 +46,7 @@ __all__ = [
     "UnsupportedMediaType",
     "UpdateInProgress",
     "WeakKey",
+    "error_for",
 ]
 
 # CLI exit codes (documented in docs/cli.md): 1 rejected input, 2 usage, 3 authentication or
@@ -298,3 +299,16 @@ class ConfigError(ClusterCertError):
     error_code = "invalid_configuration"
     http_status = 500
     exit_code = EXIT_USAGE
+
+
+def error_for(error_code: str, description: str) -> ClusterCertError:
+    """Rebuild the error an API answer describes (the CLI's client side of DESIGN §4.3)."""
+    stack: list[type[ClusterCertError]] = [ClusterCertError]
+    while stack:
+        cls = stack.pop()
+        if cls.error_code == error_code:
+            return cls(description)
+        stack.extend(cls.__subclasses__())
+    error = ClusterCertError(description)
+    error.error_code = error_code  # type: ignore[misc]
+    return error

@@ -84,15 +84,19 @@ class CertificateFiles:
     ) -> GenerationPaths:
         """Durably write a new generation without touching what is served.
 
-        Idempotent: staging a generation that is already on disk with the same certificate
-        returns it; with different content it raises ``FileExistsError`` (generations are
-        immutable).
+        Idempotent: staging a generation that is already on disk with the same files returns
+        it. A staged generation with other content is left over from an update that was never
+        decided (no service reads it), so it is replaced. The current generation is immutable:
+        other content for it raises ``FileExistsError``.
         """
         existing = self.paths(name, generation)
         if existing is not None:
-            if existing.cert.read_text() != cert_pem:
-                raise FileExistsError(f"{name} generation {generation} exists with other content")
-            return existing
+            same_key = (existing.key.read_text() if existing.key else None) == key_pem
+            if existing.cert.read_text() == cert_pem and same_key:
+                return existing
+            if self.current(name) == generation:
+                raise FileExistsError(f"{name} generation {generation} is current and differs")
+            self.discard(name, generation)
         name_dir = self._name_dir(name)
         name_dir.mkdir(mode=0o700, exist_ok=True)
         tmp_dir = name_dir / f".{generation}.staging"

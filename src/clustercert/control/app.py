@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clustercert import pki
+from clustercert.cluster import DEFAULT_SANS, issue_internal
 from clustercert.control.auth import UPDATE, VIEW, Authenticator, User
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator, NodeOutcome
@@ -32,12 +33,20 @@ from clustercert.errors import (
     InvalidSchema,
     MethodNotAllowed,
     NotFound,
+    NotRotatable,
     PayloadTooLarge,
+    RequiredCertificate,
     Unauthorized,
     UnsupportedMediaType,
 )
 from clustercert.names import NAMES, lookup
-from clustercert.validation import TrustStore, UploadItem, ValidatedCertificate, validate_all
+from clustercert.validation import (
+    TrustStore,
+    UploadItem,
+    ValidatedCertificate,
+    validate_all,
+    validate_upload,
+)
 
 __all__ = ["ControlPlane", "build_app", "error_response"]
 
@@ -76,6 +85,10 @@ class CertificateItem(_Strict):
 
 class CertificatesBody(_Strict):
     certificates: list[CertificateItem]
+
+
+class RotateBody(_Strict):
+    name: str | None = None
 
 
 class JoinBody(_Strict):
@@ -166,9 +179,18 @@ def build_app(cp: ControlPlane) -> FastAPI:
         user.require(permission)
         return user
 
-    def validate_items(items: Sequence[CertificateItem]) -> list[ValidatedCertificate]:
+    def validate_items(items: Sequence[CertificateItem], batch: bool) -> list[ValidatedCertificate]:
+        """update_cert answers 404 for an incomplete chain; a batch validates every item, lists
+        every problem, and answers with the first failing item's (batch) status."""
         for item in items:
             lookup(item.name)  # 403 unknown_certificate before any certificate is parsed
+        if not batch:
+            only = items[0]
+            return [
+                validate_upload(
+                    only.name, only.certificate, only.key, at=cp.clock(), trust=cp.trust
+                )
+            ]
         uploads = [UploadItem(i.name, i.certificate, i.key) for i in items]
         return validate_all(uploads, at=cp.clock(), trust=cp.trust)
 
@@ -197,7 +219,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
     async def update_cert(request: Request) -> dict[str, Any]:
         user = user_with(request, UPDATE)
         item = parse_model(CertificateItem, await read_json(request))
-        validated = validate_items([item])
+        validated = validate_items([item], batch=False)
         stored, outcomes = await roll_out(validated, user)
         return {**_certificate_body(validated[0], stored[0]), "nodes": _nodes_body(outcomes)}
 
@@ -214,7 +236,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         names = [c.name for c in body.certificates]
         if len(set(names)) != len(names):
             raise InvalidSchema("certificates: each name may appear once")
-        validated = validate_items(body.certificates)
+        validated = validate_items(body.certificates, batch=True)
         stored, outcomes = await roll_out(validated, user)
         return {
             "certificates": [
@@ -230,13 +252,58 @@ def build_app(cp: ControlPlane) -> FastAPI:
         if isinstance(data, dict) and "certificates" not in data:
             data = {"certificates": [data]}
         body = parse_model(CertificatesBody, data)
-        validated = validate_items(body.certificates)
+        validated = validate_items(body.certificates, batch=len(body.certificates) > 1)
         return {
             "valid": True,
             "certificates": [
                 {**v.summary(), "name": v.name, "warnings": list(v.warnings)} for v in validated
             ],
         }
+
+    @app.delete("/v1/cluster/certificates/{name}")
+    async def delete_certificate(request: Request, name: str) -> dict[str, Any]:
+        user = user_with(request, UPDATE)
+        row = NAMES.get(name)
+        if row is None:
+            raise CertificateNotFound(f"{name!r} is not a certificate name")
+        if not row.deletable:
+            raise RequiredCertificate(
+                f"{name} is required by the cluster and cannot be deleted; replace it with "
+                "PUT /v1/cluster/update_cert or re-issue it with POST .../certificates/rotate"
+            )
+        record = cp.state.certificate(name)
+        if record is None:
+            raise CertificateNotFound(f"{name} is not set")
+        outcomes = await cp.coordinator.remove(record, user.email)
+        return {"name": name, "deleted": True, "nodes": _nodes_body(outcomes)}
+
+    @app.post("/v1/cluster/certificates/rotate")
+    async def rotate(request: Request) -> dict[str, Any]:
+        user = user_with(request, UPDATE)
+        data: Any = {}
+        if request.headers.get("content-length") not in (None, "0") or request.headers.get(
+            "content-type"
+        ):
+            data = await read_json(request)
+        body = parse_model(RotateBody, data)
+        records = [cp.state.certificate(n) for n in _rotation_names(cp, body.name)]
+        current = [r for r in records if r is not None]
+        now = cp.clock()
+        sans = (*DEFAULT_SANS, *sorted({_host(n.agent_url) for n in cp.state.nodes()}))
+        fresh = [
+            issue_internal(cp.ca, r.name, cp.state.cluster_name(), sans, now, 0, user.email)
+            for r in current
+        ]
+        outcomes = await cp.coordinator.roll_out(fresh, user.email)
+        stored = [cp.state.certificate(r.name) or r for r in fresh]
+        return {
+            "certificates": [
+                {"name": r.name, "generation": r.generation, "fingerprint_sha256": r.fingerprint,
+                 "not_after": r.not_after}
+                for r in stored
+            ],
+            "nodes": _nodes_body(outcomes),
+        }  # fmt: skip
 
     @app.get("/v1/cluster/certificates")
     async def get_certificates(request: Request) -> dict[str, str]:
@@ -309,7 +376,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         now = cp.clock()
         if not cp.state.consume_join_token(body.token, now):
             raise Unauthorized("the join token is unknown, already used or expired")
-        host = body.agent_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        host = _host(body.agent_url)
         try:
             certificate = pki.sign_csr(
                 cp.ca, body.csr, body.name, sans=(host,), eku={"serverAuth"}, now=now
@@ -329,6 +396,31 @@ def build_app(cp: ControlPlane) -> FastAPI:
         }
 
     return app
+
+
+def _host(url: str) -> str:
+    return url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
+def _rotation_names(cp: ControlPlane, name: str | None) -> list[str]:
+    """The names a rotate request re-issues: one, or every autogenerated one the internal CA
+    still owns (user-provided certificates are the operator's to replace)."""
+    if name is None:
+        return [
+            r.name
+            for r in cp.state.certificates()
+            if NAMES[r.name].autogenerated and r.source == "internal"
+        ]
+    row = lookup(name)
+    if not row.autogenerated:
+        raise NotRotatable(f"{name} is not autogenerated; upload a new one with update_cert")
+    record = cp.state.certificate(name)
+    if record is not None and record.source != "internal":
+        raise NotRotatable(
+            f"{name} is currently user-provided (set by {record.updated_by}); rotation would "
+            "replace it with an internal-CA certificate. Upload its successor with update_cert"
+        )
+    return [name]
 
 
 def _node_body(cp: ControlPlane, node_id: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 from clustercert.control.rollout import LOCK_TTL, ROLLOUT_LOCK, Coordinator
 from clustercert.control.state import CertRecord, NodeRecord
@@ -42,7 +43,7 @@ class Reconciler:
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
-    def _missing(self, node: NodeRecord, status: dict[str, object]) -> list[CertRecord]:
+    def _missing(self, node: NodeRecord, status: dict[str, Any]) -> list[CertRecord]:
         held = status.get("certificates")
         held = held if isinstance(held, dict) else {}
         applied = self.state.applied(node.node_id)
@@ -60,6 +61,30 @@ class Reconciler:
                 missing.append(record)
         return missing
 
+    async def _tidy(self, node: NodeRecord, status: dict[str, Any]) -> None:
+        """Remove what the node holds but nobody desires: names deleted while it was away, and
+        generations staged by an update that was never decided (e.g. the control plane died)."""
+        client = await self.coordinator.pool.client(node)
+        desired = {r.name: r.generation for r in self.state.certificates()}
+        held = status.get("certificates") or {}
+        try:
+            for name, entry in held.items():
+                if name not in desired:
+                    await client.remove(name)
+                    log.info("reconcile: removed %s from %s (no longer desired)", name, node.name)
+                    continue
+                for generation in entry.get("staged", []):
+                    if generation > desired[name]:
+                        await client.abort(name, generation)
+                        log.info(
+                            "reconcile: discarded undecided %s@%d on %s",
+                            name,
+                            generation,
+                            node.name,
+                        )
+        except AgentUnavailable as exc:
+            log.debug("reconcile: %s", exc.description)
+
     async def reconcile_node(self, node: NodeRecord) -> bool:
         """One node, one pass: True when it holds everything desired afterwards."""
         client = await self.coordinator.pool.client(node)
@@ -68,6 +93,7 @@ class Reconciler:
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
             return False
+        await self._tidy(node, status)
         missing = self._missing(node, status)
         if not missing:
             return True

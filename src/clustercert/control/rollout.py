@@ -75,6 +75,11 @@ class NodeOutcome:
     error: str | None = None
     results: list[dict[str, Any]] | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """The short form kept in audit events."""
+        return {"node_id": self.node.node_id, "name": self.node.name, "ok": self.ok,
+                "error": self.error}  # fmt: skip
+
     def as_json(self) -> dict[str, Any]:
         served = [
             s["served_fingerprint"]
@@ -163,6 +168,44 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{len(failed)} of {len(nodes)} nodes did not switch ({names}); the new "
                 "certificate is recorded as desired and the reconciler keeps retrying them",
+                nodes=[o.as_json() for o in outcomes],
+            )
+        return list(outcomes)
+
+    async def remove(self, record: CertRecord, actor: str) -> list[NodeOutcome]:
+        """Delete an optional certificate: from the store first (the decision), then from
+        every node's disk. Nodes that cannot be reached now are cleaned by the reconciler;
+        they are reported with NodesNotUpdated (409)."""
+        async with cluster_lock(self.state, self.lock_wait):
+            nodes = self.state.nodes()
+            self.state.delete_certificate(record)
+
+            async def remove_on(node: NodeRecord) -> NodeOutcome:
+                client = await self.pool.client(node)
+                try:
+                    await client.remove(record.name)
+                except AgentUnavailable as exc:
+                    return NodeOutcome(node, ok=False, step="remove", error=exc.description)
+                return NodeOutcome(node, step="remove")
+
+            outcomes = await asyncio.gather(*(remove_on(n) for n in nodes))
+            self.state.add_event(
+                {
+                    "at": _iso(self.clock()),
+                    "who": actor,
+                    "action": "delete",
+                    "name": record.name,
+                    "generation": record.generation,
+                    "old_fingerprint": record.fingerprint,
+                    "new_fingerprint": None,
+                    "nodes": [o.summary() for o in outcomes],
+                }
+            )
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise NodesNotUpdated(
+                f"{record.name} was deleted from the store, but {len(failed)} of {len(nodes)} "
+                "nodes still hold its files; the reconciler removes them when they answer",
                 nodes=[o.as_json() for o in outcomes],
             )
         return list(outcomes)
