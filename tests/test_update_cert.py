@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from certfactory import CA, openssl_ca_and_leaf
 from clusterkit import api, served_by_node, served_fingerprint
+
 from clustercert.cluster import ClusterDirectory
 from clustercert.control.auth import hash_password
 from clustercert.demo import DemoCluster
