@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from cryptography import x509
 from rich.console import Console
 from rich.table import Table
 
+from clustercert import pki
 from clustercert.agent.app import run_agent
 from clustercert.agent.config import load_agent_config
 from clustercert.client import ApiClient, Connection
 from clustercert.cluster import ClusterDirectory, init_cluster
 from clustercert.control.server import ServerSettings, serve
 from clustercert.demo import run_demo
-from clustercert.errors import ClusterCertError
+from clustercert.errors import CertificateRejected, ClusterCertError, UnknownCertificate
+from clustercert.validation import TrustStore, validate_upload
 
 __all__ = ["cli", "main"]
 
@@ -285,6 +288,123 @@ def rotate_certificates(name: str | None, **options: Any) -> None:
     _print_nodes(answer["nodes"])
     for item in answer["certificates"]:
         click.echo(f"{item['name']}: generation {item['generation']}")
+
+
+def _parse_moment(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> dt.datetime | None:
+    """An ISO 8601 time; without an offset it is UTC."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 time such as 2030-01-31T12:00:00Z"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def _read_upload(path: Path) -> str:
+    # Undecodable bytes survive as surrogates, so DER and PKCS#12 files are recognised and
+    # named by the validator instead of failing here.
+    return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
+def _load_ca_file(path: Path | None) -> list[x509.Certificate]:
+    if path is None:
+        return []
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise click.BadParameter(f"{path} holds no readable PEM certificates ({exc})") from None
+
+
+def _shorten(items: Sequence[str], limit: int = 5) -> str:
+    if not items:
+        return "(none)"
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} (+{len(items) - limit} more)"
+
+
+@certificates.command("validate")
+@click.option(
+    "--name",
+    default="api",
+    show_default=True,
+    help="Certificate name (DESIGN §3) whose rules apply.",
+)
+@click.option(
+    "--cert",
+    "cert_file",
+    required=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+)
+@click.option("--key", "key_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--at", "at", callback=_parse_moment, metavar="ISO8601", help="Validation time (default: now)."
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Extra trusted CA certificates (PEM), besides the system bundle.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def validate_certificate(
+    name: str,
+    cert_file: Path,
+    key_file: Path | None,
+    at: dt.datetime | None,
+    ca_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Check a certificate offline, exactly as PUT /v1/cluster/update_cert would.
+
+    Exit status 0: valid; 1: rejected; 2: usage error. Nothing is sent anywhere.
+    """
+    moment = at or dt.datetime.now(dt.UTC)  # the one place that reads the clock
+    trust = TrustStore.system(extra=_load_ca_file(ca_file))
+    key = _read_upload(key_file) if key_file is not None else None
+    try:
+        result = validate_upload(name, _read_upload(cert_file), key, at=moment, trust=trust)
+    except (CertificateRejected, UnknownCertificate) as exc:
+        if not as_json:
+            raise  # main() prints it and picks the exit code
+        report = {
+            "valid": False,
+            "http_status": exc.http_status,
+            "error_code": exc.error_code,
+            "description": exc.description,
+            "warnings": [],
+            "certificate": None,
+        }
+        click.echo(json.dumps(report))
+        raise  # main() also prints it to stderr and picks the exit code
+    summary = result.summary()
+    if as_json:
+        report = {
+            "valid": True,
+            "http_status": 200,
+            "error_code": None,
+            "description": f"the certificate passes every check for {name!r}",
+            "warnings": list(result.warnings),
+            "certificate": summary,
+        }
+        click.echo(json.dumps(report))
+        return
+    days_left = (result.not_after - moment).days
+    lines = [
+        f"valid: the certificate passes every check for {name!r}",
+        f"  subject:     {summary['subject'] or '(empty)'}",
+        f"  SANs:        {_shorten(pki.subject_alt_names(result.leaf))}",
+        f"  issuer:      {summary['issuer']}",
+        f"  validity:    {summary['not_before']} to {summary['not_after']} ({days_left} days left)",
+        f"  key:         {summary['key_type']}",
+        f"  chain:       {len(result.chain)} certificate(s), leaf first",
+        f"  SHA-256:     {result.fingerprint_sha256}",
+    ]
+    lines.extend(f"warning: {w}" for w in result.warnings)
+    click.echo("\n".join(lines))
 
 
 @cli.group("cluster")

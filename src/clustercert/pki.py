@@ -641,7 +641,12 @@ def _load_certificate(block: PemBlock) -> tuple[x509.Certificate, list[str]]:
             extensions = cert.extensions
             for ext in extensions:
                 _ = ext.value
-        except (ValueError, TypeError, x509.DuplicateExtension) as exc:
+        except (
+            ValueError,
+            TypeError,
+            x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType,
+        ) as exc:
             raise InvalidCertificate(
                 f"{where} is not a well-formed X.509 certificate ({_reason(exc)}); "
                 f"export it again from your CA"

@@ -70,6 +70,7 @@ __all__ = [
     "CLOCK_SKEW",
     "EXPIRY_WARNING",
     "MAX_CHAIN_LENGTH",
+    "MAX_NAME_ATTRIBUTES",
     "MAX_SANS",
     "BatchIssuerNotFound",
     "TrustStore",
@@ -91,6 +92,9 @@ MAX_CHAIN_LENGTH = 10
 MAX_SANS = 20_000
 """subjectAltName entries per certificate (badssl.com serves a 10,000-SAN certificate)."""
 
+MAX_NAME_ATTRIBUTES = 64
+"""Attributes in a subject or issuer name (real names have about ten; thousands are an attack)."""
+
 _MAX_PATH_STEPS = 4_096
 """Nodes the chain builder may visit: bounds the work on adversarial, branching uploads."""
 
@@ -102,6 +106,7 @@ _KEY_ADVICE = (
     "and have the certificate reissued for the new key"
 )
 _UTC = dt.UTC
+_SYSTEM_LOCK = threading.Lock()  # warnings.catch_warnings mutates process-global state
 
 # Signature algorithms cryptography's verifier checks (the web PKI set). Chains that use others
 # (Ed25519/Ed448/DSA issuers) get our checks only; see _check_conformance.
@@ -147,7 +152,8 @@ class TrustStore:
     def __post_init__(self) -> None:
         index: dict[x509.Name, list[x509.Certificate]] = {}
         for root in self.roots:
-            index.setdefault(root.subject, []).append(root)
+            if _extensions_parse(root):
+                index.setdefault(root.subject, []).append(root)
         object.__setattr__(self, "_by_subject", {k: tuple(v) for k, v in index.items()})
 
     @classmethod
@@ -169,13 +175,24 @@ class TrustStore:
         return self._by_subject.get(name, ())
 
 
+def _extensions_parse(cert: x509.Certificate) -> bool:
+    """Whether ``cert``'s extensions parse: an anchor whose do not can never be used."""
+    with _SYSTEM_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cryptography caches the parse: no warning later
+        try:
+            for ext in cert.extensions:
+                _ = ext.value
+        except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+            return False
+    return True
+
+
 _SYSTEM_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
     "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
     "/etc/ssl/cert.pem",  # macOS, BSDs
 )
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-_SYSTEM_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -289,7 +306,9 @@ def validate_upload(
     row = lookup(name)
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError("the validation time must be timezone-aware")
-    at = at.astimezone(_UTC)
+    # X.509 times have whole seconds; compare at that granularity (a notAfter of 12:00:00
+    # covers all of that second).
+    at = at.astimezone(_UTC).replace(microsecond=0)
     upload = _Upload.parse(row, certificate, key)
     if row.ca_bundle:
         return _validate_bundle(upload, at, trust)
@@ -370,6 +389,12 @@ class _Upload:
                 f"{MAX_CHAIN_LENGTH} (leaf, intermediates, root)"
             )
         for cert in certs:
+            attributes = max(len(list(cert.subject)), len(list(cert.issuer)))
+            if attributes > MAX_NAME_ATTRIBUTES:
+                raise InvalidCertificate(
+                    f"a certificate's subject or issuer name has {attributes} attributes; at "
+                    f"most {MAX_NAME_ATTRIBUTES} are accepted"
+                )
             sans = pki.san_count(cert)
             if sans > MAX_SANS:
                 raise InvalidCertificate(
@@ -557,15 +582,23 @@ class _Path:
     """Uploaded certificates from the leaf upwards, and the trusted anchor above them if any."""
 
     indexes: tuple[int, ...]
-    anchor: x509.Certificate | None
+    anchors: tuple[x509.Certificate, ...]  # trusted issuers of the top one (usable at `at`)
     complete: bool
+
+    @property
+    def anchor(self) -> x509.Certificate | None:
+        return self.anchors[0] if self.anchors else None
 
 
 @dataclass(frozen=True)
 class _Chain:
     path: tuple[x509.Certificate, ...]
-    anchor: x509.Certificate | None
+    anchors: tuple[x509.Certificate, ...]  # empty when the path ends in an uploaded root
     alternates: tuple[x509.Certificate, ...]  # cross-signed twins of chain certificates
+
+    @property
+    def anchor(self) -> x509.Certificate | None:
+        return self.anchors[0] if self.anchors else None
 
 
 class _ChainBuilder:
@@ -587,16 +620,19 @@ class _ChainBuilder:
             assert self.best is not None
             raise self.explain(self.best)
         path = tuple(self.graph.certs[i] for i in found.indexes)
-        return _Chain(path, found.anchor, self._alternates(found))
+        return _Chain(path, found.anchors, self._alternates(found))
 
-    def ending(self, index: int) -> tuple[bool, x509.Certificate | None]:
+    def ending(self, index: int) -> tuple[bool, tuple[x509.Certificate, ...]]:
+        """Whether the path may end at ``certs[index]``, and the trusted anchors above it."""
         top = self.graph.certs[index]
         if self.graph.self_signed[index]:
-            return True, None
-        for anchor in self.trust.issuers_named(top.issuer):
-            if _usable_at(anchor, self.at) and pki.signature_verifies(top, anchor.public_key()):
-                return True, anchor
-        return False, None
+            return True, ()
+        anchors = tuple(
+            anchor
+            for anchor in self.trust.issuers_named(top.issuer)
+            if _usable_at(anchor, self.at) and pki.signature_verifies(top, anchor.public_key())
+        )
+        return bool(anchors), anchors
 
     def _walk(self, path: tuple[int, ...]) -> _Path | None:
         self.steps += 1
@@ -606,8 +642,8 @@ class _ChainBuilder:
                 f"than {_MAX_PATH_STEPS}); upload only the leaf and the one chain it is served "
                 f"with"
             )
-        complete, anchor = self.ending(path[-1])
-        candidate = _Path(path, anchor, complete)
+        complete, anchors = self.ending(path[-1])
+        candidate = _Path(path, anchors, complete)
         if complete and not self._unrelated(candidate):
             return candidate
         if self.best is None or (complete, len(path)) > (
@@ -671,6 +707,12 @@ class _ChainBuilder:
                 f"the uploaded certificates form a loop: {role} is issued by "
                 f"{pki.describe_name(top.issuer)}, which is already below it in the chain"
             )
+        insecure = pki.INSECURE_SIGNATURE_OIDS.get(top.signature_algorithm_oid.dotted_string)
+        if insecure and (same_name or self.trust.issuers_named(top.issuer)):
+            return InsecureSignature(
+                f"{role} is signed with {insecure}, a broken hash (its signature cannot even be "
+                f"checked); have it reissued with SHA-256 or stronger"
+            )
         if same_name:
             return ChainInvalid(
                 f"{role} names {pki.describe_name(top.issuer)} as its issuer; an uploaded "
@@ -698,11 +740,16 @@ class _ChainBuilder:
                 f"that name, but its key does not verify the signature (a different CA of the "
                 f"same name, or a damaged signature); upload the intermediate that issued it"
             )
+        missing = pki.describe_name(top.issuer)
+        fix = (
+            f"add the intermediate certificate(s) from your CA after the leaf in the "
+            f"certificate field, or add the CA {missing} to the trusted CAs"
+            if top is leaf
+            else f"add the CA certificate {missing} to the upload, or to the trusted CAs"
+        )
         description = (
-            f"no issuer found for {role}: its issuer {pki.describe_name(top.issuer)} is "
-            f"neither in the upload nor among the trusted CAs; add the intermediate "
-            f"certificate(s) from your CA after the leaf in the certificate field, or add the "
-            f"root CA to the trusted CAs"
+            f"no issuer found for {role}: its issuer {missing} is neither in the upload nor "
+            f"among the trusted CAs; {fix}"
         )
         if _self_issued(top):
             description += (
@@ -768,8 +815,11 @@ def _extended_key_usage(cert: x509.Certificate) -> list[x509.ObjectIdentifier] |
         return None
 
 
-def _check_policy(upload: _Upload, path: Sequence[x509.Certificate]) -> None:
-    row, leaf = upload.row, path[0]
+def _check_policy(upload: _Upload, chain: _Chain) -> None:
+    """DESIGN §5 policy on the chain as built; ``alternates`` are served too, so they count."""
+    row, leaf = upload.row, chain.path[0]
+    served = (*chain.path, *chain.alternates)
+    issuers = (*served[1:], *chain.anchors[:1])
     if upload.key is not None and _is_ca(leaf):
         hint = (
             "; to make a self-signed end-entity certificate add "
@@ -792,19 +842,19 @@ def _check_policy(upload: _Upload, path: Sequence[x509.Certificate]) -> None:
                 f"{', '.join(missing)}, which {row.name!r} ({row.secures}) needs; have the "
                 f"certificate reissued with extendedKeyUsage = {', '.join(required)}"
             )
-    for cert in path[1:]:
+    for cert in issuers:
         usages = _extended_key_usage(cert)
         if usages is None or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
             continue
         missing = [r for r in required if _EKU_OIDS[r] not in usages]
         if missing:
             raise MissingExtendedKeyUsage(
-                f"intermediate {pki.describe_name(cert.subject)} restricts the certificates it "
+                f"CA {pki.describe_name(cert.subject)} restricts the certificates it "
                 f"issues to {_eku_names(usages)}, which excludes {', '.join(missing)} needed by "
                 f"{row.name!r}; TLS libraries reject such chains: use a chain from a CA meant "
                 f"for {', '.join(required)}"
             )
-    for cert in path:
+    for cert in served:
         if cert is not leaf and pki.is_self_signed(cert):
             continue  # a root's self-signature is never checked by clients
         dotted = cert.signature_algorithm_oid.dotted_string
@@ -814,10 +864,20 @@ def _check_policy(upload: _Upload, path: Sequence[x509.Certificate]) -> None:
                 f"broken hash that lets attackers forge certificates; have it reissued with "
                 f"SHA-256 or stronger"
             )
-    for cert in path:
+    for cert in (*served, *chain.anchors[:1]):
         if cert is leaf and upload.key is not None:
             continue  # the uploaded key was judged while parsing
         _check_key_strength(cert.public_key(), f"the public key of {_role(cert, leaf)}")
+    if not leaf.subject:
+        try:
+            critical = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
+        except x509.ExtensionNotFound:
+            critical = False
+        if not critical:
+            raise InvalidCertificate(
+                "the leaf has an empty subject, so RFC 5280 (4.2.1.6) requires a critical "
+                "subjectAltName extension naming it; have the certificate reissued"
+            )
 
 
 # The web PKI CA profile, relaxed where OpenSSL (the TLS library of every service we configure)
@@ -836,6 +896,27 @@ _CA_POLICY = (
 _VERIFY_LOCK = threading.Lock()
 
 
+def _ee_policy(leaf_is_ca: bool) -> ExtensionPolicy:
+    """The web PKI end-entity profile, minus what DESIGN §5 decides per name.
+
+    SAN may be absent (SAML certificates have none), EKU is judged by :func:`_check_policy`,
+    AKI may be absent as OpenSSL allows. A CA used as a keyless leaf (``sso_issuer``) may keep
+    its CA basicConstraints and keyCertSign. What remains: critical-extension rules, no name
+    constraints on a leaf, no keyCertSign on a non-CA, AIA non-critical.
+    """
+    policy = (
+        ExtensionPolicy.webpki_defaults_ee()
+        .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+    )
+    if leaf_is_ca:
+        policy = policy.may_be_present(
+            x509.BasicConstraints, Criticality.AGNOSTIC, None
+        ).may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, None)
+    return policy
+
+
 def _verifier_supports(
     signed: Sequence[x509.Certificate], issuers: Sequence[x509.Certificate]
 ) -> bool:
@@ -852,7 +933,7 @@ def _verifier_supports(
 
 
 def _check_conformance(
-    path: Sequence[x509.Certificate], anchor: x509.Certificate | None, at: dt.datetime
+    path: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], at: dt.datetime
 ) -> None:
     """Run cryptography's RFC 5280 path validation over exactly the chain we built.
 
@@ -860,21 +941,23 @@ def _check_conformance(
     constraints). It is skipped for a self-signed leaf and for chains signed with algorithms
     outside its web PKI set (Ed25519, Ed448, DSA issuers): those get our checks only.
     """
-    if anchor is None and len(path) == 1:
+    if not anchors and len(path) == 1:
         return
-    root = anchor if anchor is not None else path[-1]
-    intermediates = list(path[1:] if anchor is not None else path[1:-1])
-    signed = path if anchor is not None else path[:-1]
-    if not _verifier_supports(signed, [*intermediates, root]):
+    # Every trusted issuer of the top certificate goes in the store: the verifier may need
+    # another one than ours (e.g. one whose name constraints allow this leaf).
+    roots = list(anchors) if anchors else [path[-1]]
+    intermediates = list(path[1:] if anchors else path[1:-1])
+    signed = path if anchors else path[:-1]
+    if not _verifier_supports(signed, [*intermediates, roots[0]]):
         return
     # notBefore up to CLOCK_SKEW ahead is accepted above; verify at the latest notBefore then.
-    moment = max([at, *(c.not_valid_before_utc for c in (*path, root))])
+    moment = max([at, *(c.not_valid_before_utc for c in (*path, roots[0]))])
     verifier = (
         PolicyBuilder()
-        .store(Store([root]))
+        .store(Store(roots))
         .time(moment)
         .max_chain_depth(MAX_CHAIN_LENGTH)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=ExtensionPolicy.permit_all())
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_ee_policy(_is_ca(path[0])))
         .build_client_verifier()
     )
     with _VERIFY_LOCK, warnings.catch_warnings():
@@ -902,8 +985,8 @@ def _validate_chain(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Vali
     chain = _ChainBuilder(graph, trust, at).build(leaf_index)
     anchored = [*chain.path, chain.anchor] if chain.anchor is not None else list(chain.path)
     _check_issuers(anchored, leaf)
-    _check_policy(upload, chain.path)
-    _check_conformance(chain.path, chain.anchor, at)
+    _check_policy(upload, chain)
+    _check_conformance(chain.path, chain.anchors, at)
 
     notes = list(upload.notes)
     if chain.anchor is None and len(chain.path) == 1:
@@ -956,11 +1039,10 @@ def _validate_bundle(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Val
         if graph.self_signed[index] or graph.issuers[index]:
             continue
         builder = _ChainBuilder(graph, trust, at)
-        complete, anchor = builder.ending(index)
+        complete, anchors = builder.ending(index)
         if not complete:
-            raise builder.explain(_Path((index,), None, False))
-        if anchor is not None:
-            _check_issuers([cert, anchor], first)
+            raise builder.explain(_Path((index,), (), False))
+        _check_issuers([cert, anchors[0]], first)
     for index, cert in enumerate(certs):
         for issuer in graph.issuers[index][:1]:
             _check_issuers([cert, certs[issuer]], first)
