@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import subprocess
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
@@ -191,53 +193,83 @@ def _der_children(der: bytes) -> list[bytes]:
     return children
 
 
-def _legacy_sign(
-    cert: x509.Certificate, issuer_key: PrivateKey, digest: SignatureHash
+def _der_integer(value: int) -> bytes:
+    size = max(1, (value.bit_length() + 8) // 8)  # room for the sign bit
+    return _der(0x02, value.to_bytes(size, "big", signed=True))
+
+
+def _resign(
+    cert: x509.Certificate,
+    issuer_key: PrivateKey,
+    digest: SignatureHash,
+    *,
+    serial: int | None = None,
 ) -> x509.Certificate:
-    family = (
-        "rsa"
-        if isinstance(issuer_key, rsa.RSAPrivateKey)
-        else "ec"
-        if isinstance(issuer_key, ec.EllipticCurvePrivateKey)
-        else "dsa"
-        if isinstance(issuer_key, dsa.DSAPrivateKey)
-        else None
-    )
-    if family is None or (family, digest) not in _LEGACY_SIG_OIDS:
-        raise ValueError(f"cannot sign with {digest} using {type(issuer_key).__name__}")
-    oid = _der_oid(_LEGACY_SIG_OIDS[(family, digest)])
-    algorithm = _der(0x30, oid + (b"\x05\x00" if family == "rsa" else b""))
+    """Re-sign ``cert`` with ``digest``, optionally replacing its serial number (even by 0 or a
+    negative one, which cryptography's builder refuses)."""
     tbs_children = _der_children(cert.tbs_certificate_bytes)
-    sig_index = 2 if tbs_children[0][0] == 0xA0 else 1
-    tbs_children[sig_index] = algorithm
+    version = 1 if tbs_children[0][0] == 0xA0 else 0
+    if serial is not None:
+        tbs_children[version] = _der_integer(serial)
+    algorithm = _der_children(cert.public_bytes(serialization.Encoding.DER))[1]
+    if digest in ("sha1", "md5"):
+        family = (
+            "rsa"
+            if isinstance(issuer_key, rsa.RSAPrivateKey)
+            else "ec"
+            if isinstance(issuer_key, ec.EllipticCurvePrivateKey)
+            else "dsa"
+            if isinstance(issuer_key, dsa.DSAPrivateKey)
+            else None
+        )
+        if family is None or (family, digest) not in _LEGACY_SIG_OIDS:
+            raise ValueError(f"cannot sign with {digest} using {type(issuer_key).__name__}")
+        oid = _der_oid(_LEGACY_SIG_OIDS[(family, digest)])
+        algorithm = _der(0x30, oid + (b"\x05\x00" if family == "rsa" else b""))
+    tbs_children[version + 1] = algorithm
     tbs = _der(0x30, b"".join(tbs_children))
-    # Deliberately weak: these certificates exist to be rejected.
-    hash_algorithm: hashes.HashAlgorithm = (
-        hashes.SHA1() if digest == "sha1" else hashes.MD5()  # noqa: S303
-    )
+    # Deliberately weak when asked: these certificates exist to be rejected.
+    hash_algorithm: hashes.HashAlgorithm = {
+        "sha1": hashes.SHA1(),  # noqa: S303
+        "md5": hashes.MD5(),  # noqa: S303
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
+    }[digest]
     if isinstance(issuer_key, rsa.RSAPrivateKey):
         signature = issuer_key.sign(tbs, padding.PKCS1v15(), hash_algorithm)
     elif isinstance(issuer_key, ec.EllipticCurvePrivateKey):
         signature = issuer_key.sign(tbs, ec.ECDSA(hash_algorithm))
-    else:
-        assert isinstance(issuer_key, dsa.DSAPrivateKey)
+    elif isinstance(issuer_key, dsa.DSAPrivateKey):
         signature = issuer_key.sign(tbs, hash_algorithm)
+    else:
+        signature = issuer_key.sign(tbs)
     der = _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
-    return x509.load_der_x509_certificate(der)
+    with warnings.catch_warnings():
+        # A non-positive serial is the point of some of these certificates.
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return x509.load_der_x509_certificate(der)
 
 
 def _sign(
-    builder: x509.CertificateBuilder, issuer_key: PrivateKey, digest: SignatureHash
+    builder: x509.CertificateBuilder,
+    issuer_key: PrivateKey,
+    digest: SignatureHash,
+    serial: int | None = None,
 ) -> x509.Certificate:
+    if serial is not None and serial > 0:
+        builder = builder.serial_number(serial)
     if isinstance(issuer_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
-        return builder.sign(issuer_key, None)
-    if digest in ("sha1", "md5"):
-        return _legacy_sign(builder.sign(issuer_key, hashes.SHA256()), issuer_key, digest)
-    if digest == "sha384":
-        return builder.sign(issuer_key, hashes.SHA384())
-    if digest == "sha512":
-        return builder.sign(issuer_key, hashes.SHA512())
-    return builder.sign(issuer_key, hashes.SHA256())
+        cert = builder.sign(issuer_key, None)
+    elif digest == "sha384":
+        cert = builder.sign(issuer_key, hashes.SHA384())
+    elif digest == "sha512":
+        cert = builder.sign(issuer_key, hashes.SHA512())
+    else:
+        cert = builder.sign(issuer_key, hashes.SHA256())
+    if digest in ("sha1", "md5") or (serial is not None and serial <= 0):
+        return _resign(cert, issuer_key, digest, serial=serial)
+    return cert
 
 
 # --- PEM ---------------------------------------------------------------------------------------
@@ -484,12 +516,14 @@ class CA:
         key_usage: bool = True,
         signature_hash: SignatureHash = "sha256",
         extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+        serial: int | None = None,
     ) -> Leaf:
         """Issue a leaf.
 
         ``sans`` defaults to ``[common_name]``; ``[]`` leaves the SAN extension out; entries are
         DNS names, IP addresses, ``email:...`` or ``URI:...``. ``eku=None`` leaves the EKU
         extension out. ``is_ca=None`` leaves basicConstraints out. ``key`` reuses a key.
+        ``serial`` may be 0 or negative (non-conforming, for parser tests).
         """
         key = key or new_key(key_type)
         builder = _leaf_builder(
@@ -504,7 +538,7 @@ class CA:
             key_usage=key_usage,
             extensions=extensions,
         )
-        return Leaf(_sign(builder, self.key, signature_hash), key, self.chain)
+        return Leaf(_sign(builder, self.key, signature_hash, serial), key, self.chain)
 
 
 def _leaf_builder(
@@ -620,20 +654,22 @@ def openssl_ca_and_leaf(
     key: Literal["rsa", "ec"] = "ec",
     eku: str | None = "serverAuth,clientAuth",
     days: int = 30,
+    ca_key_usage: bool = True,
 ) -> OpenSSLPair:
     """Make a CA and a leaf it issued with the ``openssl`` CLI, in ``directory``.
 
     The leaf has ``basicConstraints=CA:FALSE``, the SANs given, and ``extendedKeyUsage=eku``
     (none when ``eku`` is None). Validity starts now (openssl reads the real clock).
+    ``ca_key_usage=False`` leaves keyUsage off the CA, as ``openssl req -x509`` does by default.
     """
+    ca_usage = ["-addext", "keyUsage=critical,keyCertSign,cRLSign"] if ca_key_usage else []
     newkey = "rsa:2048" if key == "rsa" else "ec"
     keyopts = [] if key == "rsa" else ["-pkeyopt", "ec_paramgen_curve:P-256"]
     openssl(
         "req", "-x509", "-newkey", newkey, *keyopts, "-nodes", "-keyout", "ca.key",
         "-out", "ca.pem", "-days", str(days + 1),
         "-subj", "/O=clustercert tests/CN=OpenSSL Test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "basicConstraints=critical,CA:TRUE", *ca_usage,
         cwd=directory,
     )  # fmt: skip
     openssl(

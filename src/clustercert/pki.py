@@ -658,11 +658,11 @@ def _load_certificate(block: PemBlock) -> tuple[x509.Certificate, list[str]]:
                 f"{where} has a public key clustercert cannot use ({_reason(exc)}); use an "
                 f"RSA (2048+ bits), ECDSA (P-256, P-384, P-521) or Ed25519/Ed448 key"
             ) from None
-    notes = [
-        f"certificate {describe_name(cert.subject)} is not strictly conforming: {w.message}"
+    notes = {
+        f"certificate {describe_name(cert.subject)} is not strictly conforming: {w.message}": None
         for w in caught
-    ]
-    return cert, notes
+    }
+    return cert, list(notes)
 
 
 def _reason(exc: BaseException) -> str:
