@@ -168,16 +168,10 @@ class Agent:
         }
 
     async def stage(self, name: str, generation: int, body: StageBody) -> dict[str, Any]:
+        """Write the pair durably as ``generation`` once it loads into a TLS context (checked
+        before the files take their final name: a pair that does not match never lands)."""
         async with self._lock:
-            paths = self.files.stage(name, generation, body.certificate, body.key)
-            if paths.key is not None:
-                try:
-                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths.cert, paths.key)
-                except (ssl.SSLError, OSError) as exc:
-                    self.files.discard(name, generation)
-                    raise StageRejected(
-                        f"the pair does not load into a TLS context: {exc}"
-                    ) from exc
+            self.files.stage(name, generation, body.certificate, body.key, check=_loads_together)
             return {"name": name, "generation": generation, "staged": True}
 
     async def commit(self, name: str, generation: int) -> dict[str, Any]:
@@ -219,6 +213,16 @@ class Agent:
 
 class StageRejected(Exception):
     """The node refuses a stage or commit request; the message says why."""
+
+
+def _loads_together(paths: GenerationPaths) -> None:
+    """Raise StageRejected unless the certificate and key load into one TLS server context."""
+    if paths.key is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths.cert, paths.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StageRejected(f"the pair does not load into a TLS context: {exc}") from exc
 
 
 def build_app(agent: Agent) -> FastAPI:

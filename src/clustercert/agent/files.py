@@ -6,15 +6,21 @@ Layout under the agent's data directory::
     certs/<name>/<generation>/key.pem    (0600, absent for names without a key)
     certs/<name>/current                 (the generation services use, one line)
 
-A generation directory is built under a temporary name and renamed into place, so it is either
-complete or absent; files a service reads are never overwritten. Directories are 0700.
+A generation directory is built under a temporary name, checked there (the agent loads the
+pair into a TLS context), and only then renamed into place: a generation on disk is complete
+and its certificate and key match, or it is absent. Removal is the same in reverse: the
+directory is renamed out of the way (one atomic step) before it is deleted. Files a service
+reads are never overwritten. Leftovers of a crash mid-write or mid-delete (names starting with
+a dot) are swept when the files are opened. Directories are 0700.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +65,39 @@ class GenerationPaths:
     key: Path | None
 
 
+def _remove_tree(path: Path) -> None:
+    """Delete directory ``path`` so that it is never seen half-deleted: rename it to a hidden
+    name first (atomic), fsync the parent, then delete it. A crash in between leaves a hidden
+    directory that :class:`CertificateFiles` sweeps when it next opens."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 class CertificateFiles:
-    """The certificate files of one node. Not thread-safe: the agent serialises calls."""
+    """The certificate files of one node. Not thread-safe: the agent serialises calls; one
+    process owns a directory at a time (opening it sweeps crash leftovers)."""
 
     def __init__(self, root: Path, keep: int = 2) -> None:
         self.root = root / "certs"
         self.keep = keep
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete what a crash left half-done: hidden entries (staging directories, temporary
+        files, directories being deleted) at the top level and in every name's directory."""
+        for directory in [self.root, *(p for p in self.root.iterdir() if p.is_dir())]:
+            for entry in directory.iterdir():
+                if not entry.name.startswith("."):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def _name_dir(self, name: str) -> Path:
         return self.root / name
@@ -80,9 +112,18 @@ class CertificateFiles:
         return GenerationPaths(generation, cert, key if key.exists() else None)
 
     def stage(
-        self, name: str, generation: int, cert_pem: str, key_pem: str | None
+        self,
+        name: str,
+        generation: int,
+        cert_pem: str,
+        key_pem: str | None,
+        check: Callable[[GenerationPaths], None] | None = None,
     ) -> GenerationPaths:
         """Durably write a new generation without touching what is served.
+
+        ``check`` runs on the complete files while they are still under their temporary name;
+        whatever it raises propagates and nothing is left on disk (e.g. the agent refuses a
+        certificate and key that do not load together, so a mismatched pair never appears).
 
         Idempotent: staging a generation that is already on disk with the same files returns
         it. A staged generation with other content is left over from an update that was never
@@ -106,6 +147,15 @@ class CertificateFiles:
         write_atomically(tmp_dir / CERT_FILE, cert_pem.encode())
         if key_pem is not None:
             write_atomically(tmp_dir / KEY_FILE, key_pem.encode())
+        if check is not None:
+            key = tmp_dir / KEY_FILE
+            try:
+                check(
+                    GenerationPaths(generation, tmp_dir / CERT_FILE, key if key.exists() else None)
+                )
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
         os.rename(tmp_dir, name_dir / str(generation))
         _fsync_dir(name_dir)
         paths = self.paths(name, generation)
@@ -116,10 +166,7 @@ class CertificateFiles:
         """Remove a staged generation (abort). The current generation is never removed."""
         if self.current(name) == generation:
             return
-        gen_dir = self._name_dir(name) / str(generation)
-        if gen_dir.exists():
-            shutil.rmtree(gen_dir)
-            _fsync_dir(gen_dir.parent)
+        _remove_tree(self._name_dir(name) / str(generation))
 
     def current(self, name: str) -> int | None:
         try:
@@ -140,7 +187,7 @@ class CertificateFiles:
     def _prune(self, name: str, current: int) -> None:
         older = [g for g in self.generations(name) if g < current]
         for generation in older[: max(0, len(older) - (self.keep - 1))]:
-            shutil.rmtree(self._name_dir(name) / str(generation))
+            _remove_tree(self._name_dir(name) / str(generation))
 
     def generations(self, name: str) -> list[int]:
         name_dir = self._name_dir(name)
@@ -149,11 +196,10 @@ class CertificateFiles:
         return sorted(int(p.name) for p in name_dir.iterdir() if p.name.isdigit())
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
 
     def remove(self, name: str) -> None:
         """Remove every file of ``name`` (DELETE of an optional certificate)."""
-        name_dir = self._name_dir(name)
-        if name_dir.exists():
-            shutil.rmtree(name_dir)
-            _fsync_dir(self.root)
+        _remove_tree(self._name_dir(name))

@@ -1,21 +1,24 @@
 """The reconciler: a loop that brings every node to the desired generation of every certificate.
 
-Each pass asks every node what it holds, and pushes (stage + commit) what is missing or was not
-verified. It takes the cluster lock without waiting, so it never races a rollout; a node that
-keeps failing is retried with exponential backoff. One log line per change says what happened.
+Each pass first finishes a rollout left in flight by a control plane that stopped half-way
+(:meth:`Coordinator.resolve_in_flight`: abort if undecided, roll forward if decided), then asks
+every node what it holds, discards what nobody desires, and pushes (stage + commit) what is
+missing or was not verified. It takes the cluster lock without waiting, so it never races a
+rollout; a node that keeps failing is retried with exponential backoff (capped by
+``max_backoff``, which bounds how long a node that comes back waits). The first pass runs as
+soon as the control plane starts: that is its crash recovery. One log line per change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
-from clustercert.control.rollout import LOCK_TTL, ROLLOUT_LOCK, Coordinator
+from clustercert.control.rollout import Coordinator, cluster_lock
 from clustercert.control.state import CertRecord, NodeRecord
-from clustercert.errors import AgentUnavailable, ClusterCertError
+from clustercert.errors import AgentUnavailable, ClusterCertError, UpdateInProgress
 
 __all__ = ["Reconciler"]
 
@@ -28,7 +31,7 @@ class Reconciler:
         coordinator: Coordinator,
         *,
         interval: float = 1.0,
-        max_backoff: float = 30.0,
+        max_backoff: float = 10.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.coordinator = coordinator
@@ -38,7 +41,6 @@ class Reconciler:
         self._clock = clock
         self._retry_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
-        self._owner = "reconciler-" + secrets.token_hex(6)
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -106,26 +108,29 @@ class Reconciler:
         return outcome.ok
 
     async def run_once(self) -> bool:
-        """One pass over every node due for it; True when every node is in sync."""
-        owner = self._owner
-        if not self.state.store.try_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
-            return False  # a rollout is in progress; it does this work itself
+        """One pass over every node due for it; True when every node is in sync. False at once
+        when a rollout holds the lock (it does this work itself)."""
         try:
-            now = self._now()
-            due = [n for n in self.state.nodes() if self._retry_at.get(n.node_id, 0.0) <= now]
-            results = await asyncio.gather(*(self.reconcile_node(n) for n in due))
-            for node, ok in zip(due, results, strict=True):
-                if ok:
-                    self._failures.pop(node.node_id, None)
-                    self._retry_at.pop(node.node_id, None)
-                else:
-                    failures = self._failures.get(node.node_id, 0) + 1
-                    self._failures[node.node_id] = failures
-                    delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
-                    self._retry_at[node.node_id] = now + delay
-            return all(results)
-        finally:
-            self.state.store.unlock(ROLLOUT_LOCK, owner)
+            async with cluster_lock(self.state, 0.0, role="reconciler"):
+                await self.coordinator.resolve_in_flight()
+                return await self._pass()
+        except UpdateInProgress:
+            return False
+
+    async def _pass(self) -> bool:
+        now = self._now()
+        due = [n for n in self.state.nodes() if self._retry_at.get(n.node_id, 0.0) <= now]
+        results = await asyncio.gather(*(self.reconcile_node(n) for n in due))
+        for node, ok in zip(due, results, strict=True):
+            if ok:
+                self._failures.pop(node.node_id, None)
+                self._retry_at.pop(node.node_id, None)
+            else:
+                failures = self._failures.get(node.node_id, 0) + 1
+                self._failures[node.node_id] = failures
+                delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
+                self._retry_at[node.node_id] = now + delay
+        return all(results)
 
     def wake(self, node_id: int) -> None:
         """Retry ``node_id`` on the next pass (e.g. it just joined)."""
@@ -133,9 +138,13 @@ class Reconciler:
         self._failures.pop(node_id, None)
 
     async def run_forever(self) -> None:
+        """Pass after pass, ``interval`` apart, the first one at once. Never stops on an error:
+        a pass that fails is logged and the next one tries again."""
         while True:
             try:
                 await self.run_once()
             except ClusterCertError as exc:
                 log.warning("reconcile pass failed: %s", exc.description)
+            except Exception:
+                log.exception("reconcile pass failed unexpectedly")
             await asyncio.sleep(self.interval)

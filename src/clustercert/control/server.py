@@ -1,10 +1,16 @@
-"""Wires the control plane together and serves it: store, listener, coordinator, reconciler."""
+"""Wires the control plane together and serves it: store, listener, coordinator, reconciler.
+
+Crash recovery needs no separate step: the reconciler's first pass runs as soon as the server
+starts, takes over a cluster lock left by a dead previous incarnation on this host, and
+finishes the rollout it finds in flight (see :mod:`clustercert.control.rollout`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +22,7 @@ from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import ControlPlane, build_app
 from clustercert.control.auth import Authenticator
 from clustercert.control.reconcile import Reconciler
-from clustercert.control.rollout import Coordinator
+from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.errors import ConfigError
 from clustercert.tls import ReloadableServerContext
@@ -35,6 +41,9 @@ class ServerSettings:
     agent_timeout: float = 10.0  # per agent call; bounds how long a frozen node delays a 409
     lock_wait: float = 30.0
     reconcile_interval: float = 1.0
+    reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
+    # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
+    fault: str | None = None
 
 
 class ApiListener:
@@ -77,10 +86,22 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             ),
             settings.agent_timeout,
         )
+        fault_spec = settings.fault if settings.fault is not None else os.environ.get(FAULT_ENV)
+        fault = FaultPlan.parse(fault_spec, directory.run_dir) if fault_spec else None
+        if fault is not None:
+            log.warning("TEST-ONLY fault injection armed: %s", fault.describe())
         coordinator = Coordinator(
-            state, pool, lock_wait=settings.lock_wait, on_committed=listener.on_committed
+            state,
+            pool,
+            lock_wait=settings.lock_wait,
+            on_committed=listener.on_committed,
+            fault=fault,
         )
-        reconciler = Reconciler(coordinator, interval=settings.reconcile_interval)
+        reconciler = Reconciler(
+            coordinator,
+            interval=settings.reconcile_interval,
+            max_backoff=settings.reconcile_max_backoff,
+        )
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
@@ -99,6 +120,8 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 timeout_keep_alive=30,
             )
         )
+        # Started before the listener, so its first pass (the recovery) normally has the lock
+        # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
         log.info("control plane listening on https://%s:%d", settings.host, settings.port)
         try:

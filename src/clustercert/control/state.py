@@ -9,6 +9,7 @@ Key layout (the store itself is layout-agnostic)::
     users/<email>                  a user: uid, role, scrypt hash
     tokens/<sha256 of token>       a one-time join token and its expiry
     events/<zero-padded sequence>  the audit history
+    rollouts/current               the rollout in flight, if any (phase staging or decided)
 
 Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach the store.
 """
@@ -27,7 +28,16 @@ from clustercert.errors import StoreConflict
 from clustercert.sealing import KeySealer
 from clustercert.store import Delete, Put, Store
 
-__all__ = ["AppliedRecord", "CertRecord", "ClusterState", "NodeRecord"]
+__all__ = [
+    "ROLLOUT_KEY",
+    "AppliedRecord",
+    "CertRecord",
+    "ClusterState",
+    "NodeRecord",
+    "RolloutRecord",
+]
+
+ROLLOUT_KEY = "rollouts/current"
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -67,6 +77,24 @@ class AppliedRecord:
     ok: bool
     services: list[dict[str, Any]] = field(default_factory=list)
     at: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A rollout in flight (DESIGN §6): written before the first node stages, turned to phase
+    ``decided`` by the same atomic store commit that makes its generations desired, and deleted
+    when the rollout ends. A control plane that finds one left over knows what it must finish:
+    abort (``staging``) or roll forward (``decided``)."""
+
+    rollout_id: str
+    phase: str  # "staging" | "decided"
+    generations: dict[str, int]  # name -> the generation this rollout stages
+    fingerprints: dict[str, str]  # name -> the new leaf fingerprint
+    previous: dict[str, str | None]  # name -> the fingerprint it replaces (audit)
+    actor: str
+    owner: str  # the cluster-lock owner of the control plane that started it
+    started_at: str
+    revision: int = 0  # store revision it was read or written at (0: not stored yet)
 
 
 class ClusterState:
@@ -210,3 +238,27 @@ class ClusterState:
     def events(self) -> list[dict[str, Any]]:
         """Every event, newest first."""
         return [json.loads(e.value) for e in reversed(self.store.list("events/"))]
+
+    # --- the rollout in flight ----------------------------------------------------------
+
+    def rollout_in_flight(self) -> RolloutRecord | None:
+        """The rollout a control plane started and has not finished, if any."""
+        entry = self.store.get(ROLLOUT_KEY)
+        if entry is None:
+            return None
+        return RolloutRecord(**json.loads(entry.value), revision=entry.revision)
+
+    def encode_rollout(self, record: RolloutRecord) -> str:
+        raw = asdict(record)
+        raw.pop("revision")
+        return json.dumps(raw)
+
+    def begin_rollout(self, record: RolloutRecord) -> RolloutRecord:
+        """Record ``record`` as in flight; compare-and-set: raises StoreConflict when another
+        rollout is recorded (it must be finished first)."""
+        revision = self.store.put(ROLLOUT_KEY, self.encode_rollout(record), expect_revision=0)
+        return replace(record, revision=revision)
+
+    def end_rollout(self, record: RolloutRecord) -> None:
+        """Forget ``record`` (compare-and-delete at its revision; StoreConflict if it changed)."""
+        self.store.delete(ROLLOUT_KEY, expect_revision=record.revision)
