@@ -4,6 +4,14 @@ Servers own their ``SSLContext`` instead of letting uvicorn build one, so that a
 be replaced without a restart: :class:`ReloadableServerContext` hands uvicorn one *base* context
 whose SNI callback (called for every ClientHello, with or without SNI) points each new handshake at
 the newest context. Connections already open keep the context they were made with.
+
+Client certificates: OpenSSL takes the *verify mode* from the base context when a connection
+starts, but verifies against the *trust store* of the context the SNI callback selects. So a
+listener that may ever accept client certificates asks for them from the start
+(``request_client_cert``: ``CERT_OPTIONAL``) and :meth:`ReloadableServerContext.set_client_ca`
+swaps the trusted bundle for new handshakes. A client that presents a certificate no trusted CA
+issued fails the handshake (stdlib ``ssl`` offers no "ask but do not verify" mode); a client
+that presents none is unaffected.
 """
 
 from __future__ import annotations
@@ -16,16 +24,28 @@ __all__ = ["ReloadableServerContext", "client_context", "server_context"]
 
 
 def server_context(
-    cert_file: Path, key_file: Path, *, client_ca: Path | None = None, require_client: bool = False
+    cert_file: Path,
+    key_file: Path,
+    *,
+    client_ca: Path | None = None,
+    require_client: bool = False,
+    client_ca_pem: str | None = None,
+    request_client_cert: bool = False,
 ) -> ssl.SSLContext:
-    """A TLS ≥ 1.2 server context; with ``client_ca``, client certificates are checked against it
-    (required when ``require_client``, optional otherwise). OpenSSL then also checks that a client
-    certificate allows clientAuth."""
+    """A TLS ≥ 1.2 server context; with ``client_ca`` (a file) or ``client_ca_pem`` (a bundle),
+    client certificates are checked against it (required when ``require_client``, optional
+    otherwise). OpenSSL then also checks that a client certificate allows clientAuth.
+    ``request_client_cert`` asks for an optional client certificate even with no CA loaded yet.
+    Every certificate of ``client_ca_pem`` is a trust anchor (intermediates included)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
     if client_ca is not None:
         ctx.load_verify_locations(cafile=str(client_ca))
+    if client_ca_pem:
+        ctx.load_verify_locations(cadata=client_ca_pem)
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if client_ca is not None or client_ca_pem or request_client_cert:
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_OPTIONAL
     return ctx
 
@@ -43,10 +63,11 @@ def client_context(
 
 
 class ReloadableServerContext:
-    """A server context whose certificate can be swapped for new handshakes.
+    """A server context whose certificate (and trusted client CAs) can be swapped for new
+    handshakes.
 
-    ``reload`` builds the new context fully before swapping, so a bad pair raises
-    (``ssl.SSLError``/``OSError``) and leaves the served certificate unchanged.
+    ``reload`` and ``set_client_ca`` build the new context fully before swapping, so a bad pair
+    or bundle raises (``ssl.SSLError``/``OSError``) and leaves what is served unchanged.
     """
 
     def __init__(
@@ -56,17 +77,32 @@ class ReloadableServerContext:
         *,
         client_ca: Path | None = None,
         require_client: bool = False,
+        request_client_cert: bool = False,
+        client_ca_pem: str | None = None,
     ) -> None:
         self._client_ca = client_ca
         self._require_client = require_client
+        self._request_client_cert = request_client_cert
+        self._client_ca_pem = client_ca_pem
+        self._files = (cert_file, key_file)
         self._lock = threading.Lock()
-        self._current = self._build(cert_file, key_file)
-        self.base = self._build(cert_file, key_file)
+        self._current = self._build(cert_file, key_file, client_ca_pem)
+        self.base = self._build(cert_file, key_file, client_ca_pem)
         self.base.sni_callback = self._select
 
-    def _build(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    @property
+    def client_ca_pem(self) -> str | None:
+        """The bundle new handshakes verify client certificates against."""
+        return self._client_ca_pem
+
+    def _build(self, cert_file: Path, key_file: Path, client_ca_pem: str | None) -> ssl.SSLContext:
         return server_context(
-            cert_file, key_file, client_ca=self._client_ca, require_client=self._require_client
+            cert_file,
+            key_file,
+            client_ca=self._client_ca,
+            require_client=self._require_client,
+            client_ca_pem=client_ca_pem,
+            request_client_cert=self._request_client_cert,
         )
 
     def _select(
@@ -75,6 +111,13 @@ class ReloadableServerContext:
         conn.context = self._current
 
     def reload(self, cert_file: Path, key_file: Path) -> None:
-        new = self._build(cert_file, key_file)
         with self._lock:
-            self._current = new
+            new = self._build(cert_file, key_file, self._client_ca_pem)
+            self._current, self._files = new, (cert_file, key_file)
+
+    def set_client_ca(self, pem: str | None) -> None:
+        """Trust ``pem`` (a bundle of CA certificates; None: none) for client certificates in new
+        handshakes. Only meaningful with ``request_client_cert``."""
+        with self._lock:
+            new = self._build(*self._files, pem)
+            self._current, self._client_ca_pem = new, pem

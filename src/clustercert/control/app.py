@@ -22,10 +22,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clustercert import pki
 from clustercert.cluster import DEFAULT_SANS, issue_internal
+from clustercert.control.apidoc import (
+    CertificateAnswer,
+    CertificateDetail,
+    CertificatesAnswer,
+    DeletedAnswer,
+    EventsAnswer,
+    JoinAnswer,
+    NodeAnswer,
+    RotateAnswer,
+    ValidateAnswer,
+    answers,
+    request_body,
+)
 from clustercert.control.auth import UPDATE, VIEW, Authenticator, User
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator, NodeOutcome
 from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.users import users_router
 from clustercert.errors import (
     CertificateNotFound,
     ClusterCertError,
@@ -175,7 +189,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
                              "message": str(exc.detail)}, status_code=exc.status_code)  # fmt: skip
 
     def user_with(request: Request, permission: str) -> User:
-        user = cp.authenticator.authenticate_basic(request.headers.get("authorization"))
+        user = cp.authenticator.authenticate_scope(request.scope)
         user.require(permission)
         return user
 
@@ -215,7 +229,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         stored = [cp.state.certificate(r.name) or r for r in records]
         return stored, outcomes
 
-    @app.put("/v1/cluster/update_cert")
+    @app.put(
+        "/v1/cluster/update_cert",
+        openapi_extra=request_body(CertificateItem),
+        responses=answers(CertificateAnswer, 400, 401, 403, 404, 406, 408, 409, 413, 415),
+    )
     async def update_cert(request: Request) -> dict[str, Any]:
         user = user_with(request, UPDATE)
         item = parse_model(CertificateItem, await read_json(request))
@@ -223,7 +241,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         stored, outcomes = await roll_out(validated, user)
         return {**_certificate_body(validated[0], stored[0]), "nodes": _nodes_body(outcomes)}
 
-    @app.put("/v1/cluster/certificates")
+    @app.put(
+        "/v1/cluster/certificates",
+        openapi_extra=request_body(CertificatesBody | CertificateItem),
+        responses=answers(CertificatesAnswer, 400, 401, 403, 404, 406, 408, 409, 413, 415),
+    )
     async def put_certificates(request: Request) -> dict[str, Any]:
         user = user_with(request, UPDATE)
         data = await read_json(request)
@@ -245,7 +267,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
             "nodes": _nodes_body(outcomes),
         }
 
-    @app.post("/v1/cluster/certificates/validate")
+    @app.post(
+        "/v1/cluster/certificates/validate",
+        openapi_extra=request_body(CertificatesBody | CertificateItem),
+        responses=answers(ValidateAnswer, 400, 401, 403, 404, 406, 408, 413, 415),
+    )
     async def validate(request: Request) -> dict[str, Any]:
         user_with(request, UPDATE)
         data = await read_json(request)
@@ -260,7 +286,9 @@ def build_app(cp: ControlPlane) -> FastAPI:
             ],
         }
 
-    @app.delete("/v1/cluster/certificates/{name}")
+    @app.delete(
+        "/v1/cluster/certificates/{name}", responses=answers(DeletedAnswer, 401, 403, 404, 409)
+    )
     async def delete_certificate(request: Request, name: str) -> dict[str, Any]:
         user = user_with(request, UPDATE)
         row = NAMES.get(name)
@@ -277,7 +305,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         outcomes = await cp.coordinator.remove(record, user.email)
         return {"name": name, "deleted": True, "nodes": _nodes_body(outcomes)}
 
-    @app.post("/v1/cluster/certificates/rotate")
+    @app.post(
+        "/v1/cluster/certificates/rotate",
+        openapi_extra=request_body(RotateBody, required=False),
+        responses=answers(RotateAnswer, 400, 401, 403, 408, 409, 413, 415),
+    )
     async def rotate(request: Request) -> dict[str, Any]:
         user = user_with(request, UPDATE)
         data: Any = {}
@@ -305,7 +337,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
             "nodes": _nodes_body(outcomes),
         }  # fmt: skip
 
-    @app.get("/v1/cluster/certificates")
+    @app.get("/v1/cluster/certificates", responses=answers(dict[str, str], 401, 403))
     async def get_certificates(request: Request) -> dict[str, str]:
         user = user_with(request, VIEW)
         answer: dict[str, str] = {}
@@ -315,14 +347,14 @@ def build_app(cp: ControlPlane) -> FastAPI:
                 answer[f"{record.name}_key"] = record.key
         return answer
 
-    @app.get("/v1/cluster/certificates/events")
+    @app.get("/v1/cluster/certificates/events", responses=answers(EventsAnswer, 401, 403))
     async def events(request: Request, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         user_with(request, VIEW)
         everything = cp.state.events()
         limit = max(1, min(limit, 500))
         return {"total": len(everything), "events": everything[offset : offset + limit]}
 
-    @app.get("/v1/cluster/certificates/{name}")
+    @app.get("/v1/cluster/certificates/{name}", responses=answers(CertificateDetail, 401, 403, 404))
     async def get_certificate(request: Request, name: str) -> dict[str, Any]:
         user_with(request, VIEW)
         if name not in NAMES:
@@ -360,17 +392,21 @@ def build_app(cp: ControlPlane) -> FastAPI:
             "nodes": nodes,
         }
 
-    @app.get("/v1/nodes")
+    @app.get("/v1/nodes", responses=answers(list[NodeAnswer], 401, 403))
     async def nodes(request: Request) -> list[dict[str, Any]]:
         user_with(request, VIEW)
         return [_node_body(cp, n.node_id) for n in cp.state.nodes()]
 
-    @app.get("/v1/nodes/{node_id}")
+    @app.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 401, 403, 404))
     async def node(request: Request, node_id: int) -> dict[str, Any]:
         user_with(request, VIEW)
         return _node_body(cp, node_id)
 
-    @app.post("/v1/internal/join")
+    @app.post(
+        "/v1/internal/join",
+        openapi_extra=request_body(JoinBody),
+        responses=answers(JoinAnswer, 400, 401, 408, 413, 415),
+    )
     async def join(request: Request) -> dict[str, Any]:
         body = parse_model(JoinBody, await read_json(request))
         now = cp.clock()
@@ -395,6 +431,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
             "ca_certificate": cp.ca.cert_pem,
         }
 
+    app.include_router(users_router(cp))
     return app
 
 

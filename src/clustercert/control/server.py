@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from clustercert.cluster import ClusterDirectory
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import ControlPlane, build_app
 from clustercert.control.auth import Authenticator
+from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
 from clustercert.control.state import CertRecord, ClusterState
@@ -47,17 +49,45 @@ class ServerSettings:
 
 
 class ApiListener:
-    """The API listener's certificate files and hot-swappable context (the `api` name)."""
+    """The API listener's certificate files and hot-swappable context (the `api` name), and
+    the CAs it trusts for client-certificate login (the `mtls_trusted_ca` bundle, if set)."""
 
     def __init__(self, directory: ClusterDirectory, state: ClusterState, port: int) -> None:
         self.files = CertificateFiles(directory.run_dir / f"api-{port}")
+        self.state = state
         record = state.certificate("api")
         if record is None or record.key is None:
             raise ConfigError("the store holds no `api` certificate; was the cluster initialised?")
         paths = self._write(record)
         assert paths.key is not None
-        self.context = ReloadableServerContext(paths.cert, paths.key)
+        trusted = state.certificate("mtls_trusted_ca")
+        self.context = ReloadableServerContext(
+            paths.cert,
+            paths.key,
+            request_client_cert=True,
+            client_ca_pem=trusted.certificate if trusted else None,
+        )
         self.generation = record.generation
+
+    def trusted_client_cas(self) -> str | None:
+        """The mtls_trusted_ca bundle the listener trusts now (None: certificate login off)."""
+        return self.context.client_ca_pem
+
+    def refresh(self) -> None:
+        """Follow the store: another control plane, or a DELETE, may have changed what this
+        listener serves or trusts (a rollout through this process calls on_committed)."""
+        records = [r for r in (self.state.certificate("api"),) if r is not None]
+        self.on_committed(records)
+        trusted = self.state.certificate("mtls_trusted_ca")
+        self._trust(trusted.certificate if trusted else None)
+
+    def _trust(self, bundle: str | None) -> None:
+        if bundle != self.context.client_ca_pem:
+            self.context.set_client_ca(bundle)
+            log.info(
+                "client-certificate login %s",
+                "trusts the new mtls_trusted_ca" if bundle else "is off (no mtls_trusted_ca)",
+            )
 
     def _write(self, record: CertRecord) -> GenerationPaths:
         self.files.stage("api", record.generation, record.certificate, record.key)
@@ -65,12 +95,46 @@ class ApiListener:
 
     def on_committed(self, records: Sequence[CertRecord]) -> None:
         for record in records:
+            if record.name == "mtls_trusted_ca":
+                self._trust(record.certificate)
             if record.name == "api" and record.generation != self.generation:
                 paths = self._write(record)
                 assert paths.key is not None
                 self.context.reload(paths.cert, paths.key)
                 self.generation = record.generation
                 log.info("api listener now serves generation %d", record.generation)
+
+
+def api_config(
+    app: ASGIApp,
+    context: ssl.SSLContext,
+    host: str,
+    port: int,
+    limits: ListenerLimits | None = None,
+) -> uvicorn.Config:
+    """The API listener: TLS from ``context``, slow-client deadlines, bounded request heads and
+    JSON, and the client certificate in the ASGI TLS extension (:mod:`.listener`)."""
+    limits = limits or ListenerLimits()
+    return uvicorn.Config(
+        RequestLimits(app, limits),
+        host=host,
+        port=port,
+        http=api_protocol(limits),
+        ssl_context_factory=lambda _config, _default: context,
+        h11_max_incomplete_event_size=limits.max_head_bytes,
+        log_level="warning",
+        timeout_keep_alive=30,
+    )
+
+
+async def _follow_store(listener: ApiListener, interval: float) -> None:
+    """Keep the API listener in step with the store (bounded by the server's lifetime)."""
+    while True:
+        await asyncio.sleep(max(interval, 0.2))
+        try:
+            listener.refresh()
+        except Exception:
+            log.exception("could not refresh the API listener from the store; retrying")
 
 
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
@@ -106,30 +170,29 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             state=state,
             coordinator=coordinator,
             reconciler=reconciler,
-            authenticator=Authenticator(state.user),
+            authenticator=Authenticator(
+                state.user,
+                find_certificate_user=state.certificate_user,
+                trusted_client_cas=listener.trusted_client_cas,
+            ),
             trust=TrustStore.system(extra=[ca.cert]),
             ca=ca,
         )
         server = uvicorn.Server(
-            uvicorn.Config(
-                build_app(control),
-                host=settings.host,
-                port=settings.port,
-                ssl_context_factory=lambda _config, _default: listener.context.base,
-                log_level="warning",
-                timeout_keep_alive=30,
-            )
+            api_config(build_app(control), listener.context.base, settings.host, settings.port)
         )
         # Started before the listener, so its first pass (the recovery) normally has the lock
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
+        following = asyncio.create_task(_follow_store(listener, settings.reconcile_interval))
         log.info("control plane listening on https://%s:%d", settings.host, settings.port)
         try:
             await server.serve()
         finally:
-            reconciling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reconciling
+            for task in (reconciling, following):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await pool.aclose()
     finally:
         store.close()

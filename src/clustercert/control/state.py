@@ -23,7 +23,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from clustercert.control.auth import User
+from clustercert.control.auth import UndeletableUser, User, UserExists, canonical_subject
 from clustercert.errors import StoreConflict
 from clustercert.sealing import KeySealer
 from clustercert.store import Delete, Put, Store
@@ -204,6 +204,71 @@ class ClusterState:
         user = User(self._next_id("next_uid"), email.lower(), name, role, password_hash)
         self.store.put("users/" + user.email, json.dumps(asdict(user)), expect_revision=0)
         return user
+
+    def create_user(
+        self,
+        email: str,
+        name: str,
+        role: str,
+        password_hash: str,
+        *,
+        auth_method: str = "regular",
+        certificate_subject_line: str | None = None,
+    ) -> User:
+        """Add a user with the next uid. Atomic: raises :class:`UserExists` when the email is
+        taken (compare-and-set on ``users/<email>``)."""
+        user = User(
+            self._next_id("next_uid"), email.lower(), name, role, password_hash,
+            auth_method, certificate_subject_line,
+        )  # fmt: skip
+        try:
+            self.store.put("users/" + user.email, json.dumps(asdict(user)), expect_revision=0)
+        except StoreConflict:
+            raise UserExists(f"a user with the email {user.email} already exists") from None
+        return user
+
+    def user_by_uid(self, uid: int) -> User | None:
+        return next((u for u in self.users() if u.uid == uid), None)
+
+    def certificate_user(self, subject: str) -> User | None:
+        """The one ``certificate`` user whose subject line is ``subject`` (RFC 4514 form), or
+        None (also when, against the API's checks, several match: ambiguity never logs in)."""
+        matches = []
+        for user in self.users():
+            if user.auth_method == "certificate" and user.certificate_subject_line:
+                try:
+                    if canonical_subject(user.certificate_subject_line) == subject:
+                        matches.append(user)
+                except ValueError:
+                    continue
+        return matches[0] if len(matches) == 1 else None
+
+    def delete_user(self, uid: int) -> User | None:
+        """Delete the user ``uid``; return it, or None when there is none. Atomic: deleting an
+        admin commits together with an unchanged rewrite (compare-and-set) of another admin, so
+        concurrent deletions can never remove the last admin; that raises
+        :class:`UndeletableUser`. Retries a few times on a concurrent change, then raises
+        :class:`StoreConflict`."""
+        for _ in range(5):
+            entries = self.store.list("users/")
+            users = [(e, User(**json.loads(e.value))) for e in entries]
+            target = next(((e, u) for e, u in users if u.uid == uid), None)
+            if target is None:
+                return None
+            ops: list[Put | Delete] = [Delete(target[0].key, target[0].revision)]
+            if target[1].role == "admin":
+                others = [e for e, u in users if u.role == "admin" and u.uid != uid]
+                if not others:
+                    raise UndeletableUser(
+                        f"{target[1].email} is the last admin; create another admin first"
+                    )
+                ops.append(Put(others[0].key, others[0].value, others[0].revision))
+            try:
+                self.store.commit(ops)
+            except StoreConflict:
+                continue
+            return target[1]
+        raise StoreConflict("users changed concurrently five times in a row; retry")
 
     # --- join tokens --------------------------------------------------------------------
 
