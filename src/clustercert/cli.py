@@ -440,6 +440,80 @@ def rladmin_set(name: str, words: tuple[str, ...], **options: Any) -> None:
     click.echo(f"Set {name} certificate to contents of file {pairs['certificate_file']}")
 
 
+# --- users (over the REST API; DESIGN §8) ------------------------------------------------------
+
+
+@cli.group()
+def users() -> None:
+    """Manage API users (admin and user_manager roles)."""
+
+
+@users.command("add")
+@click.option("--email", required=True)
+@click.option(
+    "--role", required=True,
+    type=click.Choice(
+        ["admin", "cluster_member", "cluster_viewer", "db_member", "db_viewer", "user_manager"]
+    ),
+)  # fmt: skip
+@click.option("--name", default="", help="Display name.")
+@click.option(
+    "--new-password", envvar="CLUSTERCERT_NEW_PASSWORD",
+    help="The new user's password (prompted for when neither this nor a subject is given).",
+)  # fmt: skip
+@click.option(
+    "--certificate-subject-line",
+    help='Client-certificate login instead of a password, e.g. "CN=alice,O=Example,C=US".',
+)
+@client_options
+def add_user(
+    email: str,
+    role: str,
+    name: str,
+    new_password: str | None,
+    certificate_subject_line: str | None,
+    **options: Any,
+) -> None:
+    """Create a user (POST /v1/users)."""
+    body: dict[str, Any] = {"email": email, "role": role, "name": name}
+    if certificate_subject_line:
+        body |= {"auth_method": "certificate", "certificate_subject_line": certificate_subject_line}
+    else:
+        body["password"] = new_password or click.prompt(
+            f"password for {email}", hide_input=True, confirmation_prompt=True
+        )
+    with _client(options) as client:
+        user = client.call("POST", "/v1/users", body)
+    click.echo(
+        f"created user {user['uid']}: {user['email']} ({user['role']}, {user['auth_method']})"
+    )
+
+
+@users.command("list")
+@client_options
+def list_users(**options: Any) -> None:
+    """A table of the users (never their password hashes)."""
+    with _client(options) as client:
+        found = client.call("GET", "/v1/users")
+    table = Table("uid", "email", "name", "role", "login", box=None)
+    for user in found:
+        login = user["auth_method"]
+        if user.get("certificate_subject_line"):
+            login += f" ({user['certificate_subject_line']})"
+        table.add_row(str(user["uid"]), user["email"], user["name"], user["role"], login)
+    Console().print(table)
+
+
+@users.command("delete")
+@click.argument("uid", type=int)
+@client_options
+def delete_user(uid: int, **options: Any) -> None:
+    """Delete the user UID (DELETE /v1/users/UID)."""
+    with _client(options) as client:
+        user = client.call("DELETE", f"/v1/users/{uid}")
+    click.echo(f"deleted user {uid}: {user['email']}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of exiting (for in-process tests)."""
     try:
