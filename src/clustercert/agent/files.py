@@ -90,7 +90,7 @@ class CertificateFiles:
     def _sweep(self) -> None:
         """Delete what a crash left half-done: hidden entries (staging directories, temporary
         files, directories being deleted) at the top level and in every name's directory."""
-        for directory in [self.root, *(p for p in self.root.iterdir() if p.is_dir())]:
+        for directory in [self.root, *(self.root / name for name in self.names())]:
             for entry in directory.iterdir():
                 if not entry.name.startswith("."):
                     continue

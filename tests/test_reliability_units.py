@@ -1,0 +1,265 @@
+"""The pieces crash safety rests on, without a cluster: who holds the cluster lock and whether it
+is gone, taking the lock over, the test-only fault seam, and the node's files (a pair that does
+not load never lands; crash leftovers are swept; readers never see a half-written pair).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from certfactory import CA
+
+from clustercert.agent.files import CertificateFiles, GenerationPaths
+from clustercert.control.rollout import (
+    LOCK_TTL,
+    ROLLOUT_LOCK,
+    FaultPlan,
+    cluster_lock,
+    holder_is_gone,
+    lock_owner,
+)
+from clustercert.control.state import ClusterState
+from clustercert.errors import ConfigError, UpdateInProgress
+from clustercert.sealing import KeySealer
+from clustercert.store import SqliteStore
+
+# --- lock owners ----------------------------------------------------------------------------------
+
+
+def _with(owner: str, **fields: str) -> str:
+    """``owner`` with some of its HOST:BOOT:PID:START:ROLE fields replaced."""
+    parts = owner.split(":")
+    for index, name in enumerate(("host", "boot", "pid", "start", "role")):
+        if name in fields:
+            parts[index] = fields[name]
+    return ":".join(parts)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_lock_owner_names_this_process() -> None:
+    owner = lock_owner("update")
+    _host, _boot, pid, start, role = owner.split(":")
+    assert pid == str(os.getpid())
+    assert start.isdigit()
+    assert role.startswith("update-")
+    assert lock_owner("update") != owner  # one owner string per hold
+
+
+def test_a_live_holder_is_not_gone() -> None:
+    assert not holder_is_gone(lock_owner("update"))
+
+
+def test_a_dead_process_of_this_host_is_gone() -> None:
+    assert holder_is_gone(_with(lock_owner("update"), pid=str(_dead_pid()), start="1"))
+
+
+def test_a_reused_pid_is_gone() -> None:
+    # This process is alive, but it is not the one that started at tick 1.
+    assert holder_is_gone(_with(lock_owner("update"), start="1"))
+
+
+def test_an_earlier_boot_of_this_host_is_gone() -> None:
+    assert holder_is_gone(_with(lock_owner("update"), boot="00000000"))
+
+
+@pytest.mark.parametrize(
+    "holder",
+    ["other-host:abcd1234:1:1:update-00", "reconciler-1234", "", "a:b:c:d:e", "a:b:1:2"],
+)
+def test_another_host_or_an_unknown_owner_is_presumed_alive(holder: str) -> None:
+    assert not holder_is_gone(holder)
+
+
+def _state(tmp_path: Path) -> ClusterState:
+    return ClusterState(SqliteStore(tmp_path / "store.db"), KeySealer(os.urandom(32)))
+
+
+def test_cluster_lock_takes_over_from_a_dead_previous_incarnation(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    dead = _with(lock_owner("update"), pid=str(_dead_pid()), start="1")
+    assert state.store.try_lock(ROLLOUT_LOCK, dead, LOCK_TTL)
+
+    async def take() -> str:
+        async with cluster_lock(state, 0.0) as owner:
+            assert state.store.lock_holder(ROLLOUT_LOCK) == owner
+            return owner
+
+    owner = asyncio.run(take())
+    assert owner != dead
+    assert state.store.lock_holder(ROLLOUT_LOCK) is None  # released on exit
+    state.store.close()
+
+
+def test_cluster_lock_waits_for_a_live_holder_then_409(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    elsewhere = "other-host:abcd1234:1:1:update-00"
+    assert state.store.try_lock(ROLLOUT_LOCK, elsewhere, LOCK_TTL)
+
+    async def take() -> None:
+        async with cluster_lock(state, 0.2):
+            pass
+
+    with pytest.raises(UpdateInProgress, match=r"holds the cluster lock; waited 0\.2 s"):
+        asyncio.run(take())
+    assert state.store.lock_holder(ROLLOUT_LOCK) == elsewhere
+    state.store.close()
+
+
+# --- the fault seam -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "step", "pause"),
+    [("after_decision", "after_decision", False), ("pause:during_stage", "during_stage", True)],
+)
+def test_fault_plan_parses(tmp_path: Path, spec: str, step: str, pause: bool) -> None:
+    plan = FaultPlan.parse(spec, tmp_path)
+    assert (plan.step, plan.pause) == (step, pause)
+
+
+@pytest.mark.parametrize("spec", ["after_lunch", "stop:after_decision", "pause:"])
+def test_fault_plan_rejects_unknown_steps(tmp_path: Path, spec: str) -> None:
+    with pytest.raises(ConfigError, match="CLUSTERCERT_FAULT"):
+        FaultPlan.parse(spec, tmp_path)
+
+
+def test_fault_pause_waits_until_its_marker_is_deleted(tmp_path: Path) -> None:
+    plan = FaultPlan.parse("pause:after_decision", tmp_path)
+    marker = tmp_path / "fault-paused-after_decision"
+
+    async def scenario() -> None:
+        await plan.reached("during_commit")  # another step: no pause
+        assert not marker.exists()
+        paused = asyncio.create_task(plan.reached("after_decision"))
+        for _ in range(200):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert marker.exists() and not paused.done()
+        marker.unlink()
+        await asyncio.wait_for(paused, 5)
+
+    asyncio.run(scenario())
+
+
+def test_fault_kill_kills_the_process(tmp_path: Path) -> None:
+    code = (
+        "import asyncio, pathlib\n"
+        "from clustercert.control.rollout import FaultPlan\n"
+        "plan = FaultPlan.parse('during_commit', pathlib.Path('.'))\n"
+        "asyncio.run(plan.reached('after_decision'))\n"
+        "print('passed after_decision', flush=True)\n"
+        "asyncio.run(plan.reached('during_commit'))\n"
+        "print('survived')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == -9
+    assert done.stdout == "passed after_decision\n"
+
+
+# --- node files -----------------------------------------------------------------------------------
+
+
+def _loads(paths: GenerationPaths) -> None:
+    assert paths.key is not None
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths.cert, paths.key)
+
+
+def test_a_pair_that_fails_its_check_never_lands(tmp_path: Path) -> None:
+    files = CertificateFiles(tmp_path)
+    one, other = CA.new().issue("a.example"), CA.new().issue("b.example")
+    with pytest.raises(ssl.SSLError):
+        files.stage("proxy", 1, one.cert_pem, other.key_pem, check=_loads)
+    assert files.generations("proxy") == []
+    assert list((tmp_path / "certs" / "proxy").iterdir()) == []
+    paths = files.stage("proxy", 1, one.cert_pem, one.key_pem, check=_loads)
+    assert paths.cert.read_text() == one.cert_pem
+
+
+def test_crash_leftovers_are_swept_when_the_files_are_opened(tmp_path: Path) -> None:
+    files = CertificateFiles(tmp_path)
+    leaf = CA.new().issue("a.example")
+    files.stage("proxy", 1, leaf.cert_pem, leaf.key_pem)
+    files.activate("proxy", 1)
+    name_dir = tmp_path / "certs" / "proxy"
+    # What a kill -9 can leave: a staging directory, a directory being deleted, a temp file,
+    # a whole name being removed.
+    (name_dir / ".2.staging").mkdir()
+    (name_dir / ".2.staging" / "cert.pem").write_text("half")
+    (name_dir / ".trash-0-abcd").mkdir()
+    (name_dir / ".current.1234.tmp").write_text("2")
+    (tmp_path / "certs" / ".trash-ldap_client-abcd").mkdir()
+    reopened = CertificateFiles(tmp_path)
+    assert sorted(p.name for p in name_dir.iterdir()) == ["1", "current"]
+    assert reopened.names() == ["proxy"]
+    assert reopened.current("proxy") == 1
+
+
+def test_discard_and_remove_leave_nothing_behind(tmp_path: Path) -> None:
+    files = CertificateFiles(tmp_path)
+    for generation in (1, 2):
+        leaf = CA.new().issue("a.example")
+        files.stage("proxy", generation, leaf.cert_pem, leaf.key_pem)
+    files.activate("proxy", 1)
+    files.discard("proxy", 2)
+    files.discard("proxy", 1)  # current: kept
+    assert sorted(p.name for p in (tmp_path / "certs" / "proxy").iterdir()) == ["1", "current"]
+    files.remove("proxy")
+    assert list((tmp_path / "certs").iterdir()) == []
+
+
+def test_readers_never_see_a_certificate_and_key_that_do_not_match(tmp_path: Path) -> None:
+    """A service reading the current pair while generations are staged, activated and pruned
+    sees a matching pair or (pruned under it) no file, never a mismatch or half a file."""
+    files = CertificateFiles(tmp_path)
+    ca = CA.new()
+    leaves = [ca.issue(f"g{i}.example") for i in range(40)]
+    files.stage("proxy", 1, leaves[0].cert_pem, leaves[0].key_pem)
+    files.activate("proxy", 1)
+    stop = threading.Event()
+    seen = {"ok": 0, "gone": 0, "mismatch": 0}
+
+    def read() -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            generation = files.current("proxy")
+            paths = files.paths("proxy", generation) if generation else None
+            if paths is None or paths.key is None:
+                seen["gone"] += 1
+                continue
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths.cert, paths.key)
+            except FileNotFoundError:
+                seen["gone"] += 1
+            except ssl.SSLError:
+                seen["mismatch"] += 1
+            else:
+                seen["ok"] += 1
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for generation, leaf in enumerate(leaves[1:], start=2):
+            files.stage("proxy", generation, leaf.cert_pem, leaf.key_pem)
+            files.activate("proxy", generation)
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+    assert seen["mismatch"] == 0, seen
+    assert seen["ok"] > 0, seen
+    assert files.generations("proxy") == [len(leaves) - 1, len(leaves)]
