@@ -316,7 +316,7 @@ def _der(cert: x509.Certificate) -> str:
         ),
         (
             lambda leaf: "\n".join(leaf.cert_pem.splitlines()[1:-1]),
-            r"base64 without PEM armour.*DER-encoded certificate.*base64 -d",
+            r"DER-encoded certificate in bare base64.*base64 -d",
         ),
         (lambda leaf: leaf.key_pem, r"PEM block 1 of the certificate is a PRIVATE KEY.*key field"),
         (

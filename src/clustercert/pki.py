@@ -491,7 +491,7 @@ def describe_non_pem(raw: bytes, *, field: str) -> str:
         what = "certificate chain" if field == "certificate" else "private key"
         return f"the {field} is empty: paste the PEM {what} (text starting with '-----BEGIN')"
     if stripped[:1] == b"\x30":
-        return _describe_der(stripped, field=field, how="DER (binary)")
+        return _describe_der(stripped, field=field, how="DER")
     compact = b"".join(stripped.split())
     if re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", compact) and len(compact) >= 16:
         try:
@@ -499,7 +499,7 @@ def describe_non_pem(raw: bytes, *, field: str) -> str:
         except (binascii.Error, ValueError):
             decoded = b""
         if decoded[:1] == b"\x30":
-            return _describe_der(decoded, field=field, how="base64 without PEM armour")
+            return _describe_der(decoded, field=field, how="base64")
     if _looks_binary(stripped):
         return (
             f"the {field} is binary data ({len(raw)} bytes) in no format clustercert recognises; "
@@ -520,18 +520,24 @@ def _looks_binary(data: bytes) -> bool:
 
 
 def _describe_der(der: bytes, *, field: str, how: str) -> str:
-    found = f"the {field} is {how}"
+    """``how`` is "DER" (binary) or "base64" (DER in base64 without BEGIN/END lines)."""
+    bare = how == "base64"
+    form = " in bare base64 (no BEGIN/END lines)" if bare else ""
     # Bare base64 must be decoded to DER before openssl can convert it.
-    decode = "" if how.startswith("DER") else "base64 -d file.b64 > file.der && "
+    decode = "base64 -d file.b64 > file.der && " if bare else ""
+
+    def found(what: str) -> str:
+        return f"the {field} is {what}{form}, not PEM"
+
     if _is_pkcs12(der):
         return (
-            f"{found}: a PKCS#12 (.p12/.pfx) bundle; extract PEM with: {decode}"
+            f"{found('a PKCS#12 (.p12/.pfx) bundle')}; extract PEM with: {decode}"
             f"openssl pkcs12 -in file.der -nokeys -out chain.pem and "
             f"openssl pkcs12 -in file.der -nocerts -nodes -out key.pem"
         )
     if _PKCS7_SIGNED_DATA in der[:32]:
         return (
-            f"{found}: a PKCS#7 (.p7b) certificate bundle; convert it with: {decode}"
+            f"{found('a PKCS#7 (.p7b) certificate bundle')}; convert it with: {decode}"
             f"openssl pkcs7 -inform der -in file.der -print_certs -out chain.pem"
         )
     with _PARSE_LOCK, warnings.catch_warnings():
@@ -542,7 +548,7 @@ def _describe_der(der: bytes, *, field: str, how: str) -> str:
             pass
         else:
             return (
-                f"{found}: a DER-encoded certificate; convert it with: {decode}"
+                f"{found('a DER-encoded certificate')}; convert it with: {decode}"
                 f"openssl x509 -inform der -in file.der -out cert.pem"
             )
         try:
@@ -551,26 +557,26 @@ def _describe_der(der: bytes, *, field: str, how: str) -> str:
             pass
         else:
             return (
-                f"{found}: a certificate signing request (CSR), not a certificate; have your CA "
-                f"sign it and upload the certificate it returns"
+                f"{found('a certificate signing request (CSR)')}; a CSR is not a certificate: "
+                f"have your CA sign it and upload the certificate it returns"
             )
         try:
             serialization.load_der_private_key(der, password=None)
         except TypeError:
             return (
-                f"{found}: an encrypted DER private key; decrypt and convert it with: {decode}"
-                f"openssl pkey -inform der -in file.der -out key.pem"
+                f"{found('an encrypted DER private key')}; decrypt and convert it with: "
+                f"{decode}openssl pkey -inform der -in file.der -out key.pem"
             )
         except (ValueError, UnsupportedAlgorithm):
             pass
         else:
             return (
-                f"{found}: a DER-encoded private key; convert it with: {decode}"
+                f"{found('a DER-encoded private key')}; convert it with: {decode}"
                 f"openssl pkey -inform der -in file.der -out key.pem"
             )
     return (
-        f"{found}: ASN.1 data that is neither a certificate nor a private key; "
-        f"it must be PEM text starting with '-----BEGIN'"
+        f"{found('ASN.1 (DER) data that is neither a certificate nor a private key')}; it "
+        f"must be PEM text starting with '-----BEGIN'"
     )
 
 
