@@ -209,7 +209,7 @@ class LoginThrottle:
         self,
         *,
         free_per_account: int = 5,
-        free_per_source: int = 50,
+        free_per_source: int = 100,
         base_delay: float = 1.0,
         max_delay: float = 60.0,
         window: float = 900.0,

@@ -69,10 +69,6 @@ class ApiListener:
         )
         self.generation = record.generation
 
-    def trusted_client_cas(self) -> str | None:
-        """The mtls_trusted_ca bundle the listener trusts now (None: certificate login off)."""
-        return self.context.client_ca_pem
-
     def refresh(self) -> None:
         """Follow the store: another control plane, or a DELETE, may have changed what this
         listener serves or trusts (a rollout through this process calls on_committed)."""
@@ -127,6 +123,13 @@ def api_config(
     )
 
 
+def _trusted_client_cas(state: ClusterState) -> str | None:
+    """The mtls_trusted_ca bundle as stored now: certificate login follows a change at once,
+    on connections already open too (new handshakes follow within the refresh interval)."""
+    record = state.certificate("mtls_trusted_ca")
+    return record.certificate if record else None
+
+
 async def _follow_store(listener: ApiListener, interval: float) -> None:
     """Keep the API listener in step with the store (bounded by the server's lifetime)."""
     while True:
@@ -173,7 +176,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             authenticator=Authenticator(
                 state.user,
                 find_certificate_user=state.certificate_user,
-                trusted_client_cas=listener.trusted_client_cas,
+                trusted_client_cas=lambda: _trusted_client_cas(state),
             ),
             trust=TrustStore.system(extra=[ca.cert]),
             ca=ca,
