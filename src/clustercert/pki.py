@@ -13,7 +13,8 @@ import ipaddress
 import re
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -54,6 +55,7 @@ __all__ = [
     "new_ca",
     "new_private_key",
     "read_pem_blocks",
+    "recorded_warnings",
     "san_count",
     "sign_csr",
     "signature_algorithm_name",
@@ -355,7 +357,23 @@ _RSA_PKCS1_LEGACY = frozenset(
 )
 _PKCS7_DATA = bytes.fromhex("06092a864886f70d010701")
 _PKCS7_SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")
-_PARSE_LOCK = threading.Lock()
+# warnings.catch_warnings swaps process-wide state, so every use here is serialised (re-entrant:
+# a caller may hold it while parsing).
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record, instead of emitting, every warning raised inside; serialised across threads.
+
+    cryptography warns (CryptographyDeprecationWarning) about certificates it accepts but that
+    break DER or RFC 5280 rules. For uploads such a warning is information about the input, not
+    about our code: callers turn it into a note, or drop it. It must not escape as an exception
+    (pytest runs with warnings as errors) nor as noise on stderr.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 
 @dataclass(frozen=True)
@@ -540,8 +558,7 @@ def _describe_der(der: bytes, *, field: str, how: str) -> str:
             f"{found('a PKCS#7 (.p7b) certificate bundle')}; convert it with: {decode}"
             f"openssl pkcs7 -inform der -in file.der -print_certs -out chain.pem"
         )
-    with _PARSE_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with recorded_warnings():
         try:
             x509.load_der_x509_certificate(der)
         except ValueError:
@@ -629,12 +646,7 @@ def load_certificates(text: str) -> ParsedCertificates:
 
 def _load_certificate(block: PemBlock) -> tuple[x509.Certificate, list[str]]:
     where = f"PEM block {block.position} of the certificate"
-    # cryptography warns (CryptographyDeprecationWarning) about certificates it accepts but
-    # that break DER/RFC 5280 rules; such a warning must become a note, not an exception
-    # (pytest runs with warnings as errors) nor noise on stderr. catch_warnings mutates global
-    # state, so parsing is serialised.
-    with _PARSE_LOCK, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with recorded_warnings() as caught:
         try:
             cert = x509.load_der_x509_certificate(block.der)
             # Touch every lazily parsed part now, so malformed input fails here, with a

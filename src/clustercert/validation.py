@@ -25,8 +25,6 @@ import datetime as dt
 import functools
 import re
 import ssl
-import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +103,6 @@ _KEY_ADVICE = (
     "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out key.pem, "
     "and have the certificate reissued for the new key"
 )
-_UTC = dt.UTC
-_SYSTEM_LOCK = threading.Lock()  # warnings.catch_warnings mutates process-global state
 
 # Signature algorithms cryptography's verifier checks (the web PKI set). Chains that use others
 # (Ed25519/Ed448/DSA issuers) get our checks only; see _check_conformance.
@@ -177,8 +173,7 @@ class TrustStore:
 
 def _extensions_parse(cert: x509.Certificate) -> bool:
     """Whether ``cert``'s extensions parse: an anchor whose do not can never be used."""
-    with _SYSTEM_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # cryptography caches the parse: no warning later
+    with pki.recorded_warnings():  # cryptography caches the parse: no warning later
         try:
             for ext in cert.extensions:
                 _ = ext.value
@@ -207,8 +202,7 @@ def _system_roots() -> tuple[x509.Certificate, ...]:
     roots = []
     # Some system roots have non-positive serial numbers, which cryptography warns about; they
     # are still the operator's trusted roots.
-    with _SYSTEM_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pki.recorded_warnings():
         for match in _PEM_CERT.finditer(data):
             try:
                 roots.append(x509.load_pem_x509_certificate(match.group(0)))
@@ -279,11 +273,11 @@ class BatchIssuerNotFound(IssuerNotFound):
 
 
 def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(_UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _when(moment: dt.datetime) -> str:
-    return moment.astimezone(_UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -308,7 +302,7 @@ def validate_upload(
         raise ValueError("the validation time must be timezone-aware")
     # X.509 times have whole seconds; compare at that granularity (a notAfter of 12:00:00
     # covers all of that second).
-    at = at.astimezone(_UTC).replace(microsecond=0)
+    at = at.astimezone(dt.UTC).replace(microsecond=0)
     upload = _Upload.parse(row, certificate, key)
     if row.ca_bundle:
         return _validate_bundle(upload, at, trust)
@@ -893,7 +887,6 @@ _CA_POLICY = (
     .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
     .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
 )
-_VERIFY_LOCK = threading.Lock()
 
 
 def _ee_policy(leaf_is_ca: bool) -> ExtensionPolicy:
@@ -960,8 +953,7 @@ def _check_conformance(
         .extension_policies(ca_policy=_CA_POLICY, ee_policy=_ee_policy(_is_ca(path[0])))
         .build_client_verifier()
     )
-    with _VERIFY_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pki.recorded_warnings():
         try:
             verifier.verify(path[0], intermediates)
         except VerificationError as exc:
