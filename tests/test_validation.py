@@ -259,6 +259,7 @@ def test_naive_validation_time_is_a_programming_error(leaf: Leaf, trust: TrustSt
 def test_unknown_name(leaf: Leaf, trust: TrustStore) -> None:
     with pytest.raises(UnknownCertificate, match=r"unknown certificate name 'nope'") as info:
         check(leaf, trust, name="nope")
+    assert info.value.error_code == "unknown_certificate"
     assert info.value.http_status == 403
 
 
@@ -520,6 +521,7 @@ def test_key_values_mismatch_names_both_keys_and_no_key_material(
     other_pem = key_pem(other)
     with pytest.raises(KeyValuesMismatch, match=r"does not match the certificate") as info:
         check(leaf, trust, key=other_pem)
+    assert info.value.error_code == "key_values_mismatch"
     text = info.value.description
     assert f"certificate key: EC-P256 {pki.spki_sha256(leaf.key.public_key())}" in text
     assert f"uploaded key: RSA-2048 {pki.spki_sha256(other.public_key())}" in text
@@ -595,6 +597,7 @@ def test_not_yet_valid_leaf(inter: CA, trust: TrustStore) -> None:
 def test_issuer_not_found_names_the_missing_issuer(leaf: Leaf) -> None:
     with pytest.raises(IssuerNotFound, match=r"its issuer 'CN=Test Root,O=clustercert tests'") as i:
         check(leaf, NO_TRUST)
+    assert i.value.error_code == "issuer_not_found"
     assert i.value.http_status == 404
     assert i.value.batch_http_status == 400
     with pytest.raises(IssuerNotFound, match=r"its issuer 'CN=Test Intermediate"):
@@ -998,3 +1001,12 @@ def test_property_damaged_pem_never_escapes_the_error_tree(
         target[index] = data.draw(st.characters(codec="latin-1"))
     with contextlib.suppress(CertificateRejected):
         check(leaf, trust, certificate="".join(chain), key="".join(key))
+
+
+@PROPERTY
+@given(key=garbage)
+def test_property_garbage_key_beside_a_valid_chain_is_only_ever_rejected(
+    leaf: Leaf, trust: TrustStore, key: str
+) -> None:
+    with pytest.raises(CertificateRejected):
+        check(leaf, trust, key=key)
