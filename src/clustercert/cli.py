@@ -517,11 +517,10 @@ def delete_user(uid: int, **options: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of exiting (for in-process tests)."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        # Without standalone mode click *returns* the code of ctx.exit(n) instead of raising.
+        result = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except ClusterCertError as exc:
         click.echo(f"error: {exc.error_code}: {exc.description}", err=True)
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
@@ -529,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
