@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := redis-server openssl etcd-server curl
 
-.PHONY: install demo test lint typecheck pytest bench bench-quick clean
+.PHONY: install demo test lint typecheck pytest bench bench-quick clean fuzz
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ pytest: install
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
+
+# Schemathesis against the API's OpenAPI document on a real cluster, far past the suite's sample.
+fuzz: install
+	CLUSTERCERT_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} CLUSTERCERT_FUZZ_RANDOM=1 \
+		$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clustercert import pki
@@ -98,7 +98,8 @@ class CertificateItem(_Strict):
 
 
 class CertificatesBody(_Strict):
-    certificates: list[CertificateItem]
+    # At least one: an empty list is a 400 on every route, never an IndexError (found by fuzzing).
+    certificates: list[CertificateItem] = Field(min_length=1)
 
 
 class RotateBody(_Strict):
