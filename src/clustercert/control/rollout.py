@@ -64,7 +64,7 @@ log = logging.getLogger("clustercert.rollout")
 ROLLOUT_LOCK = "rollout"
 LOCK_TTL = 30.0
 
-Seam = Callable[[str], Awaitable[None]]
+Seam = Callable[[str, str], Awaitable[None]]  # (step, the node it happened on or "")
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -187,8 +187,9 @@ class FaultPlan:
 
     ``CLUSTERCERT_FAULT=<step>`` makes the control plane SIGKILL itself the first time a
     rollout reaches ``<step>``; ``CLUSTERCERT_FAULT=pause:<step>`` makes every rollout that
-    reaches it create ``<marker_dir>/fault-paused-<step>`` and wait (at most ``pause_limit``
-    seconds) until that file is deleted, so a test can act on the nodes at that exact moment.
+    reaches it create ``<marker_dir>/fault-paused-<step>`` (two lines: the control plane's pid
+    and the node the step happened on, if any) and wait (at most ``pause_limit`` seconds) until
+    that file is deleted, so a test can act on the nodes at that exact moment.
     Steps: after_validation (lock taken, nothing written), during_stage (the first node has
     staged), after_decision, during_commit (the first node has committed), before_response
     (everything done, lock released). The reconciler never reaches a seam.
@@ -217,14 +218,14 @@ class FaultPlan:
     def describe(self) -> str:
         return f"{'pause' if self.pause else 'SIGKILL'} at {self.step}"
 
-    async def reached(self, step: str) -> None:
+    async def reached(self, step: str, node: str = "") -> None:
         if step != self.step:
             return
         if not self.pause:
             log.critical("TEST-ONLY fault injection: SIGKILL at %s", step)
             os.kill(os.getpid(), signal.SIGKILL)
         self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(f"{os.getpid()}\n")
+        self.marker.write_text(f"{os.getpid()}\n{node}\n")
         log.warning(
             "TEST-ONLY fault injection: paused at %s until %s is deleted", step, self.marker
         )
@@ -271,7 +272,7 @@ class NodeOutcome:
         }
 
 
-async def _no_seam(step: str) -> None:
+async def _no_seam(step: str, node: str = "") -> None:
     return None
 
 
@@ -302,10 +303,10 @@ class Coordinator:
             return _no_seam
         fired: set[str] = set()
 
-        async def seam(step: str) -> None:
+        async def seam(step: str, node: str = "") -> None:
             if step not in fired:
                 fired.add(step)
-                await fault.reached(step)
+                await fault.reached(step, node)
 
         return seam
 
@@ -327,7 +328,7 @@ class Coordinator:
         seam = self._seam()
         async with cluster_lock(self.state, self.lock_wait) as owner:
             await self.resolve_in_flight()
-            await seam("after_validation")
+            await seam("after_validation", "")
             nodes = self.state.nodes()
             fresh: list[CertRecord] = []
             resumed: list[CertRecord] = []
@@ -353,7 +354,7 @@ class Coordinator:
                 outcomes = await self._run(fresh, resumed, current, nodes, actor, owner, seam)
             else:
                 outcomes = await self._resume(resumed, nodes, actor)
-        await seam("before_response")
+        await seam("before_response", "")
         failed = [o for o in outcomes if not o.ok]
         if failed:
             names = ", ".join(o.node.name for o in failed)
@@ -448,7 +449,7 @@ class Coordinator:
                 self.state.end_rollout(in_flight)
             raise
         log.info("rollout %s decided: %s", decided.rollout_id, _names(fresh))
-        await seam("after_decision")
+        await seam("after_decision", "")
         outcomes = list(await asyncio.gather(*(self._commit_node(n, records, seam) for n in nodes)))
         self.on_committed(records)
         self._audit(fresh, current, actor, outcomes)
@@ -618,7 +619,7 @@ class Coordinator:
                 await client.stage(record.name, record.generation, record.certificate, record.key)
         except AgentUnavailable as exc:
             return NodeOutcome(node, ok=False, step="stage", error=exc.description)
-        await seam("during_stage")
+        await seam("during_stage", node.name)
         return NodeOutcome(node, step="stage")
 
     async def _abort_node(self, node: NodeRecord, generations: dict[str, int]) -> NodeOutcome:
@@ -670,7 +671,7 @@ class Coordinator:
                 outcome.ok = False
                 outcome.error = "; ".join(errors) or f"{record.name} was not verified"
         if outcome.ok:
-            await seam("during_commit")
+            await seam("during_commit", node.name)
         return outcome
 
     def _audit(
