@@ -35,7 +35,7 @@ test: lint typecheck pytest
 
 # Schemathesis against the API's OpenAPI document on a real cluster, far past the suite's sample.
 fuzz: install
-	CLUSTERCERT_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} CLUSTERCERT_FUZZ_RANDOM=1 \
+	CLUSTERCERT_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),300) CLUSTERCERT_FUZZ_RANDOM=1 \
 		$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 clean:
