@@ -270,6 +270,10 @@ class LoginThrottle:
                 counts.append(record.count)
             return counts[0]
 
+    def __len__(self) -> int:
+        """How many accounts and sources are being tracked."""
+        return len(self._records)
+
     def succeeded(self, email: str) -> None:
         with self._lock:
             self._records.pop(("account", email.lower()), None)

@@ -1,0 +1,189 @@
+"""Units of the security baseline with injected clocks: the login throttle's schedule, subject
+lines, and every branch of client-certificate login (against real certificates)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import pytest
+from certfactory import CA
+from cryptography import x509
+
+from clustercert.control.auth import (
+    Authenticator,
+    LoginThrottle,
+    User,
+    canonical_subject,
+    client_certificate,
+    hash_password,
+    verify_password,
+)
+from clustercert.errors import Unauthorized
+
+UTC = dt.UTC
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_throttle_schedule() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(free_per_account=3, base_delay=1.0, max_delay=8.0, clock=clock)
+    for _ in range(2):
+        throttle.failed("a@x", "h")
+        assert throttle.wait_seconds("a@x", "h") == 0
+    expected = [1.0, 2.0, 4.0, 8.0, 8.0]  # from the third failure on, doubling, capped
+    for delay in expected:
+        throttle.failed("a@x", "h")
+        assert throttle.wait_seconds("a@x", "h") == pytest.approx(delay)
+        assert throttle.wait_seconds("A@X", "elsewhere") == pytest.approx(delay)  # per account
+        clock.now += delay - 0.01
+        assert throttle.wait_seconds("a@x", "h") == pytest.approx(0.01)
+        clock.now += 0.01
+        assert throttle.wait_seconds("a@x", "h") == 0
+    assert throttle.wait_seconds("b@x", "h") == 0  # another account is not slowed
+    throttle.succeeded("a@x")
+    assert throttle.wait_seconds("a@x", "h") == 0
+
+
+def test_the_throttle_forgets_after_its_window_and_bounds_its_memory() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(free_per_account=1, window=60, max_entries=4, clock=clock)
+    throttle.failed("a@x", "h")
+    assert throttle.failed("a@x", "h") == 2
+    assert throttle.wait_seconds("a@x", "h") == 2.0
+    clock.now += 61
+    assert throttle.wait_seconds("a@x", "h") == 0
+    assert throttle.failed("a@x", "h") == 1  # counting starts over
+    for i in range(10):
+        throttle.failed(f"u{i}@x", "h")
+    assert len(throttle) <= 4
+
+
+def test_the_throttle_per_source_catches_spraying() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(free_per_account=100, free_per_source=3, clock=clock)
+    for i in range(4):
+        throttle.failed(f"user{i}@x", "10.0.0.1")
+    assert throttle.wait_seconds("fresh@x", "10.0.0.1") == 2.0
+    assert throttle.wait_seconds("fresh@x", "10.0.0.2") == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "canonical"),
+    [
+        ("CN=robot,O=Example,C=US", "CN=robot,O=Example,C=US"),
+        ("CN=robot, O=Example, C=US", "CN=robot,O=Example,C=US"),
+        ("cn=robot; o=Example", "CN=robot,O=Example"),
+        ("CN=a\\, b, O=x", "CN=a\\, b,O=x"),
+        ("CN=robot+UID=7, O=x", "CN=robot+UID=7,O=x"),
+    ],
+)
+def test_subject_lines_are_canonicalised(line: str, canonical: str) -> None:
+    assert canonical_subject(line) == canonical
+
+
+@pytest.mark.parametrize("line", ["", "robot", "CN=", "=robot", "CN=robot,,O=x", "XX=robot"])
+def test_malformed_subject_lines_are_refused(line: str) -> None:
+    with pytest.raises(ValueError):
+        canonical_subject(line)
+
+
+def test_password_hashes() -> None:
+    stored = hash_password("right")
+    assert verify_password("right", stored)
+    assert not verify_password("wrong", stored)
+    assert not verify_password("", "")  # certificate users have no hash
+    assert not verify_password("right", "md5$x$y$z$a$b")
+
+
+def _basic(email: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{email}:{password}".encode()).decode()
+
+
+def test_basic_login_through_an_asgi_scope() -> None:
+    user = User(1, "a@x", "A", "admin", hash_password("pw-right"))
+    auth = Authenticator(lambda email: user if email == "a@x" else None)
+    scope = {"headers": [(b"authorization", _basic("a@x", "pw-right").encode())],
+             "client": ("10.1.1.1", 5)}  # fmt: skip
+    assert auth.authenticate_scope(scope) == user
+    with pytest.raises(Unauthorized, match="authentication required"):
+        auth.authenticate_scope({"headers": [], "client": ("10.1.1.1", 5)})
+    with pytest.raises(Unauthorized, match="malformed"):
+        auth.authenticate_basic("Basic !!!")
+    with pytest.raises(Unauthorized, match="wrong username or password"):
+        auth.authenticate_basic(_basic("a@x", "nope"))
+
+
+# --- client certificates ---------------------------------------------------------------------
+
+NOW = dt.datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def _robot() -> User:
+    return User(7, "robot@x", "R", "cluster_viewer", "", "certificate", "CN=robot")
+
+
+def _authenticator(bundle: str | None, users: list[User]) -> Authenticator:
+    return Authenticator(
+        lambda email: None,
+        find_certificate_user=lambda subject: next(
+            (u for u in users if u.certificate_subject_line == subject), None
+        ),
+        trusted_client_cas=lambda: bundle,
+        wall_clock=lambda: NOW,
+    )
+
+
+def _scope(cert_pem: str) -> dict[str, object]:
+    return {"headers": [], "client": ("h", 1),
+            "extensions": {"tls": {"client_cert_chain": [cert_pem]}}}  # fmt: skip
+
+
+def test_certificate_login_branches() -> None:
+    ca, other = CA.new(now=NOW), CA.new(now=NOW)
+    robot = ca.issue("robot", sans=[], eku=["clientAuth"])
+    auth = _authenticator(ca.cert_pem + other.cert_pem, [_robot()])
+    assert auth.authenticate_scope(_scope(robot.cert_pem)) == _robot()
+
+    cases = {
+        "not issued by a CA of mtls_trusted_ca": CA.new(now=NOW).issue(
+            "robot", sans=[], eku=["clientAuth"]
+        ),
+        "does not allow clientAuth": ca.issue("robot", sans=[], eku=["serverAuth"]),
+        "expired or not yet valid": ca.issue(
+            "robot", sans=[], eku=["clientAuth"], not_after=NOW - dt.timedelta(seconds=1)
+        ),
+        "no user logs in with the certificate subject 'CN=stranger'": ca.issue(
+            "stranger", sans=[], eku=["clientAuth"]
+        ),
+    }
+    for message, leaf in cases.items():
+        with pytest.raises(Unauthorized, match=message):
+            auth.authenticate_certificate(leaf.cert)
+    no_eku = ca.issue("robot", sans=[], eku=None)
+    assert auth.authenticate_certificate(no_eku.cert) == _robot()
+
+    with pytest.raises(Unauthorized, match="login is off"):
+        _authenticator(None, [_robot()]).authenticate_certificate(robot.cert)
+    with pytest.raises(Unauthorized, match="not issued"):
+        _authenticator(other.cert_pem, [_robot()]).authenticate_certificate(robot.cert)
+    # Basic credentials, when sent, decide: a certificate does not override them.
+    scope = _scope(robot.cert_pem)
+    scope["headers"] = [(b"authorization", _basic("robot@x", "").encode())]
+    with pytest.raises(Unauthorized, match="wrong username or password"):
+        auth.authenticate_scope(scope)
+
+
+def test_client_certificate_from_the_tls_extension() -> None:
+    leaf = CA.new().issue("robot", sans=[], eku=["clientAuth"])
+    assert client_certificate({}) is None
+    assert client_certificate({"extensions": {"tls": {"client_cert_chain": []}}}) is None
+    found = client_certificate(_scope(leaf.cert_pem))
+    assert isinstance(found, x509.Certificate) and found == leaf.cert
