@@ -103,6 +103,15 @@ def lock_holder(cluster: DemoCluster) -> str | None:
         return store.lock_holder(ROLLOUT_LOCK)
 
 
+def next_generation(cluster: DemoCluster) -> int:
+    """The generation the next rollout of proxy gets: above every one ever staged."""
+    with cluster.cluster.open_store() as store:
+        state = cluster.cluster.state(store)
+        desired = state.certificate("proxy")
+        used = state.generations_used().get("proxy", 0)
+    return max(desired.generation if desired else 0, used) + 1
+
+
 def held_by_pid(cluster: DemoCluster, pid: int) -> bool:
     """Whether process ``pid`` holds the cluster lock (owners are HOST:BOOT:PID:START:ROLE)."""
     holder = lock_holder(cluster)
@@ -255,6 +264,7 @@ def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, 
     restart_server(cluster, fault=step)
     for rep in range(REPEAT):
         before, _ = wait_converged(cluster)
+        generation = next_generation(cluster)
         body, fingerprint = proxy_body()
         assert cluster.server is not None
         dead_pid = cluster.server.pid
@@ -279,7 +289,7 @@ def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, 
         decided = step in DECIDED_STEPS
         record("control plane killed", step, rep, "new" if decided else "old", seconds)
         if decided:
-            assert state == Converged(fingerprint, before.generation + 1)
+            assert state == Converged(fingerprint, generation)
         else:
             assert state == before
         recovered = [e for e in events(cluster) if e.get("recovered")]
@@ -287,15 +297,19 @@ def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, 
             assert recovered, "the restarted control plane recorded no recovery event"
             newest = recovered[0]
             assert newest["action"] == ("update" if decided else "abort")
-            assert newest["generation"] == before.generation + 1
+            assert newest["generation"] == generation
         if last:
             # The client never got an answer; it retries the same request.
+            # Decided: a no-op. Undecided: a new generation, never the aborted one's number.
+            expected = generation if decided else next_generation(cluster)
+            if step == "during_stage":
+                assert expected == generation + 1  # the aborted rollout's number is skipped
             response = put(cluster, body)
             assert response.status_code == 200, response.text
-            assert response.json()["generation"] == before.generation + 1
+            assert response.json()["generation"] == expected
             assert response.json()["fingerprint_sha256"] == fingerprint
             after, _ = wait_converged(cluster)
-            assert after == Converged(fingerprint, before.generation + 1)
+            assert after == Converged(fingerprint, expected)
 
 
 # --- an agent killed or frozen at each step -------------------------------------------------------
@@ -324,6 +338,7 @@ def test_agent_killed_or_frozen_at_each_step_converges(
     try:
         for rep in range(REPEAT):
             before, _ = wait_converged(cluster)
+            generation = next_generation(cluster)
             body, fingerprint = proxy_body()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(put, cluster, body)
@@ -370,9 +385,9 @@ def test_agent_killed_or_frozen_at_each_step_converges(
                 assert failed == [victim.name]
             if response.status_code == 200:
                 assert all(n["ok"] for n in response.json()["nodes"])
-            assert state == (
-                before if aborted else Converged(fingerprint, before.generation + 1)
-            ), response.text
+            assert state == (before if aborted else Converged(fingerprint, generation)), (
+                response.text
+            )
     finally:
         for node in cluster.nodes:
             if node.process is not None and node.process.poll() is None:
@@ -483,6 +498,7 @@ def test_redis_that_refuses_the_files_keeps_the_old_certificate_then_converges(
 ) -> None:
     cluster, _ = mixed_cluster
     before, _ = wait_converged(cluster)
+    generation = next_generation(cluster)
     refusing = cluster.nodes[0]
     admin = redis.Redis(unix_socket_path=str(refusing.directory / "redis.sock"))
     admin.execute_command("ACL", "SETUSER", "default", "-config|set")
@@ -506,18 +522,18 @@ def test_redis_that_refuses_the_files_keeps_the_old_certificate_then_converges(
         assert retry.status_code == 409, retry.text
         with api(cluster) as client:
             detail = client.get("/v1/cluster/certificates/proxy").json()
-        assert detail["generation"] == before.generation + 1
+        assert detail["generation"] == generation
         lagging = [n["name"] for n in detail["nodes"] if not n["in_sync"]]
         assert lagging == [refusing.name]
     finally:
         admin.execute_command("ACL", "SETUSER", "default", "+config|set")
         admin.close()
     state, _ = wait_converged(cluster)
-    assert state == Converged(fingerprint, before.generation + 1)
+    assert state == Converged(fingerprint, generation)
     # Retrying the request that has now succeeded everywhere is a no-op that answers 200.
     again = put(cluster, body)
     assert again.status_code == 200, again.text
-    assert again.json()["generation"] == before.generation + 1
+    assert again.json()["generation"] == generation
 
 
 @pytest.mark.parametrize(
@@ -529,6 +545,7 @@ def test_command_reload_that_fails_keeps_the_old_certificate_then_converges(
 ) -> None:
     cluster, flags = mixed_cluster
     before, _ = wait_converged(cluster)
+    generation = next_generation(cluster)
     node = next(n for n in cluster.nodes if n.name == "node-cmd")
     (flags / flag).touch()
     try:
@@ -545,14 +562,15 @@ def test_command_reload_that_fails_keeps_the_old_certificate_then_converges(
         (flags / flag).unlink()
     # Fixed: the reconciler converges without anyone retrying.
     state, _ = wait_converged(cluster)
-    assert state == Converged(fingerprint, before.generation + 1)
+    assert state == Converged(fingerprint, generation)
 
 
 def test_second_update_waits_for_the_lock_then_gets_409_update_in_progress(
     mixed_cluster: tuple[DemoCluster, Path],
 ) -> None:
     cluster, _ = mixed_cluster
-    before, _ = wait_converged(cluster)
+    wait_converged(cluster)
+    generation = next_generation(cluster)
     paused = marker(cluster, "after_decision")
     saved_args = cluster.server_args
     cluster.server_args = (*BASE_ARGS, "--lock-wait", "1")  # the last --lock-wait wins
@@ -571,7 +589,7 @@ def test_second_update_waits_for_the_lock_then_gets_409_update_in_progress(
         assert "waited 1 s" in second.json()["description"]
         assert first_response.status_code == 200, first_response.text
         state, _ = wait_converged(cluster)
-        assert state == Converged(first, before.generation + 1)
+        assert state == Converged(first, generation)
     finally:
         paused.unlink(missing_ok=True)
         cluster.server_args = saved_args
@@ -580,13 +598,14 @@ def test_second_update_waits_for_the_lock_then_gets_409_update_in_progress(
 
 def test_concurrent_updates_are_serialised(mixed_cluster: tuple[DemoCluster, Path]) -> None:
     cluster, _ = mixed_cluster
-    before, _ = wait_converged(cluster)
+    wait_converged(cluster)
+    generation = next_generation(cluster)
     bodies = [proxy_body() for _ in range(2)]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         responses = list(pool.map(lambda b: put(cluster, b[0]), bodies))
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     generations = sorted(r.json()["generation"] for r in responses)
-    assert generations == [before.generation + 1, before.generation + 2]
+    assert generations == [generation, generation + 1]
     last = max(responses, key=lambda r: r.json()["generation"])
     state, _ = wait_converged(cluster)
-    assert state == Converged(last.json()["fingerprint_sha256"], before.generation + 2)
+    assert state == Converged(last.json()["fingerprint_sha256"], generation + 1)

@@ -26,8 +26,8 @@ from clustercert.control.rollout import (
     holder_is_gone,
     lock_owner,
 )
-from clustercert.control.state import ClusterState
-from clustercert.errors import ConfigError, UpdateInProgress
+from clustercert.control.state import ClusterState, RolloutRecord
+from clustercert.errors import ConfigError, StoreConflict, UpdateInProgress
 from clustercert.sealing import KeySealer
 from clustercert.store import SqliteStore
 
@@ -115,6 +115,34 @@ def test_cluster_lock_waits_for_a_live_holder_then_409(tmp_path: Path) -> None:
     with pytest.raises(UpdateInProgress, match=r"holds the cluster lock; waited 0\.2 s"):
         asyncio.run(take())
     assert state.store.lock_holder(ROLLOUT_LOCK) == elsewhere
+    state.store.close()
+
+
+def _rollout(generation: int) -> RolloutRecord:
+    return RolloutRecord(
+        rollout_id="r1",
+        phase="staging",
+        generations={"proxy": generation},
+        fingerprints={"proxy": "ab" * 32},
+        previous={"proxy": None},
+        actor="admin@cluster.local",
+        owner=lock_owner("update"),
+        started_at="2025-01-01T00:00:00Z",
+    )
+
+
+def test_one_rollout_in_flight_and_generation_numbers_are_never_reused(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    assert state.generations_used() == {}
+    first = state.begin_rollout(_rollout(5))
+    assert state.rollout_in_flight() == first
+    with pytest.raises(StoreConflict):
+        state.begin_rollout(_rollout(6))  # the first must be finished before another starts
+    state.end_rollout(first)  # e.g. aborted
+    assert state.rollout_in_flight() is None
+    assert state.generations_used() == {"proxy": 5}
+    state.end_rollout(state.begin_rollout(_rollout(3)))  # never lowers the mark
+    assert state.generations_used() == {"proxy": 5}
     state.store.close()
 
 

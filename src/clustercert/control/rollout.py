@@ -330,6 +330,7 @@ class Coordinator:
             await self.resolve_in_flight()
             await seam("after_validation", "")
             nodes = self.state.nodes()
+            used = self.state.generations_used()
             fresh: list[CertRecord] = []
             resumed: list[CertRecord] = []
             current: dict[str, CertRecord | None] = {}
@@ -344,7 +345,9 @@ class Coordinator:
                 ):
                     resumed.append(existing)  # a retry: already desired
                     continue
-                generation = existing.generation + 1 if existing else 1
+                # Above every generation ever staged, not only the desired one: an aborted
+                # rollout's number is never reused (see ClusterState.generations_used).
+                generation = max(existing.generation if existing else 0, used.get(item.name, 0)) + 1
                 fresh.append(
                     replace(
                         item, generation=generation, revision=existing.revision if existing else 0

@@ -10,6 +10,7 @@ Key layout (the store itself is layout-agnostic)::
     tokens/<sha256 of token>       a one-time join token and its expiry
     events/<zero-padded sequence>  the audit history
     rollouts/current               the rollout in flight, if any (phase staging or decided)
+    rollouts/generations           per name, the highest generation ever staged (never reused)
 
 Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach the store.
 """
@@ -29,6 +30,7 @@ from clustercert.sealing import KeySealer
 from clustercert.store import Delete, Put, Store
 
 __all__ = [
+    "GENERATIONS_KEY",
     "ROLLOUT_KEY",
     "AppliedRecord",
     "CertRecord",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 ROLLOUT_KEY = "rollouts/current"
+GENERATIONS_KEY = "rollouts/generations"
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -318,10 +321,31 @@ class ClusterState:
         raw.pop("revision")
         return json.dumps(raw)
 
+    def generations_used(self) -> dict[str, int]:
+        """Per name, the highest generation any rollout ever staged, decided or not. A new
+        generation is above it, so one generation number never names two certificates (a
+        late stage request of an aborted rollout cannot collide with a later one)."""
+        entry = self.store.get(GENERATIONS_KEY)
+        return {str(k): int(v) for k, v in json.loads(entry.value).items()} if entry else {}
+
     def begin_rollout(self, record: RolloutRecord) -> RolloutRecord:
-        """Record ``record`` as in flight; compare-and-set: raises StoreConflict when another
-        rollout is recorded (it must be finished first)."""
-        revision = self.store.put(ROLLOUT_KEY, self.encode_rollout(record), expect_revision=0)
+        """Record ``record`` as in flight and its generations as used, in one atomic commit.
+        Raises StoreConflict (nothing written) when another rollout is recorded (it must be
+        finished first) or another writer raced on the used generations."""
+        entry = self.store.get(GENERATIONS_KEY)
+        used = json.loads(entry.value) if entry else {}
+        for name, generation in record.generations.items():
+            used[name] = max(int(used.get(name, 0)), generation)
+        revision = self.store.commit(
+            [
+                Put(ROLLOUT_KEY, self.encode_rollout(record), expect_revision=0),
+                Put(
+                    GENERATIONS_KEY,
+                    json.dumps(used, sort_keys=True),
+                    expect_revision=entry.revision if entry else 0,
+                ),
+            ]
+        )
         return replace(record, revision=revision)
 
     def end_rollout(self, record: RolloutRecord) -> None:
