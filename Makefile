@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := redis-server openssl etcd-server curl
 
-.PHONY: install demo test lint typecheck pytest bench bench-quick clean fuzz
+.PHONY: install demo test lint typecheck pytest bench bench-quick clean fuzz soak
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ test: lint typecheck pytest
 fuzz: install
 	CLUSTERCERT_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),300) CLUSTERCERT_FUZZ_RANDOM=1 \
 		$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+
+# Fault injection, every case SOAK_REPEAT times (docs/reliability.md); figures: build/reliability.json.
+soak: install
+	mkdir -p build
+	CLUSTERCERT_SOAK_REPEAT=$(or $(SOAK_REPEAT),10) CLUSTERCERT_RELIABILITY_OUT=build/reliability.json \
+		$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=3600 \
+		tests/test_reliability.py tests/test_reliability_units.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
