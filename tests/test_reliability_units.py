@@ -6,7 +6,10 @@ not load never lands; crash leftovers are swept; readers never see a half-writte
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -18,9 +21,12 @@ import pytest
 from certfactory import CA
 
 from clustercert.agent.files import CertificateFiles, GenerationPaths
+from clustercert.control.agents import AgentPool
+from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import (
     LOCK_TTL,
     ROLLOUT_LOCK,
+    Coordinator,
     FaultPlan,
     cluster_lock,
     holder_is_gone,
@@ -143,6 +149,50 @@ def test_one_rollout_in_flight_and_generation_numbers_are_never_reused(tmp_path:
     assert state.generations_used() == {"proxy": 5}
     state.end_rollout(state.begin_rollout(_rollout(3)))  # never lowers the mark
     assert state.generations_used() == {"proxy": 5}
+    state.store.close()
+
+
+# --- the reconciler and a node that comes back ----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_node_that_listens_again_is_retried_before_its_backoff_ends(tmp_path: Path) -> None:
+    """The clock stands still, so backoff alone would never retry the node; only seeing its
+    agent listen again does. Counted by the connections the returning "agent" receives."""
+    state = _state(tmp_path)
+    state.store.put("meta/cluster", json.dumps({"name": "cluster.local"}))
+    port = _free_port()
+    state.add_node("node-1", f"https://127.0.0.1:{port}", dt.datetime.now(dt.UTC))
+    connections: list[int] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        writer.close()
+
+    async def scenario() -> None:
+        pool = AgentPool(ssl.create_default_context(), timeout=2.0)
+        reconciler = Reconciler(Coordinator(state, pool), interval=5.0, clock=lambda: 100.0)
+        assert await reconciler.run_once() is False  # nothing listens: it fails, backs off
+        assert await reconciler.run_once() is False  # in backoff: only a probe, still gone
+        assert connections == []
+        server = await asyncio.start_server(accept, "127.0.0.1", port)
+        try:
+            await reconciler.run_once()  # the probe sees it, so it is retried at once
+            assert len(connections) >= 2, connections  # the probe, then the status call
+            seen = len(connections)
+            await reconciler.run_once()  # listening but failing: backoff again, one probe
+            assert len(connections) == seen + 1
+        finally:
+            server.close()
+            await server.wait_closed()
+            await pool.aclose()
+
+    asyncio.run(scenario())
     state.store.close()
 
 

@@ -5,16 +5,19 @@ Each pass first finishes a rollout left in flight by a control plane that stoppe
 every node what it holds, discards what nobody desires, and pushes (stage + commit) what is
 missing or was not verified. It takes the cluster lock without waiting, so it never races a
 rollout; a node that keeps failing is retried with exponential backoff (capped by
-``max_backoff``, which bounds how long a node that comes back waits). The first pass runs as
-soon as the control plane starts: that is its crash recovery. One log line per change.
+``max_backoff``), except that a node whose agent did not even accept connections is probed
+(a bare TCP connect) on every pass and retried as soon as it listens again. The first pass
+runs as soon as the control plane starts: that is its crash recovery. One log line per change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from clustercert.control.rollout import Coordinator, cluster_lock
 from clustercert.control.state import CertRecord, NodeRecord
@@ -41,6 +44,7 @@ class Reconciler:
         self._clock = clock
         self._retry_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
+        self._gone: set[int] = set()  # in backoff, and nothing listened at the last probe
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -117,20 +121,53 @@ class Reconciler:
         except UpdateInProgress:
             return False
 
+    async def _listening(self, node: NodeRecord) -> bool:
+        """Whether anything accepts TCP connections at the node's agent address (cheap: no
+        TLS, no request). Tells an agent that came back from one that is still gone."""
+        address = urlsplit(node.agent_url)
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(address.hostname, address.port or 443),
+                min(1.0, self.interval),
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def _wake_returned(self, nodes: list[NodeRecord], now: float) -> None:
+        """A node in backoff whose agent did not listen and now does (it restarted, or its
+        host came back) is retried at once instead of at the end of its backoff. A node that
+        listens but fails (frozen, a service refusing) keeps its backoff."""
+        waiting = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) > now]
+        listening = await asyncio.gather(*(self._listening(n) for n in waiting))
+        for node, up in zip(waiting, listening, strict=True):
+            if not up:
+                self._gone.add(node.node_id)
+            elif node.node_id in self._gone:
+                log.info("reconcile: %s listens again; retrying it now", node.name)
+                self._gone.discard(node.node_id)
+                self._retry_at[node.node_id] = now
+
     async def _pass(self) -> bool:
         now = self._now()
-        due = [n for n in self.state.nodes() if self._retry_at.get(n.node_id, 0.0) <= now]
+        nodes = self.state.nodes()
+        await self._wake_returned(nodes, now)
+        due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
         results = await asyncio.gather(*(self.reconcile_node(n) for n in due))
         for node, ok in zip(due, results, strict=True):
             if ok:
                 self._failures.pop(node.node_id, None)
                 self._retry_at.pop(node.node_id, None)
+                self._gone.discard(node.node_id)
             else:
                 failures = self._failures.get(node.node_id, 0) + 1
                 self._failures[node.node_id] = failures
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
                 self._retry_at[node.node_id] = now + delay
-        return all(results)
+        return len(due) == len(nodes) and all(results)
 
     def wake(self, node_id: int) -> None:
         """Retry ``node_id`` on the next pass (e.g. it just joined)."""
