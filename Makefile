@@ -33,6 +33,13 @@ pytest: install
 
 test: lint typecheck pytest
 
+# Benchmarks (docs/benchmarks.md): they rewrite their own section of that document.
+bench: install
+	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
+
 # Schemathesis against the API's OpenAPI document on a real cluster, far past the suite's sample.
 fuzz: install
 	CLUSTERCERT_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),300) CLUSTERCERT_FUZZ_RANDOM=1 \
