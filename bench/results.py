@@ -71,7 +71,7 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls("bench-quick", (3, 30), {3: 30, 30: 20}, 3, 20, 8, 1.0)
+        return cls("bench-quick", (3, 30), {3: 30, 30: 20}, 3, 15, 8, 1.0)
 
     @classmethod
     def full(cls) -> Plan:
