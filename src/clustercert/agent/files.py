@@ -58,6 +58,15 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     _fsync_dir(path.parent)
 
 
+def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class GenerationPaths:
     generation: int
@@ -144,9 +153,12 @@ class CertificateFiles:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
         tmp_dir.mkdir(mode=0o700)
-        write_atomically(tmp_dir / CERT_FILE, cert_pem.encode())
+        # The staging directory is the unit of atomicity (renamed into place below), so its
+        # files need no temporary names of their own: write, fsync each, fsync the directory.
+        _write_new(tmp_dir / CERT_FILE, cert_pem.encode())
         if key_pem is not None:
-            write_atomically(tmp_dir / KEY_FILE, key_pem.encode())
+            _write_new(tmp_dir / KEY_FILE, key_pem.encode())
+        _fsync_dir(tmp_dir)
         if check is not None:
             key = tmp_dir / KEY_FILE
             try:

@@ -113,9 +113,16 @@ class RedisService(Service):
         self.ca_file = ca_file
         self.data_dir = data_dir
         self.process: subprocess.Popen[bytes] | None = None
+        self._redis: aioredis.Redis | None = None
 
     def _client(self) -> aioredis.Redis:
-        return aioredis.Redis(unix_socket_path=str(self.socket), socket_timeout=self.probe_timeout)
+        # One client, one pooled connection, kept: a new client per call costs a connect, two
+        # CLIENT SETINFO round trips and an importlib.metadata lookup of redis-py's version.
+        if self._redis is None:
+            self._redis = aioredis.Redis(
+                unix_socket_path=str(self.socket), socket_timeout=self.probe_timeout
+            )
+        return self._redis
 
     async def _config_set(self, *pairs: str) -> None:
         client = self._client()
@@ -123,8 +130,6 @@ class RedisService(Service):
             await client.execute_command("CONFIG", "SET", *pairs)  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
             raise ReloadFailed(f"redis at {self.socket} refused CONFIG SET: {exc}") from exc
-        finally:
-            await client.aclose()
 
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         if paths.key is None:
@@ -151,8 +156,6 @@ class RedisService(Service):
             reply = await client.config_get("tls-client-cert-file")
         except (RedisError, OSError) as exc:
             return ServiceResult(self.name, certificate, False, None, f"CONFIG GET failed: {exc}")
-        finally:
-            await client.aclose()
         return ServiceResult(self.name, certificate, bool(reply), None, None)
 
     async def _answers(self) -> bool:
@@ -163,8 +166,6 @@ class RedisService(Service):
             return bool(await client.ping())
         except (RedisError, OSError):
             return False
-        finally:
-            await client.aclose()
 
     async def start(self, current: dict[str, GenerationPaths]) -> None:
         paths = current.get(self.config.certificate)
@@ -208,6 +209,10 @@ class RedisService(Service):
         raise ReloadFailed(f"redis-server did not answer on {self.socket} within 5 s")
 
     async def stop(self) -> None:
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.aclose()
+            self._redis = None
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             for _ in range(200):

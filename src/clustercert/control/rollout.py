@@ -453,7 +453,11 @@ class Coordinator:
             raise
         log.info("rollout %s decided: %s", decided.rollout_id, _names(fresh))
         await seam("after_decision", "")
-        outcomes = list(await asyncio.gather(*(self._commit_node(n, records, seam) for n in nodes)))
+        applied: list[tuple[int, str, AppliedRecord]] = []
+        outcomes = list(
+            await asyncio.gather(*(self._commit_node(n, records, seam, applied) for n in nodes))
+        )
+        self.state.record_applied_many(applied)
         self.on_committed(records)
         self._audit(fresh, current, actor, outcomes)
         self.state.end_rollout(decided)
@@ -645,8 +649,14 @@ class Coordinator:
         )
 
     async def _commit_node(
-        self, node: NodeRecord, records: Sequence[CertRecord], seam: Seam
+        self,
+        node: NodeRecord,
+        records: Sequence[CertRecord],
+        seam: Seam,
+        applied: list[tuple[int, str, AppliedRecord]] | None = None,
     ) -> NodeOutcome:
+        """Commit on one node. What it proved is recorded at once, or appended to ``applied``
+        for the caller to record in one store commit for every node (one fsync, not N)."""
         client = await self.pool.client(node)
         outcome = NodeOutcome(node, results=[])
         for record in records:
@@ -658,17 +668,17 @@ class Coordinator:
             ok = bool(answer.get("ok")) and answer.get("fingerprint") == record.fingerprint
             assert outcome.results is not None
             outcome.results.append(answer)
-            self.state.record_applied(
-                node.node_id,
-                record.name,
-                AppliedRecord(
-                    generation=record.generation,
-                    fingerprint=str(answer.get("fingerprint")),
-                    ok=ok,
-                    services=list(answer.get("services", [])),
-                    at=_iso(self.clock()),
-                ),
+            proof = AppliedRecord(
+                generation=record.generation,
+                fingerprint=str(answer.get("fingerprint")),
+                ok=ok,
+                services=list(answer.get("services", [])),
+                at=_iso(self.clock()),
             )
+            if applied is None:
+                self.state.record_applied(node.node_id, record.name, proof)
+            else:
+                applied.append((node.node_id, record.name, proof))
             if not ok:
                 errors = [s["error"] for s in answer.get("services", []) if s.get("error")]
                 outcome.ok = False

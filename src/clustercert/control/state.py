@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -193,6 +194,13 @@ class ClusterState:
 
     def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:
         self.store.put(f"applied/{node_id}/{name}", json.dumps(asdict(record)))
+
+    def record_applied_many(self, entries: Sequence[tuple[int, str, AppliedRecord]]) -> None:
+        """Record what many nodes proved, in as few store commits as possible (each commit
+        atomic; at most 100 keys per commit, below etcd's default --max-txn-ops of 128)."""
+        ops = [Put(f"applied/{n}/{name}", json.dumps(asdict(r))) for n, name, r in entries]
+        for start in range(0, len(ops), 100):
+            self.store.commit(ops[start : start + 100])
 
     # --- users --------------------------------------------------------------------------
 
