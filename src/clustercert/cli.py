@@ -12,22 +12,16 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from cryptography import x509
-from rich.console import Console
-from rich.table import Table
 
 from clustercert import pki
-from clustercert.agent.app import run_agent
-from clustercert.agent.config import load_agent_config
-from clustercert.client import ApiClient, Connection
-from clustercert.cluster import ClusterDirectory, init_cluster
-from clustercert.control.server import ServerSettings, serve
-from clustercert.demo import run_demo
 from clustercert.errors import CertificateRejected, ClusterCertError, UnknownCertificate
-from clustercert.validation import TrustStore, validate_upload
+
+if TYPE_CHECKING:  # the commands import what they need: an agent loads no control plane
+    from clustercert.client import ApiClient
 
 __all__ = ["cli", "main"]
 
@@ -61,6 +55,8 @@ def init(
     directory: Path, name: str, admin_email: str, admin_password: str | None, store: str | None
 ) -> None:
     """Create a cluster directory: internal CA, store, certificates, admin user."""
+    from clustercert.cluster import init_cluster
+
     result = init_cluster(
         directory,
         name=name,
@@ -103,6 +99,9 @@ def server(
     reconcile_interval: float,
 ) -> None:
     """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
+    from clustercert.cluster import ClusterDirectory
+    from clustercert.control.server import ServerSettings, serve
+
     _setup_logging()
     host, port = _listen(listen)
     settings = ServerSettings(
@@ -121,6 +120,8 @@ def server(
 @click.option("--ttl", default=3600, show_default=True, help="Seconds the token stays valid.")
 def join_token(directory: Path, ttl: int) -> None:
     """Print a one-time token with which one node joins."""
+    from clustercert.cluster import ClusterDirectory
+
     cluster = ClusterDirectory(directory)
     with cluster.open_store() as store:
         token = cluster.state(store).new_join_token(
@@ -133,6 +134,9 @@ def join_token(directory: Path, ttl: int) -> None:
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path))
 def agent(config_file: Path) -> None:
     """Run the node agent (joins on first start) until SIGINT/SIGTERM."""
+    from clustercert.agent.app import run_agent
+    from clustercert.agent.config import load_agent_config
+
     _setup_logging()
     run_agent(load_agent_config(config_file))
 
@@ -146,6 +150,8 @@ def agent(config_file: Path) -> None:
 @click.option("--port", default=9443, show_default=True, help="API port.")
 def demo(nodes: int, directory: Path, port: int) -> None:
     """Start a local cluster (control plane, N agents, N redis-server) until Ctrl-C."""
+    from clustercert.demo import run_demo
+
     run_demo(directory, nodes, port)
 
 
@@ -172,6 +178,8 @@ def client_options(command: F) -> F:
 
 
 def _client(options: dict[str, Any]) -> ApiClient:
+    from clustercert.client import ApiClient, Connection
+
     connection = Connection.resolve(
         options.pop("url"),
         options.pop("user"),
@@ -183,6 +191,9 @@ def _client(options: dict[str, Any]) -> ApiClient:
 
 
 def _print_nodes(nodes: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("node", "result", "serves (SHA-256)", "detail", box=None)
     for node in nodes:
         served = node.get("served_fingerprint")
@@ -197,6 +208,8 @@ def _print_nodes(nodes: list[dict[str, Any]]) -> None:
 
 def _roll_out(client: ApiClient, method: str, path: str, body: Any, what: str) -> Any:
     """Run one rollout call with a spinner; on 409, show each node's outcome, then fail."""
+    from rich.console import Console
+
     console = Console(stderr=True)
     try:
         with console.status(f"{what}: staging on every node, then switching and verifying..."):
@@ -215,6 +228,9 @@ def _read(path: Path | None) -> str | None:
 @client_options
 def list_certificates(**options: Any) -> None:
     """A table of the cluster's certificates and how many nodes serve each."""
+    from rich.console import Console
+    from rich.table import Table
+
     with _client(options) as client:
         present = client.call("GET", "/v1/cluster/certificates")
         names = sorted(k[: -len("_cert")] for k in present if k.endswith("_cert"))
@@ -362,6 +378,8 @@ def validate_certificate(
 
     Exit status 0: valid; 1: rejected; 2: usage error. Nothing is sent anywhere.
     """
+    from clustercert.validation import TrustStore, validate_upload
+
     moment = at or dt.datetime.now(dt.UTC)  # the one place that reads the clock
     trust = TrustStore.system(extra=_load_ca_file(ca_file))
     key = _read_upload(key_file) if key_file is not None else None
@@ -493,6 +511,9 @@ def add_user(
 @client_options
 def list_users(**options: Any) -> None:
     """A table of the users (never their password hashes)."""
+    from rich.console import Console
+    from rich.table import Table
+
     with _client(options) as client:
         found = client.call("GET", "/v1/users")
     table = Table("uid", "email", "name", "role", "login", box=None)
