@@ -86,7 +86,10 @@ def test_the_fuzz_run_was_real(fuzzed_cluster: DemoCluster) -> None:
     assert [s for s in STATUSES if s >= 500] == []
     assert STATUSES[200] > 0 and STATUSES[400] > 0
     verify = ssl.create_default_context(cafile=str(fuzzed_cluster.cluster.ca_file))
-    served = httpx.get(f"{fuzzed_cluster.api_url}/openapi.json", verify=verify).json()
+    url = f"{fuzzed_cluster.api_url}/openapi.json"
+    assert httpx.get(url, verify=verify).status_code == 401
+    auth = (ADMIN_EMAIL, fuzzed_cluster.admin_password or "")
+    served = httpx.get(url, verify=verify, auth=auth).json()
     assert served == DOCUMENT
     log = (fuzzed_cluster.directory / "logs" / "server.log").read_text()
     assert "Traceback" not in log

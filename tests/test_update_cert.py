@@ -261,3 +261,13 @@ def test_unknown_route_and_wrong_method(cluster: DemoCluster) -> None:
         wrong = client.post("/v1/cluster/update_cert", json={})
     _assert_rejected(cluster, missing, 404, "certificate_not_found", "/v1/nope")
     _assert_rejected(cluster, wrong, 405, "method_not_allowed")
+
+
+def test_malformed_parameters_are_400_after_authentication(cluster: DemoCluster) -> None:
+    with api(cluster) as client:
+        bad_id = client.get("/v1/nodes/abc")
+        bad_query = client.get("/v1/cluster/certificates/events", params={"limit": "many"})
+    _assert_rejected(cluster, bad_id, 400, "invalid_schema", "node_id")
+    _assert_rejected(cluster, bad_query, 400, "invalid_schema", "limit")
+    with api(cluster, auth=None) as anonymous:
+        _assert_rejected(cluster, anonymous.get("/v1/nodes/abc"), 401, "unauthorized")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -168,7 +169,22 @@ def _nodes_body(outcomes: Sequence[NodeOutcome]) -> list[dict[str, Any]]:
 
 
 def build_app(cp: ControlPlane) -> FastAPI:
-    app = FastAPI(title="clustercert", version="0.1.0", docs_url=None, redoc_url=None)
+    # The OpenAPI document is served by an authenticated route below, like every endpoint.
+    app = FastAPI(
+        title="clustercert", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A malformed path or query parameter; authentication is still checked first.
+        try:
+            cp.authenticator.authenticate_scope(request.scope)
+        except ClusterCertError as auth_error:
+            return error_response(auth_error)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return error_response(InvalidSchema(f"invalid request parameter: {problems}"))
 
     @app.exception_handler(ClusterCertError)
     async def domain_error(request: Request, exc: ClusterCertError) -> JSONResponse:
@@ -229,6 +245,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         outcomes = await cp.coordinator.roll_out(records, user.email)
         stored = [cp.state.certificate(r.name) or r for r in records]
         return stored, outcomes
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> dict[str, Any]:
+        user_with(request, VIEW)
+        return app.openapi()
 
     @app.put(
         "/v1/cluster/update_cert",
@@ -348,7 +369,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
                 answer[f"{record.name}_key"] = record.key
         return answer
 
-    @app.get("/v1/cluster/certificates/events", responses=answers(EventsAnswer, 401, 403))
+    @app.get("/v1/cluster/certificates/events", responses=answers(EventsAnswer, 400, 401, 403))
     async def events(request: Request, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         user_with(request, VIEW)
         everything = cp.state.events()
@@ -398,7 +419,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         user_with(request, VIEW)
         return [_node_body(cp, n.node_id) for n in cp.state.nodes()]
 
-    @app.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 401, 403, 404))
+    @app.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
     async def node(request: Request, node_id: int) -> dict[str, Any]:
         user_with(request, VIEW)
         return _node_body(cp, node_id)

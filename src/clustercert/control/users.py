@@ -148,7 +148,7 @@ def users_router(cp: ControlPlane) -> APIRouter:
         caller(request)
         return [u.public() for u in sorted(cp.state.users(), key=lambda u: u.uid)]
 
-    @router.get("/v1/users/{uid}", responses=answers(UserBody, 401, 403, 404))
+    @router.get("/v1/users/{uid}", responses=answers(UserBody, 400, 401, 403, 404))
     async def get_user(request: Request, uid: int) -> dict[str, Any]:
         caller(request)
         user = cp.state.user_by_uid(uid)
@@ -156,7 +156,7 @@ def users_router(cp: ControlPlane) -> APIRouter:
             raise NotFound(f"no user with uid {uid}")
         return user.public()
 
-    @router.delete("/v1/users/{uid}", responses=answers(UserBody, 401, 403, 404, 409))
+    @router.delete("/v1/users/{uid}", responses=answers(UserBody, 400, 401, 403, 404, 409))
     async def delete_user(request: Request, uid: int) -> dict[str, Any]:
         actor = caller(request)
         user = cp.state.user_by_uid(uid)
