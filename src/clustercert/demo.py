@@ -96,6 +96,7 @@ class DemoCluster:
     api_port: int = 9443
     admin_password: str | None = None
     server_args: tuple[str, ...] = ()
+    store_url: str | None = None  # default: SQLite in the directory
     log_dir: Path | None = None
     server: subprocess.Popen[bytes] | None = None
     nodes: list[DemoNode] = field(default_factory=list)
@@ -136,6 +137,7 @@ class DemoCluster:
                 admin_email=ADMIN_EMAIL,
                 admin_password=self.admin_password,
                 now=dt.datetime.now(dt.UTC),
+                store_url=self.store_url,
             )
             self.admin_password = result.admin_password
             fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
