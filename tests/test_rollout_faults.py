@@ -10,6 +10,8 @@ import os
 import signal
 import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -43,6 +45,18 @@ def _proxy_body() -> tuple[dict[str, str], str]:
     }, leaf.fingerprint
 
 
+def _put(cluster: DemoCluster, body: dict[str, str]) -> httpx.Response:
+    with api(cluster) as client:
+        return client.put("/v1/cluster/update_cert", json=body)
+
+
+def _progress_with(client: httpx.Client, node: str, state: str) -> dict[str, Any] | None:
+    progress: dict[str, Any] = client.get("/v1/cluster/certificates/rollout").json()
+    if progress.get("in_progress") and progress["nodes"].get(node) == state:
+        return progress
+    return None
+
+
 def _served_or_none(port: int) -> str | None:
     try:
         return served_fingerprint("127.0.0.1", port)
@@ -59,10 +73,21 @@ def test_frozen_agent_during_stage_gives_409_and_changes_nothing(
     body, _ = _proxy_body()
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
-        with api(small_cluster) as client:
-            response = client.put("/v1/cluster/update_cert", json=body)
+        with ThreadPoolExecutor(max_workers=1) as pool, api(small_cluster) as watcher:
+            call = pool.submit(_put, small_cluster, body)
+            # While the frozen node holds the stage up, the rollout shows where each node is.
+            seen = wait_until(
+                lambda: _progress_with(watcher, frozen.name, "staging"),
+                timeout=AGENT_TIMEOUT * 5,
+                what="the live progress to show the frozen node staging",
+            )
+            response = call.result()
+            after = watcher.get("/v1/cluster/certificates/rollout").json()
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
+    assert seen["names"] == ["proxy"] and seen["phase"] == "staging"
+    assert sorted(seen["nodes"].values()) == ["staged", "staged", "staging"]
+    assert after == {"in_progress": False}
     assert response.status_code == 409, response.text
     answer = response.json()
     assert answer["error_code"] == "nodes_not_updated"

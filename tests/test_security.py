@@ -161,6 +161,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/v1/cluster/certificates", "view"),
     Endpoint("GET", "/v1/cluster/certificates/{name}", "view", values=lambda c: {"name": "proxy"}),
     Endpoint("GET", "/v1/cluster/certificates/events", "view"),
+    Endpoint("GET", "/v1/cluster/certificates/rollout", "view"),
     Endpoint("GET", "/v1/nodes", "view"),
     Endpoint("GET", "/v1/nodes/{node_id}", "view", values=lambda c: {"node_id": 1}),
     Endpoint("POST", "/v1/cluster/certificates/validate", "update", lambda c: _item()),
@@ -250,7 +251,7 @@ def test_the_matrix_covers_every_documented_endpoint(ctx: Ctx) -> None:
         for method in operations
     }
     assert documented == {(e.method, e.template) for e in ENDPOINTS}
-    assert len(ENDPOINTS) * len(PRINCIPALS) == 120
+    assert len(ENDPOINTS) * len(PRINCIPALS) == 128
 
 
 # --- users -----------------------------------------------------------------------------------

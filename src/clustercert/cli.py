@@ -207,17 +207,55 @@ def _print_nodes(nodes: list[dict[str, Any]]) -> None:
 
 
 def _roll_out(client: ApiClient, method: str, path: str, body: Any, what: str) -> Any:
-    """Run one rollout call with a spinner; on 409, show each node's outcome, then fail."""
+    """Run one rollout call while showing each node's progress (polled from
+    ``GET /v1/cluster/certificates/rollout``); on 409, show each node's outcome, then fail."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as wait_for
+
     from rich.console import Console
+    from rich.live import Live
+
+    from clustercert.client import ApiClient
 
     console = Console(stderr=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        call = pool.submit(client.call, method, path, body)
+        with (
+            ApiClient(client.connection, timeout=5) as watcher,
+            Live(_progress_view(what, None), console=console, transient=True) as live,
+        ):
+            while not wait_for([call], timeout=0.2).done:
+                live.update(_progress_view(what, _progress(watcher)))
     try:
-        with console.status(f"{what}: staging on every node, then switching and verifying..."):
-            return client.call(method, path, body)
+        return call.result()
     except ClusterCertError as exc:
         if exc.nodes:
             _print_nodes(exc.nodes)
         raise
+
+
+def _progress(watcher: ApiClient) -> dict[str, Any] | None:
+    try:
+        answer = watcher.call("GET", "/v1/cluster/certificates/rollout")
+    except ClusterCertError:
+        return None  # an older server, or another control plane runs it: no live view
+    return answer if isinstance(answer, dict) and answer.get("in_progress") else None
+
+
+def _progress_view(what: str, progress: dict[str, Any] | None) -> Any:
+    from rich.table import Table
+
+    if progress is None:
+        return f"{what}: validating, waiting for the cluster lock..."
+    nodes: dict[str, str] = progress.get("nodes", {})
+    done = sum(1 for state in nodes.values() if state == "verified")
+    table = Table(
+        "node", "state", box=None,
+        title=f"{what}: {progress.get('phase')} — {done}/{len(nodes)} nodes verified",
+    )  # fmt: skip
+    for node, state in sorted(nodes.items()):
+        table.add_row(node, state)
+    return table
 
 
 def _read(path: Path | None) -> str | None:

@@ -73,6 +73,7 @@ class ApiClient:
             timeout=timeout,
         )
         self.url = connection.url
+        self.connection = connection
 
     def __enter__(self) -> ApiClient:
         return self

@@ -388,6 +388,14 @@ def build_app(cp: ControlPlane) -> FastAPI:
         limit = max(1, min(limit, 500))
         return {"total": len(everything), "events": everything[offset : offset + limit]}
 
+    @app.get("/v1/cluster/certificates/rollout", responses=answers(dict[str, Any], 401, 403))
+    async def rollout_progress(request: Request) -> dict[str, Any]:
+        """The rollout this control plane is running, node by node (``in_progress`` false when
+        none is)."""
+        user_with(request, VIEW)
+        progress = cp.coordinator.progress
+        return progress.as_json() if progress is not None else {"in_progress": False}
+
     @app.get("/v1/cluster/certificates/{name}", responses=answers(CertificateDetail, 401, 403, 404))
     async def get_certificate(request: Request, name: str) -> dict[str, Any]:
         user_with(request, VIEW)

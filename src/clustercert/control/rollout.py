@@ -54,6 +54,7 @@ __all__ = [
     "Coordinator",
     "FaultPlan",
     "NodeOutcome",
+    "Progress",
     "cluster_lock",
     "holder_is_gone",
     "lock_owner",
@@ -272,6 +273,23 @@ class NodeOutcome:
         }
 
 
+@dataclass
+class Progress:
+    """How far the rollout this control plane is running has come on each node, for
+    ``GET /v1/cluster/certificates/rollout`` (and the CLI's live view). In memory only: it
+    describes work in flight, not state; the store keeps the decision."""
+
+    names: list[str]
+    nodes: dict[
+        str, str
+    ]  # node name -> waiting | staging | staged | committing | verified | failed
+    phase: str = "staging"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"in_progress": True, "names": self.names, "phase": self.phase,
+                "nodes": dict(self.nodes)}  # fmt: skip
+
+
 async def _no_seam(step: str, node: str = "") -> None:
     return None
 
@@ -295,6 +313,11 @@ class Coordinator:
         self.clock = clock
         self.on_committed = on_committed
         self.fault = fault
+        self.progress: Progress | None = None
+
+    def _mark(self, node: NodeRecord, state: str) -> None:
+        if self.progress is not None and node.name in self.progress.nodes:
+            self.progress.nodes[node.name] = state
 
     def _seam(self) -> Seam:
         """One rollout's fault seam: each step fires at most once per rollout."""
@@ -353,10 +376,15 @@ class Coordinator:
                         item, generation=generation, revision=existing.revision if existing else 0
                     )
                 )
-            if fresh:
-                outcomes = await self._run(fresh, resumed, current, nodes, actor, owner, seam)
-            else:
-                outcomes = await self._resume(resumed, nodes, actor)
+            rolling = [r.name for r in proposed]
+            self.progress = Progress(rolling, {n.name: "waiting" for n in nodes})
+            try:
+                if fresh:
+                    outcomes = await self._run(fresh, resumed, current, nodes, actor, owner, seam)
+                else:
+                    outcomes = await self._resume(resumed, nodes, actor)
+            finally:
+                self.progress = None
         await seam("before_response", "")
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -452,6 +480,8 @@ class Coordinator:
                 self.state.end_rollout(in_flight)
             raise
         log.info("rollout %s decided: %s", decided.rollout_id, _names(fresh))
+        if self.progress is not None:
+            self.progress.phase = "committing"
         await seam("after_decision", "")
         applied: list[tuple[int, str, AppliedRecord]] = []
         outcomes = list(
@@ -621,11 +651,14 @@ class Coordinator:
         self, node: NodeRecord, records: Sequence[CertRecord], seam: Seam
     ) -> NodeOutcome:
         client = await self.pool.client(node)
+        self._mark(node, "staging")
         try:
             for record in records:
                 await client.stage(record.name, record.generation, record.certificate, record.key)
         except AgentUnavailable as exc:
+            self._mark(node, "failed")
             return NodeOutcome(node, ok=False, step="stage", error=exc.description)
+        self._mark(node, "staged")
         await seam("during_stage", node.name)
         return NodeOutcome(node, step="stage")
 
@@ -659,6 +692,7 @@ class Coordinator:
         for the caller to record in one store commit for every node (one fsync, not N)."""
         client = await self.pool.client(node)
         outcome = NodeOutcome(node, results=[])
+        self._mark(node, "committing")
         for record in records:
             try:
                 answer = await client.commit(record.name, record.generation)
@@ -683,6 +717,7 @@ class Coordinator:
                 errors = [s["error"] for s in answer.get("services", []) if s.get("error")]
                 outcome.ok = False
                 outcome.error = "; ".join(errors) or f"{record.name} was not verified"
+        self._mark(node, "verified" if outcome.ok else "failed")
         if outcome.ok:
             await seam("during_commit", node.name)
         return outcome
