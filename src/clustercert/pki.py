@@ -184,20 +184,25 @@ def _general_names(sans: Sequence[str]) -> list[x509.GeneralName]:
     return names
 
 
-def new_ca(common_name: str, *, now: dt.datetime, days: int = 3650) -> CertificateAuthority:
-    """A self-signed ECDSA P-256 root CA valid for ``days`` from ``now``."""
-    key = new_private_key()
-    name = _name(common_name, "clustercert")
-    public = key.public_key()
-    cert = (
+def _base_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
+    *,
+    is_ca: bool,
+    now: dt.datetime,
+    days: int,
+) -> x509.CertificateBuilder:
+    """What every internal certificate has: validity, basic constraints, key usage, SKI."""
+    return (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -205,17 +210,23 @@ def new_ca(common_name: str, *, now: dt.datetime, days: int = 3650) -> Certifica
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
+                key_cert_sign=is_ca,
+                crl_sign=is_ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return CertificateAuthority(cert, key)
+
+
+def new_ca(common_name: str, *, now: dt.datetime, days: int = 3650) -> CertificateAuthority:
+    """A self-signed ECDSA P-256 root CA valid for ``days`` from ``now``."""
+    key = new_private_key()
+    name = _name(common_name, "clustercert")
+    builder = _base_builder(name, name, key.public_key(), is_ca=True, now=now, days=days)
+    return CertificateAuthority(builder.sign(key, hashes.SHA256()), key)
 
 
 def _leaf_builder(
@@ -228,34 +239,10 @@ def _leaf_builder(
     now: dt.datetime,
     days: int,
 ) -> x509.CertificateBuilder:
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
+    builder = _base_builder(
+        subject, ca.cert.subject, public, is_ca=False, now=now, days=days
+    ).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
     )
     usages = [EKU_OIDS[u] for u in sorted(eku)]
     if usages:

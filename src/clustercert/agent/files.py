@@ -48,20 +48,18 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_new(tmp, data, mode)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
 def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` with ``mode`` (it must not exist), write all of ``data``, fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
