@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clustercert.cli import main
-from clustercert.control.auth import ROLES, UndeletableUser, hash_password
+from clustercert.control.auth import ROLES, hash_password
 from clustercert.control.state import ClusterState
 from clustercert.demo import ADMIN_EMAIL, DemoCluster
-from clustercert.errors import ConfigError
+from clustercert.errors import ConfigError, UndeletableUser
 from clustercert.sealing import KeySealer
 from clustercert.store import open_store
 

@@ -41,10 +41,12 @@ __all__ = [
     "StoreConflict",
     "StoreError",
     "Unauthorized",
+    "UndeletableUser",
     "UnexpectedKey",
     "UnknownCertificate",
     "UnsupportedMediaType",
     "UpdateInProgress",
+    "UserExists",
     "WeakKey",
     "error_for",
 ]
@@ -213,6 +215,20 @@ class UnknownCertificate(ClusterCertError):
 class RequiredCertificate(ClusterCertError):
     error_code = "required_certificate"
     http_status = 403
+    exit_code = EXIT_REJECTED
+
+
+class UserExists(ClusterCertError):
+    error_code = "user_exists"
+    http_status = 409
+    exit_code = EXIT_REJECTED
+
+
+class UndeletableUser(ClusterCertError):
+    """Deleting this user would lock the cluster out (the last admin) or the caller out."""
+
+    error_code = "undeletable_user"
+    http_status = 409
     exit_code = EXIT_REJECTED
 
 

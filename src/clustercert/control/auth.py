@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from clustercert import pki
-from clustercert.errors import ClusterCertError, InsufficientPermissions, Unauthorized
+from clustercert.errors import InsufficientPermissions, Unauthorized
 
 __all__ = [
     "AUTH_METHODS",
@@ -46,9 +46,7 @@ __all__ = [
     "VIEW",
     "Authenticator",
     "LoginThrottle",
-    "UndeletableUser",
     "User",
-    "UserExists",
     "canonical_subject",
     "client_certificate",
     "hash_password",
@@ -75,18 +73,6 @@ AUTH_METHODS = ("regular", "certificate")
 Enterprise's names)."""
 
 _N, _R, _P = 2**14, 8, 1
-
-
-class UserExists(ClusterCertError):
-    error_code = "user_exists"
-    http_status = 409
-
-
-class UndeletableUser(ClusterCertError):
-    """Deleting this user would lock the cluster out (the last admin) or the caller out."""
-
-    error_code = "undeletable_user"
-    http_status = 409
 
 
 def hash_password(password: str) -> str:

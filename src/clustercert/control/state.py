@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from clustercert.control.auth import UndeletableUser, User, UserExists, canonical_subject
-from clustercert.errors import StoreConflict
+from clustercert.control.auth import User, canonical_subject
+from clustercert.errors import StoreConflict, UndeletableUser, UserExists
 from clustercert.sealing import KeySealer
 from clustercert.store import Delete, Put, Store
 

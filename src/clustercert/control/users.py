@@ -30,13 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from clustercert.control.apidoc import UserBody, answers, request_body
 from clustercert.control.auth import (
     MANAGE_USERS,
-    UndeletableUser,
     User,
-    UserExists,
     canonical_subject,
     hash_password,
 )
-from clustercert.errors import InsufficientPermissions, InvalidSchema, NotFound
+from clustercert.errors import (
+    InsufficientPermissions,
+    InvalidSchema,
+    NotFound,
+    UndeletableUser,
+    UserExists,
+)
 
 if TYPE_CHECKING:
     from clustercert.control.app import ControlPlane
