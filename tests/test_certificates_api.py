@@ -336,3 +336,28 @@ curl -s -k -X PUT -u "admin@cluster.local:{cluster.admin_password}" \\
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["fingerprint_sha256"] == leaf.fingerprint
     assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
+
+
+def test_prometheus_metrics(cluster: DemoCluster) -> None:
+    leaf = _leaf()
+    with api(cluster) as client:
+        before = _rollouts_ok(client.get("/metrics").text)
+        assert client.put("/v1/cluster/update_cert", json=_item("proxy", leaf)).status_code == 200
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert _rollouts_ok(text) == before + 1
+    assert 'clustercert_certificate_nodes_in_sync{name="proxy"} 3.0' in text
+    assert "clustercert_nodes 3.0" in text
+    assert 'clustercert_certificate_not_after_timestamp_seconds{name="proxy"}' in text
+    assert "PRIVATE KEY" not in text
+    with api(cluster, auth=None) as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
+
+
+def _rollouts_ok(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith('clustercert_rollouts_total{result="ok"}'):
+            return float(line.split()[-1])
+    return 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,6 +38,8 @@ from clustercert.control.apidoc import (
     request_body,
 )
 from clustercert.control.auth import UPDATE, VIEW, Authenticator, User
+from clustercert.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from clustercert.control.metrics import Metrics
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator, NodeOutcome
 from clustercert.control.state import CertRecord, ClusterState
@@ -81,6 +84,7 @@ class ControlPlane:
     authenticator: Authenticator
     trust: TrustStore
     ca: pki.CertificateAuthority
+    metrics: Metrics
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
     join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
 
@@ -248,9 +252,24 @@ def build_app(cp: ControlPlane) -> FastAPI:
         validated: list[ValidatedCertificate], user: User
     ) -> tuple[list[CertRecord], list[NodeOutcome]]:
         records = [proposed(v, user) for v in validated]
-        outcomes = await cp.coordinator.roll_out(records, user.email)
+        outcomes = await timed_roll_out(records, user)
         stored = [cp.state.certificate(r.name) or r for r in records]
         return stored, outcomes
+
+    async def timed_roll_out(records: list[CertRecord], user: User) -> list[NodeOutcome]:
+        started = time.monotonic()
+        try:
+            outcomes = await cp.coordinator.roll_out(records, user.email)
+        except ClusterCertError as exc:
+            cp.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
+            raise
+        cp.metrics.observe_rollout("ok", time.monotonic() - started)
+        return outcomes
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        user_with(request, VIEW)
+        return Response(cp.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> dict[str, Any]:
@@ -358,7 +377,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
             issue_internal(cp.ca, r.name, cp.state.cluster_name(), sans, now, 0, user.email)
             for r in current
         ]
-        outcomes = await cp.coordinator.roll_out(fresh, user.email)
+        outcomes = await timed_roll_out(fresh, user)
         stored = [cp.state.certificate(r.name) or r for r in fresh]
         return rollout_answer(
             {

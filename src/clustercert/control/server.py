@@ -23,6 +23,7 @@ from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import ControlPlane, build_app
 from clustercert.control.auth import Authenticator
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
+from clustercert.control.metrics import Metrics
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
 from clustercert.control.state import CertRecord, ClusterState
@@ -179,6 +180,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 trusted_client_cas=lambda: _trusted_client_cas(state),
             ),
             trust=TrustStore.system(extra=[ca.cert]),
+            metrics=Metrics(state),
             ca=ca,
         )
         server = uvicorn.Server(

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the control plane, served at ``GET /metrics`` (any logged-in role).
+
+What the store knows (expiry, generations, nodes in sync) is read at scrape time, so every
+control plane sharing a store reports the same; rollout counts and durations are this
+process's own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from clustercert.control.state import ClusterState
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StoreCollector(Collector):
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        not_after = GaugeMetricFamily(
+            "clustercert_certificate_not_after_timestamp_seconds",
+            "When each certificate expires (Unix time).",
+            labels=["name"],
+        )
+        generation = GaugeMetricFamily(
+            "clustercert_certificate_generation",
+            "The desired generation of each certificate.",
+            labels=["name"],
+        )
+        in_sync = GaugeMetricFamily(
+            "clustercert_certificate_nodes_in_sync",
+            "Nodes that proved (by handshake) they serve the desired generation.",
+            labels=["name"],
+        )
+        nodes = self.state.nodes()
+        applied = {n.node_id: self.state.applied(n.node_id) for n in nodes}
+        for record in self.state.certificates():
+            expiry = dt.datetime.fromisoformat(record.not_after.replace("Z", "+00:00"))
+            not_after.add_metric([record.name], expiry.timestamp())
+            generation.add_metric([record.name], record.generation)
+            proven = [applied[n.node_id].get(record.name) for n in nodes]
+            in_sync.add_metric(
+                [record.name],
+                sum(1 for p in proven if p and p.ok and p.generation == record.generation),
+            )
+        total = GaugeMetricFamily("clustercert_nodes", "Nodes that joined the cluster.")
+        total.add_metric([], len(nodes))
+        yield from (not_after, generation, in_sync, total)
+
+
+class Metrics:
+    def __init__(self, state: ClusterState) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StoreCollector(state))
+        self.rollouts = Counter(
+            "clustercert_rollouts",
+            "Certificate rollouts by result (ok, or the error_code that ended them).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.rollout_seconds = Histogram(
+            "clustercert_rollout_duration_seconds",
+            "Wall time of a rollout, from taking the lock to every node's proof.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+
+    def observe_rollout(self, result: str, seconds: float) -> None:
+        self.rollouts.labels(result).inc()
+        self.rollout_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
