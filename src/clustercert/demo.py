@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from clustercert.agent.config import load_agent_config
 from clustercert.cluster import ClusterDirectory, init_cluster
 from clustercert.errors import ConfigError
 
@@ -162,7 +163,7 @@ class DemoCluster:
 
     def add_node(self, name: str) -> DemoNode:
         node_dir = self.directory / "nodes" / name
-        node = DemoNode(name, node_dir, free_port(), free_port())
+        node = DemoNode(name, node_dir, *self._ports(node_dir))
         token = None
         if not (node_dir / "identity" / "node.json").exists():
             with self.cluster.open_store() as store:
@@ -173,6 +174,17 @@ class DemoCluster:
         self.nodes.append(node)
         self.start_agent(node)
         return node
+
+    @staticmethod
+    def _ports(node_dir: Path) -> tuple[int, int]:
+        """A node that ran before keeps its ports: the control plane knows it by its URL."""
+        config_file = node_dir / "agent.toml"
+        if config_file.exists():
+            config = load_agent_config(config_file)
+            redis = [s.address for s in config.services if s.type == "redis" and s.address]
+            if redis:
+                return config.listen[1], redis[0][1]
+        return free_port(), free_port()
 
     def start_agent(self, node: DemoNode) -> None:
         node.process = self._spawn(
@@ -272,6 +284,8 @@ def run_demo(directory: Path, nodes: int, port: int) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     cluster = DemoCluster(directory, nodes_count=nodes, api_port=port)
+    # cluster.json promises that everything answers: a stale one must not outlive its cluster.
+    (directory / "cluster.json").unlink(missing_ok=True)
     try:
         print(f"starting a {nodes}-node cluster in {directory} ...", flush=True)
         cluster.start()

@@ -1,0 +1,86 @@
+"""`clustercert demo` as a user runs it: a real process tree, cluster.json as DESIGN §10 shows,
+SIGTERM stops everything, and a second start in the same directory works again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clusterkit import served_fingerprint, wait_until
+
+from clustercert.demo import free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose; only its parent's wait is missing.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
+
+
+def _run_demo(directory: Path, port: int) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clustercert", "demo", "--nodes", "2", "--dir", str(directory),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    cluster_file = directory / "cluster.json"
+
+    def fresh() -> dict[str, object] | None:
+        try:
+            info: dict[str, object] = json.loads(cluster_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if info.get("server_pid") else None  # not the stale marker below
+
+    return process, wait_until(fresh, timeout=120, what="a fresh cluster.json")
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+def test_demo_writes_cluster_json_and_stops_every_process(tmp_path: Path) -> None:
+    port = free_port()
+    process, info = _run_demo(tmp_path / "demo", port)
+    try:
+        assert info["api_url"] == f"https://127.0.0.1:{port}"
+        assert info["username"] and info["password"]
+        assert Path(str(info["ca_file"])).is_absolute()
+        nodes = info["nodes"]
+        assert isinstance(nodes, list) and [n["name"] for n in nodes] == ["node-1", "node-2"]
+        pids = [int(str(info["server_pid"]))]
+        for node in nodes:
+            assert node["agent_url"].startswith("https://127.0.0.1:")
+            assert node["redis"]["host"] == "127.0.0.1"
+            served_fingerprint("127.0.0.1", node["redis"]["tls_port"])  # TLS answers
+            pids += [node["agent_pid"], node["redis"]["pid"]]
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        output = _stop(process)
+    assert process.returncode == 0, output
+    assert "curl" in output and "update_cert" in output
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if _alive(pid)] == []
+
+    # The same directory again: the nodes keep their identities and ports, and come up in sync.
+    # A stale cluster.json is removed at start, so it never describes a cluster that is gone.
+    (tmp_path / "demo" / "cluster.json").write_text('{"stale": true}')
+    process, again = _run_demo(tmp_path / "demo", port)
+    try:
+        assert [n["agent_url"] for n in again["nodes"]] == [n["agent_url"] for n in nodes]  # type: ignore[index, union-attr]
+    finally:
+        _stop(process)
+    assert process.returncode == 0
