@@ -48,6 +48,7 @@ class DemoNode:
     directory: Path
     agent_port: int
     redis_port: int
+    metrics_port: int | None = None  # the agent's own HTTPS listener (metrics_exporter)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,6 +88,14 @@ class DemoNode:
             f'address = "127.0.0.1:{self.redis_port}"',
             "supervise = true",
         ]
+        if self.metrics_port is not None:
+            lines += [
+                "",
+                "[[services]]",
+                'name = "metrics"',
+                'type = "metrics"',
+                f'address = "127.0.0.1:{self.metrics_port}"',
+            ]
         self.config_file.write_text("\n".join(lines) + "\n")
 
 
@@ -176,15 +185,16 @@ class DemoCluster:
         return node
 
     @staticmethod
-    def _ports(node_dir: Path) -> tuple[int, int]:
-        """A node that ran before keeps its ports: the control plane knows it by its URL."""
+    def _ports(node_dir: Path) -> tuple[int, int, int]:
+        """Agent, redis and metrics ports. A node that ran before keeps its ports: the control
+        plane knows it by its URL."""
         config_file = node_dir / "agent.toml"
         if config_file.exists():
             config = load_agent_config(config_file)
-            redis = [s.address for s in config.services if s.type == "redis" and s.address]
-            if redis:
-                return config.listen[1], redis[0][1]
-        return free_port(), free_port()
+            ports = {s.type: s.address[1] for s in config.services if s.address}
+            if "redis" in ports and "metrics" in ports:
+                return config.listen[1], ports["redis"], ports["metrics"]
+        return free_port(), free_port(), free_port()
 
     def start_agent(self, node: DemoNode) -> None:
         node.process = self._spawn(
@@ -239,6 +249,9 @@ class DemoCluster:
                     "agent_url": n.agent_url,
                     "agent_pid": n.process.pid if n.process else None,
                     "redis": {"host": "127.0.0.1", "tls_port": n.redis_port, "pid": n.redis_pid},
+                    "metrics_url": f"https://127.0.0.1:{n.metrics_port}/metrics"
+                    if n.metrics_port
+                    else None,
                 }
                 for n in self.nodes
             ],

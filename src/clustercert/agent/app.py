@@ -29,6 +29,7 @@ from starlette.routing import Route
 from clustercert import pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.files import CertificateFiles, GenerationPaths, write_atomically
+from clustercert.agent.metrics import MetricsListener
 from clustercert.agent.services import CommandService, RedisService, Service, ServiceResult
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.names import NAMES
@@ -131,6 +132,10 @@ class Agent:
         if config.type == "redis":
             return RedisService(
                 config, self.config.probe_timeout, self.identity.ca_file, self.config.data_dir
+            )
+        if config.type == "metrics":
+            return MetricsListener(
+                config, self.config.probe_timeout, self.files, self.identity.ca_file
             )
         return CommandService(config, self.config.probe_timeout)
 

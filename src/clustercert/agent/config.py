@@ -28,7 +28,7 @@ class ServiceConfig:
     """One TLS service on the node that the agent reloads and verifies."""
 
     name: str
-    type: str  # "redis" | "command"
+    type: str  # "redis" | "command" | "metrics" (the agent's own Prometheus listener)
     certificate: str  # the certificate name it serves
     address: tuple[str, int] | None  # where a handshake proves what it serves
     socket: Path | None = None  # redis: local unix socket for CONFIG SET
@@ -64,9 +64,9 @@ def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
 def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     where = f"services[{index}]."
     kind = _require(raw, "type", str, where)
-    if kind not in {"redis", "command"}:
-        raise ConfigError(f"{where}type: expected redis or command, got {kind!r}")
-    default_cert = "proxy" if kind == "redis" else None
+    if kind not in {"redis", "command", "metrics"}:
+        raise ConfigError(f"{where}type: expected redis, command or metrics, got {kind!r}")
+    default_cert = {"redis": "proxy", "metrics": "metrics_exporter"}.get(kind)
     certificate = str(raw.get("certificate", default_cert))
     if certificate not in NAMES:
         raise ConfigError(f"{where}certificate: unknown certificate name {certificate!r}")
@@ -80,7 +80,7 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     command = raw.get("command", [])
     if kind == "command" and (not command or not all(isinstance(a, str) for a in command)):
         raise ConfigError(f"{where}command: required, a list of strings")
-    if kind == "redis" and not address:
+    if kind in {"redis", "metrics"} and not address:
         raise ConfigError(f"{where}address: required (HOST:PORT of the TLS listener)")
     return ServiceConfig(
         name=str(raw.get("name", f"{kind}-{index}")),
