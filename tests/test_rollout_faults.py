@@ -50,9 +50,12 @@ def _put(cluster: DemoCluster, body: dict[str, str]) -> httpx.Response:
         return client.put("/v1/cluster/update_cert", json=body)
 
 
-def _progress_with(client: httpx.Client, node: str, state: str) -> dict[str, Any] | None:
+def _progress_where(client: httpx.Client, frozen: str) -> dict[str, Any] | None:
+    """The live progress once every node but the frozen one has staged (it cannot)."""
     progress: dict[str, Any] = client.get("/v1/cluster/certificates/rollout").json()
-    if progress.get("in_progress") and progress["nodes"].get(node) == state:
+    nodes = progress.get("nodes", {})
+    others = [state for name, state in nodes.items() if name != frozen]
+    if progress.get("in_progress") and nodes.get(frozen) == "staging" and set(others) == {"staged"}:
         return progress
     return None
 
@@ -77,7 +80,7 @@ def test_frozen_agent_during_stage_gives_409_and_changes_nothing(
             call = pool.submit(_put, small_cluster, body)
             # While the frozen node holds the stage up, the rollout shows where each node is.
             seen = wait_until(
-                lambda: _progress_with(watcher, frozen.name, "staging"),
+                lambda: _progress_where(watcher, frozen.name),
                 timeout=AGENT_TIMEOUT * 5,
                 what="the live progress to show the frozen node staging",
             )
