@@ -33,6 +33,7 @@ from clustercert.agent.metrics import MetricsListener
 from clustercert.agent.services import CommandService, RedisService, Service, ServiceResult
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.names import NAMES
+from clustercert.tls import server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
 
@@ -127,6 +128,7 @@ class Agent:
         self.files = CertificateFiles(config.data_dir)
         self.services: list[Service] = [self._service(s) for s in config.services]
         self._lock = asyncio.Lock()
+        self._fingerprints: dict[tuple[str, int], str] = {}
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -162,14 +164,23 @@ class Agent:
         for service in self.services:
             await service.stop()
 
+    def _fingerprint(self, name: str, paths: GenerationPaths) -> str:
+        """The leaf's SHA-256, parsed once per generation: generations are immutable, and the
+        reconciler asks for the status of every node every second."""
+        key = (name, paths.generation)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = _leaf_fingerprint(paths.cert.read_text())
+        return self._fingerprints[key]
+
     async def status(self, probe: bool) -> dict[str, Any]:
         certificates: dict[str, Any] = {}
+        current = self.current_paths()
         for name in self.files.names():
-            generation = self.files.current(name)
-            paths = self.files.paths(name, generation) if generation is not None else None
+            paths = current.get(name)
+            generation = paths.generation if paths else None
             entry: dict[str, Any] = {
                 "generation": generation,
-                "fingerprint": _leaf_fingerprint(paths.cert.read_text()) if paths else None,
+                "fingerprint": self._fingerprint(name, paths) if paths else None,
                 "staged": [g for g in self.files.generations(name) if g != generation],
             }
             if probe:
@@ -200,7 +211,7 @@ class Agent:
                 paths = self.files.activate(name, generation)
             except FileNotFoundError as exc:
                 raise StageRejected(str(exc)) from exc
-            expected = _leaf_fingerprint(paths.cert.read_text())
+            expected = self._fingerprint(name, paths)
             results: list[ServiceResult] = []
             for service in self.services:
                 if name in service.certificates():
@@ -228,6 +239,7 @@ class Agent:
     async def remove(self, name: str) -> dict[str, Any]:
         async with self._lock:
             self.files.remove(name)
+            self._fingerprints = {k: v for k, v in self._fingerprints.items() if k[0] != name}
             return {"name": name, "removed": True}
 
 
@@ -304,12 +316,9 @@ def internode_server_context(identity: Identity) -> ssl.SSLContext:
 
     Node identities allow serverAuth only, so a node cannot call another node; the control
     plane's identity allows clientAuth (see docs/decisions.md)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(identity.cert_file, identity.key_file)
-    ctx.load_verify_locations(cafile=str(identity.ca_file))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return server_context(
+        identity.cert_file, identity.key_file, client_ca=identity.ca_file, require_client=True
+    )
 
 
 async def _serve(config: AgentConfig) -> None:

@@ -42,7 +42,7 @@ from clustercert.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from clustercert.control.metrics import Metrics
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator, NodeOutcome
-from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.state import CertRecord, ClusterState, NodeRecord
 from clustercert.control.users import users_router
 from clustercert.errors import (
     CertificateNotFound,
@@ -456,12 +456,16 @@ def build_app(cp: ControlPlane) -> FastAPI:
     @app.get("/v1/nodes", responses=answers(list[NodeAnswer], 401, 403))
     async def nodes(request: Request) -> list[dict[str, Any]]:
         user_with(request, VIEW)
-        return [_node_body(cp, n.node_id) for n in cp.state.nodes()]
+        desired = _desired_generations(cp)
+        return [_node_body(cp, n, desired) for n in cp.state.nodes()]
 
     @app.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
     async def node(request: Request, node_id: int) -> dict[str, Any]:
         user_with(request, VIEW)
-        return _node_body(cp, node_id)
+        node = cp.state.node(node_id)
+        if node is None:
+            raise NotFound(f"no node with id {node_id}")
+        return _node_body(cp, node, _desired_generations(cp))
 
     @app.post(
         "/v1/internal/join",
@@ -521,12 +525,12 @@ def _rotation_names(cp: ControlPlane, name: str | None) -> list[str]:
     return [name]
 
 
-def _node_body(cp: ControlPlane, node_id: int) -> dict[str, Any]:
-    node = cp.state.node(node_id)
-    if node is None:
-        raise NotFound(f"no node with id {node_id}")
-    desired = {r.name: r.generation for r in cp.state.certificates()}
-    applied = cp.state.applied(node_id)
+def _desired_generations(cp: ControlPlane) -> dict[str, int]:
+    return {r.name: r.generation for r in cp.state.certificates()}
+
+
+def _node_body(cp: ControlPlane, node: NodeRecord, desired: dict[str, int]) -> dict[str, Any]:
+    applied = cp.state.applied(node.node_id)
     in_sync = all(
         (a := applied.get(name)) is not None and a.ok and a.generation == generation
         for name, generation in desired.items()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,12 +49,14 @@ class Reconciler:
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
-    def _missing(self, node: NodeRecord, status: dict[str, Any]) -> list[CertRecord]:
+    def _missing(
+        self, node: NodeRecord, status: dict[str, Any], desired: Sequence[CertRecord]
+    ) -> list[CertRecord]:
         held = status.get("certificates")
         held = held if isinstance(held, dict) else {}
         applied = self.state.applied(node.node_id)
         missing = []
-        for record in self.state.certificates():
+        for record in desired:
             entry = held.get(record.name) or {}
             proven = applied.get(record.name)
             if (
@@ -67,20 +69,22 @@ class Reconciler:
                 missing.append(record)
         return missing
 
-    async def _tidy(self, node: NodeRecord, status: dict[str, Any]) -> None:
+    async def _tidy(
+        self, node: NodeRecord, status: dict[str, Any], desired: Sequence[CertRecord]
+    ) -> None:
         """Remove what the node holds but nobody desires: names deleted while it was away, and
         generations staged by an update that was never decided (e.g. the control plane died)."""
         client = await self.coordinator.pool.client(node)
-        desired = {r.name: r.generation for r in self.state.certificates()}
+        generations = {r.name: r.generation for r in desired}
         held = status.get("certificates") or {}
         try:
             for name, entry in held.items():
-                if name not in desired:
+                if name not in generations:
                     await client.remove(name)
                     log.info("reconcile: removed %s from %s (no longer desired)", name, node.name)
                     continue
                 for generation in entry.get("staged", []):
-                    if generation > desired[name]:
+                    if generation > generations[name]:
                         await client.abort(name, generation)
                         log.info(
                             "reconcile: discarded undecided %s@%d on %s",
@@ -91,16 +95,16 @@ class Reconciler:
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
 
-    async def reconcile_node(self, node: NodeRecord) -> bool:
-        """One node, one pass: True when it holds everything desired afterwards."""
+    async def reconcile_node(self, node: NodeRecord, desired: Sequence[CertRecord]) -> bool:
+        """One node, one pass: True when it holds everything ``desired`` afterwards."""
         client = await self.coordinator.pool.client(node)
         try:
             status = await client.status()
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
             return False
-        await self._tidy(node, status)
-        missing = self._missing(node, status)
+        await self._tidy(node, status, desired)
+        missing = self._missing(node, status, desired)
         if not missing:
             return True
         outcome = await self.coordinator.push(node, missing)
@@ -156,7 +160,9 @@ class Reconciler:
         nodes = self.state.nodes()
         await self._wake_returned(nodes, now)
         due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
-        results = await asyncio.gather(*(self.reconcile_node(n) for n in due))
+        # Read (and unseal) the desired certificates once per pass, not twice per node.
+        desired = self.state.certificates() if due else []
+        results = await asyncio.gather(*(self.reconcile_node(n, desired) for n in due))
         for node, ok in zip(due, results, strict=True):
             if ok:
                 self._failures.pop(node.node_id, None)
