@@ -146,7 +146,9 @@ def test_a_viewer_gets_403(cluster: DemoCluster, unchanged: None) -> None:
     with directory.open_store() as store:
         state = directory.state(store)
         if state.user("viewer@cluster.local") is None:
-            state.add_user("viewer@cluster.local", "viewer", "cluster_viewer", hash_password("pw"))
+            state.create_user(
+                "viewer@cluster.local", "viewer", "cluster_viewer", hash_password("pw")
+            )
     chain, key, _ = _proxy_leaf()
     with api(cluster, auth=("viewer@cluster.local", "pw")) as client:
         response = client.put(

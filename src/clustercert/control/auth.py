@@ -39,7 +39,6 @@ from clustercert import pki
 from clustercert.errors import InsufficientPermissions, Unauthorized
 
 __all__ = [
-    "AUTH_METHODS",
     "MANAGE_USERS",
     "ROLES",
     "UPDATE",
@@ -67,10 +66,6 @@ ROLES: dict[str, frozenset[str]] = {
     "db_viewer": frozenset({VIEW}),
     "user_manager": frozenset({VIEW, MANAGE_USERS}),
 }
-
-AUTH_METHODS = ("regular", "certificate")
-"""``regular``: HTTP Basic with a password; ``certificate``: a client certificate (Redis
-Enterprise's names)."""
 
 _N, _R, _P = 2**14, 8, 1
 
@@ -299,7 +294,7 @@ class Authenticator:
         self._clock = clock
         self._wall_clock = wall_clock
         self._secret = os.urandom(32)
-        self._cache: dict[bytes, tuple[float, str]] = {}
+        self._cache: dict[bytes, float] = {}  # credentials HMAC -> valid until
         self._lock = threading.Lock()
         self._cas: tuple[str, list[x509.Certificate]] = ("", [])
 
@@ -341,7 +336,7 @@ class Authenticator:
         now = self._clock()
         with self._lock:
             cached = self._cache.get(fingerprint)
-        if user is not None and cached is not None and cached[0] > now:
+        if user is not None and cached is not None and cached > now:
             return user
         wait = self.throttle.wait_seconds(email, source)
         if wait > 0:
@@ -366,7 +361,7 @@ class Authenticator:
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[fingerprint] = (now + self._cache_seconds, email)
+            self._cache[fingerprint] = now + self._cache_seconds
         return user
 
     def _client_cas(self) -> list[x509.Certificate]:

@@ -61,22 +61,31 @@ class ApiListener:
             raise ConfigError("the store holds no `api` certificate; was the cluster initialised?")
         paths = self._write(record)
         assert paths.key is not None
-        trusted = state.certificate("mtls_trusted_ca")
         self.context = ReloadableServerContext(
             paths.cert,
             paths.key,
             request_client_cert=True,
-            client_ca_pem=trusted.certificate if trusted else None,
+            client_ca_pem=_trusted_client_cas(state),
         )
         self.generation = record.generation
+        self._seen = {"api": record.revision, "mtls_trusted_ca": state.revision("mtls_trusted_ca")}
 
     def refresh(self) -> None:
         """Follow the store: another control plane, or a DELETE, may have changed what this
-        listener serves or trusts (a rollout through this process calls on_committed)."""
-        records = [r for r in (self.state.certificate("api"),) if r is not None]
-        self.on_committed(records)
-        trusted = self.state.certificate("mtls_trusted_ca")
-        self._trust(trusted.certificate if trusted else None)
+        listener serves or trusts (a rollout through this process calls on_committed). Runs
+        every second: records are read (and keys unsealed) only when their revision moved."""
+        if self._moved("api"):
+            api = self.state.certificate("api")
+            if api is not None:
+                self.on_committed([api])
+        if self._moved("mtls_trusted_ca"):
+            self._trust(_trusted_client_cas(self.state))
+
+    def _moved(self, name: str) -> bool:
+        revision = self.state.revision(name)
+        moved = revision != self._seen.get(name)
+        self._seen[name] = revision
+        return moved
 
     def _trust(self, bundle: str | None) -> None:
         if bundle != self.context.client_ca_pem:

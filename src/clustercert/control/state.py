@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from clustercert.control.auth import User, canonical_subject
+from clustercert.control.auth import User
 from clustercert.errors import StoreConflict, UndeletableUser, UserExists
 from clustercert.sealing import KeySealer
 from clustercert.store import Delete, Put, Store
@@ -147,6 +147,11 @@ class ClusterState:
         entry = self.store.get("certs/" + name)
         return self._decode_cert(entry.value, entry.revision) if entry else None
 
+    def revision(self, name: str) -> int:
+        """The store revision of certificate ``name`` (0 when unset): a cheap change check."""
+        entry = self.store.get("certs/" + name)
+        return entry.revision if entry else 0
+
     def certificates(self) -> list[CertRecord]:
         return [self._decode_cert(e.value, e.revision) for e in self.store.list("certs/")]
 
@@ -211,11 +216,6 @@ class ClusterState:
     def users(self) -> list[User]:
         return [User(**json.loads(e.value)) for e in self.store.list("users/")]
 
-    def add_user(self, email: str, name: str, role: str, password_hash: str) -> User:
-        user = User(self._next_id("next_uid"), email.lower(), name, role, password_hash)
-        self.store.put("users/" + user.email, json.dumps(asdict(user)), expect_revision=0)
-        return user
-
     def create_user(
         self,
         email: str,
@@ -244,14 +244,13 @@ class ClusterState:
     def certificate_user(self, subject: str) -> User | None:
         """The one ``certificate`` user whose subject line is ``subject`` (RFC 4514 form), or
         None (also when, against the API's checks, several match: ambiguity never logs in)."""
-        matches = []
-        for user in self.users():
-            if user.auth_method == "certificate" and user.certificate_subject_line:
-                try:
-                    if canonical_subject(user.certificate_subject_line) == subject:
-                        matches.append(user)
-                except ValueError:
-                    continue
+        # Stored subject lines are canonical already (POST /v1/users canonicalises them), so a
+        # login compares strings instead of parsing every user's subject on every request.
+        matches = [
+            u
+            for u in self.users()
+            if u.auth_method == "certificate" and u.certificate_subject_line == subject
+        ]
         return matches[0] if len(matches) == 1 else None
 
     def delete_user(self, uid: int) -> User | None:
