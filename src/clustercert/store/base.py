@@ -231,6 +231,15 @@ def check_ttl(ttl: float) -> None:
         raise ValueError(f"lock ttl must be > 0 seconds, not {ttl!r}")
 
 
+def check_lock(name: str, owner: str | None = None, ttl: float | None = None) -> None:
+    """Reject a lock call's name, owner (when given) or ttl (when given)."""
+    check_key(name, "lock name")
+    if owner is not None:
+        check_key(owner, "lock owner")
+    if ttl is not None:
+        check_ttl(ttl)
+
+
 def conflict(key: str, expected: int, found: int) -> StoreConflict:
     """The :class:`StoreConflict` for ``key`` expected at ``expected``, found at ``found``.
 

@@ -42,10 +42,9 @@ from clustercert.store.base import (
     Entry,
     Put,
     Store,
-    check_expectation,
     check_key,
+    check_lock,
     check_ops,
-    check_ttl,
     conflict,
     expectation_holds,
 )
@@ -104,17 +103,13 @@ class EtcdStore(Store):
         return self._run(doing, read)
 
     def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
-        check_key(key)
-        check_expectation(expect_revision)
-        if not isinstance(value, str):
-            raise TypeError(f"store value must be str, not {type(value).__name__}")
+        check_ops([Put(key, value, expect_revision)])
         doing = f"writing {key!r}"
         revision, _ = self._run(doing, lambda: self._txn([Put(key, value, expect_revision)], doing))
         return revision
 
     def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
-        check_key(key)
-        check_expectation(expect_revision)
+        check_ops([Delete(key, expect_revision)])
         doing = f"deleting {key!r}"
         _, deleted = self._run(doing, lambda: self._txn([Delete(key, expect_revision)], doing))
         return deleted
@@ -155,9 +150,7 @@ class EtcdStore(Store):
     # --- locks --------------------------------------------------------------------------
 
     def try_lock(self, name: str, owner: str, ttl: float) -> bool:
-        check_key(name, "lock name")
-        check_key(owner, "lock owner")
-        check_ttl(ttl)
+        check_lock(name, owner, ttl)
         doing = f"taking lock {name!r} for {owner!r}"
         lock_key = _b64(self._locks + name.encode())
 
@@ -201,9 +194,7 @@ class EtcdStore(Store):
         return self._run(doing, take)
 
     def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
-        check_key(name, "lock name")
-        check_key(owner, "lock owner")
-        check_ttl(ttl)
+        check_lock(name, owner, ttl)
         doing = f"refreshing lock {name!r} for {owner!r}"
         lock_key = _b64(self._locks + name.encode())
 
@@ -214,8 +205,7 @@ class EtcdStore(Store):
         return self._run(doing, refresh)
 
     def unlock(self, name: str, owner: str) -> None:
-        check_key(name, "lock name")
-        check_key(owner, "lock owner")
+        check_lock(name, owner)
         doing = f"releasing lock {name!r} for {owner!r}"
         lock_key = _b64(self._locks + name.encode())
 
@@ -229,7 +219,7 @@ class EtcdStore(Store):
         self._run(doing, release)
 
     def lock_holder(self, name: str) -> str | None:
-        check_key(name, "lock name")
+        check_lock(name)
         doing = f"reading lock {name!r}"
         lock_key = _b64(self._locks + name.encode())
 

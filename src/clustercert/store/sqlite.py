@@ -33,10 +33,9 @@ from clustercert.store.base import (
     Entry,
     Put,
     Store,
-    check_expectation,
     check_key,
+    check_lock,
     check_ops,
-    check_ttl,
     conflict,
     expectation_holds,
 )
@@ -126,16 +125,12 @@ class SqliteStore(Store):
         return self._read(f"reading {key!r}", read)
 
     def put(self, key: str, value: str, *, expect_revision: int | None = None) -> int:
-        check_key(key)
-        check_expectation(expect_revision)
-        if not isinstance(value, str):
-            raise TypeError(f"store value must be str, not {type(value).__name__}")
+        check_ops([Put(key, value, expect_revision)])
         revision, _ = self._write(f"writing {key!r}", [Put(key, value, expect_revision)])
         return revision
 
     def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
-        check_key(key)
-        check_expectation(expect_revision)
+        check_ops([Delete(key, expect_revision)])
         _, changed = self._write(f"deleting {key!r}", [Delete(key, expect_revision)])
         return changed
 
@@ -162,9 +157,7 @@ class SqliteStore(Store):
     # --- locks --------------------------------------------------------------------------
 
     def try_lock(self, name: str, owner: str, ttl: float) -> bool:
-        check_key(name, "lock name")
-        check_key(owner, "lock owner")
-        check_ttl(ttl)
+        check_lock(name, owner, ttl)
 
         def take(conn: sqlite3.Connection) -> bool:
             now = self._clock()
@@ -183,9 +176,7 @@ class SqliteStore(Store):
         return self._transaction(f"taking lock {name!r} for {owner!r}", take)
 
     def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
-        check_key(name, "lock name")
-        check_key(owner, "lock owner")
-        check_ttl(ttl)
+        check_lock(name, owner, ttl)
 
         def refresh(conn: sqlite3.Connection) -> bool:
             now = self._clock()
@@ -198,8 +189,7 @@ class SqliteStore(Store):
         return self._transaction(f"refreshing lock {name!r} for {owner!r}", refresh)
 
     def unlock(self, name: str, owner: str) -> None:
-        check_key(name, "lock name")
-        check_key(owner, "lock owner")
+        check_lock(name, owner)
 
         def release(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
@@ -207,7 +197,7 @@ class SqliteStore(Store):
         self._transaction(f"releasing lock {name!r} for {owner!r}", release)
 
     def lock_holder(self, name: str) -> str | None:
-        check_key(name, "lock name")
+        check_lock(name)
 
         def read(conn: sqlite3.Connection) -> str | None:
             row = conn.execute(
