@@ -160,16 +160,14 @@ def snapshot(cluster: DemoCluster) -> tuple[Converged | None, str]:
     return Converged(proxy.fingerprint, proxy.generation), ""
 
 
-def wait_converged(
-    cluster: DemoCluster, timeout: float = CONVERGE_TIMEOUT
-) -> tuple[Converged, float]:
-    """Poll until converged; return the state and how long it took. Fails after ``timeout``."""
+def wait_converged(cluster: DemoCluster, timeout: float = CONVERGE_TIMEOUT) -> Converged:
+    """Poll until converged; return the state. Fails after ``timeout``."""
     start = time.monotonic()
     why = ""
     while time.monotonic() - start < timeout:
         state, why = snapshot(cluster)
         if state is not None:
-            return state, time.monotonic() - start
+            return state
         time.sleep(0.1)
     raise AssertionError(f"split final state after {timeout} s: {why}")
 
@@ -263,7 +261,7 @@ def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, 
     wait_converged(cluster)
     restart_server(cluster, fault=step)
     for rep in range(REPEAT):
-        before, _ = wait_converged(cluster)
+        before = wait_converged(cluster)
         generation = next_generation(cluster)
         body, fingerprint = proxy_body()
         assert cluster.server is not None
@@ -281,7 +279,7 @@ def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, 
             what=f"the lock held by the killed pid {dead_pid} to be taken over",
         )
         try:
-            state, _ = wait_converged(cluster)
+            state = wait_converged(cluster)
         except AssertionError:
             record("control plane killed", step, rep, "split", None)
             raise
@@ -308,7 +306,7 @@ def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, 
             assert response.status_code == 200, response.text
             assert response.json()["generation"] == expected
             assert response.json()["fingerprint_sha256"] == fingerprint
-            after, _ = wait_converged(cluster)
+            after = wait_converged(cluster)
             assert after == Converged(fingerprint, expected)
 
 
@@ -337,7 +335,7 @@ def test_agent_killed_or_frozen_at_each_step_converges(
     restart_server(cluster, fault=f"pause:{step}")
     try:
         for rep in range(REPEAT):
-            before, _ = wait_converged(cluster)
+            before = wait_converged(cluster)
             generation = next_generation(cluster)
             body, fingerprint = proxy_body()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -366,7 +364,7 @@ def test_agent_killed_or_frozen_at_each_step_converges(
             else:
                 os.kill(victim.process.pid, signal.SIGCONT)
             try:
-                state, _ = wait_converged(cluster)
+                state = wait_converged(cluster)
             except AssertionError:
                 record("agent " + action, case, rep, "split", None)
                 raise
@@ -497,7 +495,7 @@ def test_redis_that_refuses_the_files_keeps_the_old_certificate_then_converges(
     mixed_cluster: tuple[DemoCluster, Path],
 ) -> None:
     cluster, _ = mixed_cluster
-    before, _ = wait_converged(cluster)
+    before = wait_converged(cluster)
     generation = next_generation(cluster)
     refusing = cluster.nodes[0]
     admin = redis.Redis(unix_socket_path=str(refusing.directory / "redis.sock"))
@@ -528,7 +526,7 @@ def test_redis_that_refuses_the_files_keeps_the_old_certificate_then_converges(
     finally:
         admin.execute_command("ACL", "SETUSER", "default", "+config|set")
         admin.close()
-    state, _ = wait_converged(cluster)
+    state = wait_converged(cluster)
     assert state == Converged(fingerprint, generation)
     # Retrying the request that has now succeeded everywhere is a no-op that answers 200.
     again = put(cluster, body)
@@ -544,7 +542,7 @@ def test_command_reload_that_fails_keeps_the_old_certificate_then_converges(
     mixed_cluster: tuple[DemoCluster, Path], flag: str, expected_error: str
 ) -> None:
     cluster, flags = mixed_cluster
-    before, _ = wait_converged(cluster)
+    before = wait_converged(cluster)
     generation = next_generation(cluster)
     node = next(n for n in cluster.nodes if n.name == "node-cmd")
     (flags / flag).touch()
@@ -561,7 +559,7 @@ def test_command_reload_that_fails_keeps_the_old_certificate_then_converges(
     finally:
         (flags / flag).unlink()
     # Fixed: the reconciler converges without anyone retrying.
-    state, _ = wait_converged(cluster)
+    state = wait_converged(cluster)
     assert state == Converged(fingerprint, generation)
 
 
@@ -588,7 +586,7 @@ def test_second_update_waits_for_the_lock_then_gets_409_update_in_progress(
         assert second.json()["error_code"] == "update_in_progress"
         assert "waited 1 s" in second.json()["description"]
         assert first_response.status_code == 200, first_response.text
-        state, _ = wait_converged(cluster)
+        state = wait_converged(cluster)
         assert state == Converged(first, generation)
     finally:
         paused.unlink(missing_ok=True)
@@ -607,5 +605,5 @@ def test_concurrent_updates_are_serialised(mixed_cluster: tuple[DemoCluster, Pat
     generations = sorted(r.json()["generation"] for r in responses)
     assert generations == [generation, generation + 1]
     last = max(responses, key=lambda r: r.json()["generation"])
-    state, _ = wait_converged(cluster)
+    state = wait_converged(cluster)
     assert state == Converged(last.json()["fingerprint_sha256"], generation + 1)

@@ -9,7 +9,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from clustercert.control.rollout import (
     lock_owner,
 )
 from clustercert.control.state import ClusterState, RolloutRecord
+from clustercert.demo import free_port
 from clustercert.errors import ConfigError, StoreConflict, UpdateInProgress
 from clustercert.sealing import KeySealer
 from clustercert.store import SqliteStore
@@ -155,18 +155,12 @@ def test_one_rollout_in_flight_and_generation_numbers_are_never_reused(tmp_path:
 # --- the reconciler and a node that comes back ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_node_that_listens_again_is_retried_before_its_backoff_ends(tmp_path: Path) -> None:
     """The clock stands still, so backoff alone would never retry the node; only seeing its
     agent listen again does. Counted by the connections the returning "agent" receives."""
     state = _state(tmp_path)
     state.store.put("meta/cluster", json.dumps({"name": "cluster.local"}))
-    port = _free_port()
+    port = free_port()
     state.add_node("node-1", f"https://127.0.0.1:{port}", dt.datetime.now(dt.UTC))
     connections: list[int] = []
 
