@@ -336,10 +336,6 @@ class Leaf:
         return cert_pem(self.cert, *self.issuers)
 
     @property
-    def root(self) -> x509.Certificate:
-        return self.issuers[-1] if self.issuers else self.cert
-
-    @property
     def key_pem(self) -> str:
         """The key as unencrypted PKCS#8 PEM."""
         return key_pem(self.key)

@@ -991,7 +991,7 @@ def _validate_chain(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Vali
             f"certificate {pki.describe_name(twin.subject)} is a cross-signed twin of a chain "
             f"certificate; it is kept at the end of the chain for clients that need it"
         )
-    if "serverAuth" in upload.row.required_eku and not pki.subject_alt_names(leaf):
+    if "serverAuth" in upload.row.required_eku and pki.san_count(leaf) == 0:
         notes.append(
             "the leaf has no subjectAltName: TLS clients match host names against SANs only, "
             "so most will reject it"
@@ -1027,10 +1027,10 @@ def _validate_bundle(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Val
     first = certs[0]
     _check_validity(certs, first, at)
     graph = _Graph.of(certs)
+    builder = _ChainBuilder(graph, trust, at)
     for index, cert in enumerate(certs):
         if graph.self_signed[index] or graph.issuers[index]:
             continue
-        builder = _ChainBuilder(graph, trust, at)
         complete, anchors = builder.ending(index)
         if not complete:
             raise builder.explain(_Path((index,), (), False))
