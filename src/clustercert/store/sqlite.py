@@ -222,8 +222,9 @@ class SqliteStore(Store):
 
     # --- internals ----------------------------------------------------------------------
 
-    def _error(self, doing: str, exc: BaseException) -> StoreError:
-        return StoreError(f"SQLite store {str(self._path)!r}: {doing}: {exc}")
+    def _error(self, doing: str, what: BaseException | str) -> StoreError:
+        """The one format of this backend's errors: where, what it was doing, what failed."""
+        return StoreError(f"SQLite store {str(self._path)!r}: {doing}: {what}")
 
     def _initialise(self, busy_timeout: float) -> None:
         doing = "initialising the database"
@@ -232,9 +233,10 @@ class SqliteStore(Store):
                 self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
                 mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
                 if mode is None or str(mode[0]).lower() != "wal":
-                    raise StoreError(
-                        f"SQLite store {str(self._path)!r}: {doing}: cannot switch to WAL "
-                        f"journal mode (got {mode!r}); is the file on a network filesystem?"
+                    raise self._error(
+                        doing,
+                        f"cannot switch to WAL journal mode (got {mode!r}); is the file on a "
+                        "network filesystem?",
                     )
                 self._conn.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
@@ -243,9 +245,10 @@ class SqliteStore(Store):
         def migrate(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:
-                raise StoreError(
-                    f"SQLite store {str(self._path)!r}: {doing}: schema version {version} is "
-                    f"newer than this clustercert understands ({_SCHEMA_VERSION}); upgrade it"
+                raise self._error(
+                    doing,
+                    f"schema version {version} is newer than this clustercert understands "
+                    f"({_SCHEMA_VERSION}); upgrade it",
                 )
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -256,7 +259,7 @@ class SqliteStore(Store):
 
     def _usable(self, doing: str) -> sqlite3.Connection:
         if self._closed:
-            raise StoreError(f"SQLite store {str(self._path)!r}: {doing}: the store is closed")
+            raise self._error(doing, "the store is closed")
         return self._conn
 
     def _read(self, doing: str, read: Callable[[sqlite3.Connection], _T]) -> _T:
