@@ -6,6 +6,8 @@ Everything here talks to real processes over real TLS on loopback; nothing is mo
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import socket
 import ssl
 import time
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from certfactory import CA
 
 from clustercert.demo import DemoCluster
 
@@ -72,3 +75,23 @@ def wait_until(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or check}: {last!r}")
+
+
+def proxy_body() -> tuple[dict[str, str], str]:
+    """An update_cert body for `proxy` from a fresh test CA (full chain), and its fingerprint."""
+    leaf = CA.new().issue("redis.example", sans=["redis.example", "localhost"], eku=["serverAuth"])
+    body = {"name": "proxy", "certificate": leaf.full_chain_pem, "key": leaf.key_pem}
+    return body, leaf.fingerprint
+
+
+def put(cluster: DemoCluster, body: dict[str, str]) -> httpx.Response:
+    """PUT /v1/cluster/update_cert as admin."""
+    with api(cluster) as client:
+        return client.put("/v1/cluster/update_cert", json=body)
+
+
+def thaw(cluster: DemoCluster) -> None:
+    """SIGCONT every running agent, so a test that froze one never leaves it stopped."""
+    for node in cluster.nodes:
+        if node.process is not None and node.process.poll() is None:
+            os.kill(node.process.pid, signal.SIGCONT)

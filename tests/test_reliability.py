@@ -31,7 +31,7 @@ import httpx
 import pytest
 import redis
 from certfactory import CA
-from clusterkit import accepts, api, served_fingerprint, wait_until
+from clusterkit import accepts, api, proxy_body, put, served_fingerprint, thaw, wait_until
 from conftest import start_cluster
 
 from clustercert.control.rollout import FAULT_ENV, FAULT_STEPS, ROLLOUT_LOCK
@@ -218,18 +218,6 @@ def restart_server(cluster: DemoCluster, fault: str | None = None) -> None:
     cluster.wait_for_api(30)
 
 
-def proxy_body() -> tuple[dict[str, str], str]:
-    leaf = CA.new().issue("redis.example", sans=["redis.example", "localhost"], eku=["serverAuth"])
-    return {"name": "proxy", "certificate": leaf.full_chain_pem, "key": leaf.key_pem}, (
-        leaf.fingerprint
-    )
-
-
-def put(cluster: DemoCluster, body: dict[str, str]) -> httpx.Response:
-    with api(cluster) as client:
-        return client.put("/v1/cluster/update_cert", json=body)
-
-
 def events(cluster: DemoCluster) -> list[dict[str, Any]]:
     with api(cluster) as client:
         answer: list[dict[str, Any]] = client.get(
@@ -246,9 +234,7 @@ def marker(cluster: DemoCluster, step: str) -> Path:
 def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCluster]:
     running = start_cluster(tmp_path_factory, 3, *BASE_ARGS)
     yield running
-    for node in running.nodes:
-        if node.process is not None and node.process.poll() is None:
-            os.kill(node.process.pid, signal.SIGCONT)
+    thaw(running)
     running.stop()
 
 
@@ -387,9 +373,7 @@ def test_agent_killed_or_frozen_at_each_step_converges(
                 response.text
             )
     finally:
-        for node in cluster.nodes:
-            if node.process is not None and node.process.poll() is None:
-                os.kill(node.process.pid, signal.SIGCONT)
+        thaw(cluster)
         paused.unlink(missing_ok=True)
     restart_server(cluster)
 

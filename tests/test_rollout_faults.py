@@ -16,7 +16,16 @@ from typing import Any
 import httpx
 import pytest
 from certfactory import CA
-from clusterkit import accepts, api, served_by_node, served_fingerprint, wait_until
+from clusterkit import (
+    accepts,
+    api,
+    proxy_body,
+    put,
+    served_by_node,
+    served_fingerprint,
+    thaw,
+    wait_until,
+)
 from conftest import start_cluster
 
 from clustercert.demo import DemoCluster
@@ -30,24 +39,8 @@ def small_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoClus
         tmp_path_factory, 3, "--agent-timeout", str(AGENT_TIMEOUT), "--reconcile-interval", "0.2"
     )
     yield running
-    for node in running.nodes:
-        if node.process is not None and node.process.poll() is None:
-            os.kill(node.process.pid, signal.SIGCONT)
+    thaw(running)
     running.stop()
-
-
-def _proxy_body() -> tuple[dict[str, str], str]:
-    leaf = CA.new().issue("redis.example", sans=["redis.example"], eku=["serverAuth"])
-    return {
-        "name": "proxy",
-        "certificate": leaf.full_chain_pem,
-        "key": leaf.key_pem,
-    }, leaf.fingerprint
-
-
-def _put(cluster: DemoCluster, body: dict[str, str]) -> httpx.Response:
-    with api(cluster) as client:
-        return client.put("/v1/cluster/update_cert", json=body)
 
 
 def _progress_where(client: httpx.Client, frozen: str) -> dict[str, Any] | None:
@@ -73,11 +66,11 @@ def test_frozen_agent_during_stage_gives_409_and_changes_nothing(
     before = served_by_node(small_cluster)
     frozen = small_cluster.nodes[1]
     assert frozen.process is not None
-    body, _ = _proxy_body()
+    body, _ = proxy_body()
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, api(small_cluster) as watcher:
-            call = pool.submit(_put, small_cluster, body)
+            call = pool.submit(put, small_cluster, body)
             # While the frozen node holds the stage up, the rollout shows where each node is.
             seen = wait_until(
                 lambda: _progress_where(watcher, frozen.name),
@@ -114,7 +107,7 @@ def test_agent_gone_during_stage_gives_409_then_the_node_catches_up(
     assert gone.process is not None
     gone.process.terminate()  # the agent stops, and with it its redis-server
     gone.process.wait(timeout=10)
-    body, fingerprint = _proxy_body()
+    body, fingerprint = proxy_body()
     with api(small_cluster) as client:
         response = client.put("/v1/cluster/update_cert", json=body)
     assert response.status_code == 409, response.text
@@ -140,7 +133,7 @@ def test_agent_gone_during_stage_gives_409_then_the_node_catches_up(
 def test_a_node_that_joins_later_gets_the_desired_certificates(
     small_cluster: DemoCluster,
 ) -> None:
-    body, fingerprint = _proxy_body()
+    body, fingerprint = proxy_body()
     with api(small_cluster) as client:
         assert client.put("/v1/cluster/update_cert", json=body).status_code == 200
     node = small_cluster.add_node("node-4")
