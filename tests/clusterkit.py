@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,15 +51,23 @@ def served_by_node(cluster: DemoCluster) -> dict[str, str]:
     return {n.name: served_fingerprint("127.0.0.1", n.redis_port) for n in cluster.nodes}
 
 
-def api(cluster: DemoCluster, auth: tuple[str, str] | bool | None = True) -> httpx.Client:
-    """A client for the cluster's API; ``auth=True`` logs in as admin, None sends no credentials."""
+def api(
+    cluster: DemoCluster,
+    auth: tuple[str, str] | bool | None = True,
+    client_cert: tuple[Path, Path] | None = None,
+) -> httpx.Client:
+    """A client for the cluster's API; ``auth=True`` logs in as admin, None sends no credentials;
+    ``client_cert`` (certificate and key files) is presented in the TLS handshake."""
     if auth is True:
         assert cluster.admin_password is not None
         auth = ("admin@cluster.local", cluster.admin_password)
+    verify = ssl.create_default_context(cafile=str(cluster.cluster.ca_file))
+    if client_cert is not None:
+        verify.load_cert_chain(*client_cert)
     return httpx.Client(
         base_url=cluster.api_url,
         auth=auth if isinstance(auth, tuple) else None,
-        verify=ssl.create_default_context(cafile=str(cluster.cluster.ca_file)),
+        verify=verify,
         timeout=60,
     )
 

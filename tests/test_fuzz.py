@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import collections
 import os
-import ssl
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
+from clusterkit import api
 from conftest import start_cluster
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -85,11 +84,9 @@ def test_the_fuzz_run_was_real(fuzzed_cluster: DemoCluster) -> None:
     assert total >= 10 * EXAMPLES
     assert [s for s in STATUSES if s >= 500] == []
     assert STATUSES[200] > 0 and STATUSES[400] > 0
-    verify = ssl.create_default_context(cafile=str(fuzzed_cluster.cluster.ca_file))
-    url = f"{fuzzed_cluster.api_url}/openapi.json"
-    assert httpx.get(url, verify=verify).status_code == 401
-    auth = (ADMIN_EMAIL, fuzzed_cluster.admin_password or "")
-    served = httpx.get(url, verify=verify, auth=auth).json()
+    with api(fuzzed_cluster, auth=None) as anonymous, api(fuzzed_cluster) as admin:
+        assert anonymous.get("/openapi.json").status_code == 401
+        served = admin.get("/openapi.json").json()
     assert served == DOCUMENT
     log = (fuzzed_cluster.directory / "logs" / "server.log").read_text()
     assert "Traceback" not in log

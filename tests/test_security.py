@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import os
 import re
-import ssl
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from certfactory import CA, Leaf, cert_pem, key_pem
+from clusterkit import api
 from conftest import start_cluster
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -56,18 +56,11 @@ class Ctx:
     tmp: Path
     uids: dict[str, int] = field(default_factory=dict)
 
-    def client(self, auth: tuple[str, str] | None, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.cluster.api_url,
-            auth=auth,
-            verify=kwargs.pop("verify", None) or _verify(self.cluster),
-            timeout=60,
-            **kwargs,
-        )
+    def client(self, auth: tuple[str, str] | None) -> httpx.Client:
+        return api(self.cluster, auth)
 
     def admin(self) -> httpx.Client:
-        assert self.cluster.admin_password is not None
-        return self.client((ADMIN_EMAIL, self.cluster.admin_password))
+        return api(self.cluster)
 
     def request(
         self, auth: tuple[str, str] | None, method: str, path: str, body: Any = None
@@ -76,10 +69,6 @@ class Ctx:
             response = client.request(method, path, json=body)
         SEEN.append(response.text)
         return response
-
-
-def _verify(cluster: DemoCluster) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(cluster.cluster.ca_file))
 
 
 def _leaf(cn: str = "redis.example", eku: tuple[str, ...] = ("serverAuth",)) -> Leaf:
@@ -459,9 +448,7 @@ def _cert_client(ctx: Ctx, name: str, pair: tuple[str, str]) -> httpx.Client:
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(pair[1])
-    verify = _verify(ctx.cluster)
-    verify.load_cert_chain(cert_file, key_file)
-    return ctx.client(None, verify=verify)
+    return api(ctx.cluster, None, client_cert=(cert_file, key_file))
 
 
 def test_client_certificate_login(ctx: Ctx) -> None:
