@@ -57,9 +57,8 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
             raise ConfigError(f"store {url_or_path!r}: expected {_FORMS}")
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal
-        prefix = parts.path.strip("/")
-        return EtcdStore(
+        return EtcdStore(  # EtcdStore normalises the prefix's slashes
             endpoint=f"http://{host}:{port or DEFAULT_ETCD_PORT}",
-            prefix=f"/{prefix}/" if prefix else DEFAULT_ETCD_PREFIX,
+            prefix=parts.path.strip("/") or DEFAULT_ETCD_PREFIX,
         )
     raise ConfigError(f"store {url_or_path!r}: unknown scheme {parts.scheme!r}; expected {_FORMS}")

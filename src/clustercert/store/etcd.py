@@ -264,20 +264,22 @@ class EtcdStore(Store):
         except RuntimeError as exc:  # httpx: the client was closed by another thread
             raise self._error(doing, f"the store is closed ({exc})") from exc
 
-    def _call(self, path: str, body: _Json, doing: str) -> _Json:
-        """POST one unary gateway request; return its JSON answer or raise StoreError."""
+    def _post_ok(self, path: str, body: _Json, doing: str) -> httpx.Response:
+        """POST to the gateway; StoreError unless it answers 200."""
         response = self._post(path, body, doing)
         if response.status_code != 200:
             raise self._error(doing, _describe_failure(path, response))
-        return _json_object(response.text, path)
+        return response
+
+    def _call(self, path: str, body: _Json, doing: str) -> _Json:
+        """POST one unary gateway request; return its JSON answer or raise StoreError."""
+        return _json_object(self._post_ok(path, body, doing).text, path)
 
     def _keepalive(self, lease: int, doing: str) -> bool:
         """Renew ``lease``; ``False`` if it no longer exists (the lock already expired)."""
         if lease == 0:
             return False  # not a leased key: not one of our locks
-        response = self._post("lease/keepalive", {"ID": lease}, doing)
-        if response.status_code != 200:
-            raise self._error(doing, _describe_failure("lease/keepalive", response))
+        response = self._post_ok("lease/keepalive", {"ID": lease}, doing)
         # A streaming call: the gateway answers one {"result": ...} or {"error": ...} object per
         # line. We sent one request, so the first line is its answer.
         lines = [line for line in response.text.splitlines() if line.strip()]
