@@ -411,10 +411,8 @@ class CA:
         name = _name(common_name)
         start, end = _default_window(now, not_before, not_after, 3650)
         builder = cls._ca_builder(
-            name, name, key, key, start, end, path_length, basic_constraints, key_usage
+            name, name, key, key, start, end, path_length, basic_constraints, key_usage, extensions
         )
-        for ext, critical in extensions:
-            builder = builder.add_extension(ext, critical=critical)
         return cls(_sign(builder, key, signature_hash), key, now)
 
     @staticmethod
@@ -428,6 +426,7 @@ class CA:
         path_length: int | None,
         basic_constraints: bool,
         key_usage: bool,
+        extensions: Sequence[tuple[x509.ExtensionType, bool]],
     ) -> x509.CertificateBuilder:
         builder = (
             x509.CertificateBuilder()
@@ -452,6 +451,8 @@ class CA:
             )
         if key_usage:
             builder = builder.add_extension(_key_usage(ca=True), critical=True)
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
         return builder
 
     def intermediate(
@@ -480,9 +481,8 @@ class CA:
             path_length,
             basic_constraints,
             key_usage,
+            extensions,
         )
-        for ext, critical in extensions:
-            builder = builder.add_extension(ext, critical=critical)
         return CA(_sign(builder, self.key, signature_hash), key, self.now, self)
 
     @property
