@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from certfactory import CA
 
-from clustercert.agent.files import CertificateFiles, GenerationPaths
+from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.control.agents import AgentPool
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import (

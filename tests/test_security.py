@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clustercert.cli import main
-from clustercert.control.auth import _DUMMY_HASH, ROLES, hash_password
+from clustercert.control.auth import _DUMMY_HASH, hash_password
 from clustercert.control.state import ClusterState
 from clustercert.demo import ADMIN_EMAIL, DemoCluster
 from clustercert.errors import ConfigError, UndeletableUser
+from clustercert.roles import ROLES
 from clustercert.sealing import KeySealer
 from clustercert.store import open_store
 

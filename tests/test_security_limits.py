@@ -25,7 +25,7 @@ from clusterkit import api
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from clustercert.control.app import error_response, read_json
+from clustercert.control.http import error_response, read_json
 from clustercert.control.listener import ListenerLimits, json_too_deep
 from clustercert.control.server import api_config
 from clustercert.demo import DemoCluster, free_port

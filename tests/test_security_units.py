@@ -13,12 +13,12 @@ from cryptography import x509
 from clustercert.control.auth import (
     Authenticator,
     LoginThrottle,
-    User,
     canonical_subject,
     client_certificate,
     hash_password,
     verify_password,
 )
+from clustercert.control.state import User
 from clustercert.errors import Unauthorized
 
 UTC = dt.UTC

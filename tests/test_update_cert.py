@@ -16,8 +16,8 @@ import redis
 from certfactory import CA, openssl_ca_and_leaf
 from clusterkit import api, served_by_node, served_fingerprint
 
-from clustercert.cluster import ClusterDirectory
 from clustercert.control.auth import hash_password
+from clustercert.control.directory import ClusterDirectory
 from clustercert.demo import DemoCluster
 
 UTC = dt.UTC

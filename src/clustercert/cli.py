@@ -18,7 +18,9 @@ import click
 from cryptography import x509
 
 from clustercert import pki
+from clustercert.clock import parse_iso, utc_now
 from clustercert.errors import CertificateRejected, ClusterCertError, UnknownCertificate
+from clustercert.roles import ROLE_NAMES
 
 if TYPE_CHECKING:  # the commands import what they need: an agent loads no control plane
     from clustercert.client import ApiClient
@@ -55,14 +57,14 @@ def init(
     directory: Path, name: str, admin_email: str, admin_password: str | None, store: str | None
 ) -> None:
     """Create a cluster directory: internal CA, store, certificates, admin user."""
-    from clustercert.cluster import init_cluster
+    from clustercert.control.directory import init_cluster
 
     result = init_cluster(
         directory,
         name=name,
         admin_email=admin_email,
         admin_password=admin_password,
-        now=dt.datetime.now(dt.UTC),
+        now=utc_now(),
         store_url=store,
     )
     click.echo(f"initialised cluster {name} in {directory}")
@@ -99,7 +101,7 @@ def server(
     reconcile_interval: float,
 ) -> None:
     """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
-    from clustercert.cluster import ClusterDirectory
+    from clustercert.control.directory import ClusterDirectory
     from clustercert.control.server import ServerSettings, serve
 
     _setup_logging()
@@ -120,13 +122,11 @@ def server(
 @click.option("--ttl", default=3600, show_default=True, help="Seconds the token stays valid.")
 def join_token(directory: Path, ttl: int) -> None:
     """Print a one-time token with which one node joins."""
-    from clustercert.cluster import ClusterDirectory
+    from clustercert.control.directory import ClusterDirectory
 
     cluster = ClusterDirectory(directory)
     with cluster.open_store() as store:
-        token = cluster.state(store).new_join_token(
-            dt.datetime.now(dt.UTC), dt.timedelta(seconds=ttl)
-        )
+        token = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
     click.echo(token)
 
 
@@ -274,9 +274,9 @@ def list_certificates(**options: Any) -> None:
         names = sorted(k[: -len("_cert")] for k in present if k.endswith("_cert"))
         details = [client.call("GET", f"/v1/cluster/certificates/{n}") for n in names]
     table = Table("name", "subject", "expires in", "SHA-256", "nodes in sync", box=None)
-    now = dt.datetime.now(dt.UTC)
+    now = utc_now()
     for detail in details:
-        not_after = dt.datetime.fromisoformat(detail["not_after"].replace("Z", "+00:00"))
+        not_after = parse_iso(detail["not_after"])
         nodes = detail["nodes"]
         in_sync = sum(1 for n in nodes if n["in_sync"])
         table.add_row(
@@ -418,7 +418,7 @@ def validate_certificate(
     """
     from clustercert.validation import TrustStore, validate_upload
 
-    moment = at or dt.datetime.now(dt.UTC)  # the one place that reads the clock
+    moment = at or utc_now()  # the one place that reads the clock
     trust = TrustStore.system(extra=_load_ca_file(ca_file))
     key = _read_upload(key_file) if key_file is not None else None
     try:
@@ -508,9 +508,7 @@ def users() -> None:
 @click.option("--email", required=True)
 @click.option(
     "--role", required=True,
-    type=click.Choice(
-        ["admin", "cluster_member", "cluster_viewer", "db_member", "db_viewer", "user_manager"]
-    ),
+    type=click.Choice(ROLE_NAMES),
 )  # fmt: skip
 @click.option("--name", default="", help="Display name.")
 @click.option(

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 
 from clustercert.agent.config import load_agent_config
-from clustercert.cluster import ClusterDirectory, init_cluster
+from clustercert.clock import utc_now
+from clustercert.control.directory import ClusterDirectory, init_cluster
 from clustercert.errors import ConfigError
 
 __all__ = ["DemoCluster", "DemoNode", "free_port"]
@@ -146,7 +147,7 @@ class DemoCluster:
                 name="cluster.local",
                 admin_email=ADMIN_EMAIL,
                 admin_password=self.admin_password,
-                now=dt.datetime.now(dt.UTC),
+                now=utc_now(),
                 store_url=self.store_url,
             )
             self.admin_password = result.admin_password
@@ -177,7 +178,7 @@ class DemoCluster:
         if not (node_dir / "identity" / "node.json").exists():
             with self.cluster.open_store() as store:
                 token = self.cluster.state(store).new_join_token(
-                    dt.datetime.now(dt.UTC), dt.timedelta(minutes=10)
+                    utc_now(), dt.timedelta(minutes=10)
                 )
         node.write_config(self.api_url, self.cluster.ca_file, token)
         self.nodes.append(node)

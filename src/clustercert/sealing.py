@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from clustercert.agent.files import write_atomically
+from clustercert.certfiles import write_atomically
 from clustercert.errors import ConfigError
 
 __all__ = ["KeySealer"]

@@ -43,6 +43,7 @@ from cryptography.x509.verification import (
 )
 
 from clustercert import pki
+from clustercert.clock import iso
 from clustercert.errors import (
     CertificateExpired,
     CertificateRejected,
@@ -244,8 +245,8 @@ class ValidatedCertificate:
             "subject": self.leaf.subject.rfc4514_string(),
             "issuer": self.leaf.issuer.rfc4514_string(),
             "sans": pki.subject_alt_names(self.leaf),
-            "not_before": _iso(self.not_before),
-            "not_after": _iso(self.not_after),
+            "not_before": iso(self.not_before),
+            "not_after": iso(self.not_after),
             "fingerprint_sha256": self.fingerprint_sha256,
             "key_type": pki.describe_key(public),
             "key_bits": pki.key_bits(public),
@@ -270,10 +271,6 @@ class BatchIssuerNotFound(IssuerNotFound):
     """
 
     http_status = 400
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _when(moment: dt.datetime) -> str:

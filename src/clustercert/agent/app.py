@@ -28,9 +28,9 @@ from starlette.routing import Route
 
 from clustercert import pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
-from clustercert.agent.files import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.agent.metrics import MetricsListener
 from clustercert.agent.services import CommandService, RedisService, Service, ServiceResult
+from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.names import NAMES
 from clustercert.tls import server_context

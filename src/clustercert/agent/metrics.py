@@ -25,8 +25,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from clustercert.agent.config import ServiceConfig
-from clustercert.agent.files import CertificateFiles, GenerationPaths
 from clustercert.agent.services import ReloadFailed, Service
+from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.tls import ReloadableServerContext
 
 __all__ = ["MetricsListener"]

@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from clustercert.agent.config import ServiceConfig
-from clustercert.agent.files import GenerationPaths
 from clustercert.agent.probe import probe, served_fingerprint
+from clustercert.certfiles import GenerationPaths
 
 __all__ = ["CommandService", "RedisService", "ReloadFailed", "Service", "ServiceResult"]
 

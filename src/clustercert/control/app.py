@@ -7,23 +7,20 @@ they raise from :mod:`clustercert.errors` and :func:`error_response` answers.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clustercert import pki
-from clustercert.cluster import DEFAULT_SANS, issue_internal
+from clustercert.clock import iso
 from clustercert.control.apidoc import (
     CertificateAnswer,
     CertificateDetail,
@@ -37,56 +34,35 @@ from clustercert.control.apidoc import (
     answers,
     request_body,
 )
-from clustercert.control.auth import UPDATE, VIEW, Authenticator, User
+from clustercert.control.directory import DEFAULT_SANS, issue_internal
+from clustercert.control.http import error_response, parse_model, read_json
 from clustercert.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from clustercert.control.metrics import Metrics
-from clustercert.control.reconcile import Reconciler
-from clustercert.control.rollout import Coordinator, NodeOutcome
-from clustercert.control.state import CertRecord, ClusterState, NodeRecord
+from clustercert.control.plane import ControlPlane
+from clustercert.control.rollout import NodeOutcome
+from clustercert.control.state import CertRecord, NodeRecord, User
 from clustercert.control.users import users_router
 from clustercert.errors import (
     CertificateNotFound,
     ClusterCertError,
-    InvalidJSON,
     InvalidSchema,
     MethodNotAllowed,
     NotFound,
     NotRotatable,
-    PayloadTooLarge,
     RequiredCertificate,
     Unauthorized,
-    UnsupportedMediaType,
 )
 from clustercert.names import NAMES, lookup
+from clustercert.roles import UPDATE, VIEW
 from clustercert.validation import (
-    TrustStore,
     UploadItem,
     ValidatedCertificate,
     validate_all,
     validate_upload,
 )
 
-__all__ = ["ControlPlane", "build_app", "error_response"]
+__all__ = ["build_app"]
 
 log = logging.getLogger("clustercert.api")
-
-MAX_BODY = 1024 * 1024
-_M = TypeVar("_M", bound=BaseModel)
-
-
-@dataclass
-class ControlPlane:
-    """Everything the routes need, built once by the server."""
-
-    state: ClusterState
-    coordinator: Coordinator
-    reconciler: Reconciler
-    authenticator: Authenticator
-    trust: TrustStore
-    ca: pki.CertificateAuthority
-    metrics: Metrics
-    clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
-    join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
 
 
 # --- request bodies (parsed once at the edge; unknown fields are errors) -----------------------
@@ -116,46 +92,6 @@ class JoinBody(_Strict):
     name: str
     agent_url: str
     csr: str
-
-
-def error_response(exc: ClusterCertError) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Basic realm="clustercert"'} if exc.http_status == 401 else None
-    return JSONResponse(exc.to_body(), status_code=exc.http_status, headers=headers)
-
-
-async def read_json(request: Request) -> Any:
-    """The request's JSON body: 415 unless JSON, 413 over 1 MiB (before parsing), 400 if it
-    does not parse."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise UnsupportedMediaType(
-            "send the body as JSON with 'Content-Type: application/json' "
-            f"(got {media_type or 'none'!r})"
-        )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise PayloadTooLarge(
-            f"the body is {declared} bytes; the limit is {MAX_BODY} bytes (1 MiB)"
-        )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise PayloadTooLarge(f"the body exceeds the limit of {MAX_BODY} bytes (1 MiB)")
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
-
-
-def parse_model(model: type[_M], data: Any) -> _M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidSchema(f"the body does not match the schema: {problems}") from None
 
 
 def _certificate_body(validated: ValidatedCertificate, record: CertRecord) -> dict[str, Any]:
@@ -242,7 +178,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
             certificate=validated.chain_pem,
             key=validated.key_pem,
             fingerprint=validated.fingerprint_sha256,
-            not_after=validated.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            not_after=iso(validated.not_after),
             source="user",
             updated_at="",
             updated_by=user.email,
@@ -487,7 +423,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         node = cp.state.add_node(body.name, body.agent_url, now)
         cp.reconciler.wake(node.node_id)
         cp.state.add_event(
-            {"at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "who": f"node:{body.name}",
+            {"at": iso(now), "who": f"node:{body.name}",
              "action": "join", "node_id": node.node_id, "agent_url": body.agent_url}
         )  # fmt: skip
         return {

@@ -36,16 +36,13 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from clustercert import pki
-from clustercert.errors import InsufficientPermissions, Unauthorized
+from clustercert.clock import utc_now
+from clustercert.control.state import User
+from clustercert.errors import Unauthorized
 
 __all__ = [
-    "MANAGE_USERS",
-    "ROLES",
-    "UPDATE",
-    "VIEW",
     "Authenticator",
     "LoginThrottle",
-    "User",
     "canonical_subject",
     "client_certificate",
     "hash_password",
@@ -53,19 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("clustercert.auth")
-
-VIEW = "view_cluster_info"
-UPDATE = "update_cluster"
-MANAGE_USERS = "manage_users"
-
-ROLES: dict[str, frozenset[str]] = {
-    "admin": frozenset({VIEW, UPDATE, MANAGE_USERS}),
-    "cluster_member": frozenset({VIEW}),
-    "cluster_viewer": frozenset({VIEW}),
-    "db_member": frozenset({VIEW}),
-    "db_viewer": frozenset({VIEW}),
-    "user_manager": frozenset({VIEW, MANAGE_USERS}),
-}
 
 _N, _R, _P = 2**14, 8, 1
 
@@ -133,40 +117,6 @@ def canonical_subject(line: str) -> str:
         rdns.append("+".join(attributes))
     name = x509.Name.from_rfc4514_string(",".join(rdns))
     return name.rfc4514_string()
-
-
-@dataclass(frozen=True)
-class User:
-    uid: int
-    email: str
-    name: str
-    role: str
-    password_hash: str
-    auth_method: str = "regular"
-    certificate_subject_line: str | None = None
-
-    @property
-    def permissions(self) -> frozenset[str]:
-        return ROLES.get(self.role, frozenset())
-
-    def require(self, permission: str) -> None:
-        if permission not in self.permissions:
-            raise InsufficientPermissions(
-                f"user {self.email} (role {self.role}) lacks the permission {permission}"
-            )
-
-    def public(self) -> dict[str, Any]:
-        """What the API shows of a user: never the password hash."""
-        body: dict[str, Any] = {
-            "uid": self.uid,
-            "email": self.email,
-            "name": self.name,
-            "role": self.role,
-            "auth_method": self.auth_method,
-        }
-        if self.certificate_subject_line is not None:
-            body["certificate_subject_line"] = self.certificate_subject_line
-        return body
 
 
 @dataclass
@@ -284,7 +234,7 @@ class Authenticator:
         throttle: LoginThrottle | None = None,
         cache_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        wall_clock: Callable[[], dt.datetime] = utc_now,
     ) -> None:
         self._find_user = find_user
         self._find_certificate_user = find_certificate_user

@@ -7,13 +7,13 @@ process's own.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from clustercert.clock import parse_iso
 from clustercert.control.state import ClusterState
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -44,7 +44,7 @@ class _StoreCollector(Collector):
         nodes = self.state.nodes()
         applied = {n.node_id: self.state.applied(n.node_id) for n in nodes}
         for record in self.state.certificates():
-            expiry = dt.datetime.fromisoformat(record.not_after.replace("Z", "+00:00"))
+            expiry = parse_iso(record.not_after)
             not_after.add_metric([record.name], expiry.timestamp())
             generation.add_metric([record.name], record.generation)
             proven = [applied[n.node_id].get(record.name) for n in nodes]

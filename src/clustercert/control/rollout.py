@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from clustercert.clock import iso, utc_now
 from clustercert.control.agents import AgentPool
 from clustercert.control.state import (
     ROLLOUT_KEY,
@@ -66,10 +67,6 @@ ROLLOUT_LOCK = "rollout"
 LOCK_TTL = 30.0
 
 Seam = Callable[[str, str], Awaitable[None]]  # (step, the node it happened on or "")
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- the cluster lock -----------------------------------------------------------------------
@@ -303,7 +300,7 @@ class Coordinator:
         pool: AgentPool,
         *,
         lock_wait: float = 30.0,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        clock: Callable[[], dt.datetime] = utc_now,
         on_committed: Callable[[Sequence[CertRecord]], None] = lambda records: None,
         fault: FaultPlan | None = None,
     ) -> None:
@@ -416,7 +413,7 @@ class Coordinator:
             outcomes = await asyncio.gather(*(remove_on(n) for n in nodes))
             self.state.add_event(
                 {
-                    "at": _iso(self.clock()),
+                    "at": iso(self.clock()),
                     "who": actor,
                     "action": "delete",
                     "name": record.name,
@@ -529,7 +526,7 @@ class Coordinator:
             },
             actor=actor,
             owner=owner,
-            started_at=_iso(self.clock()),
+            started_at=iso(self.clock()),
         )
         try:
             return self.state.begin_rollout(record)
@@ -543,7 +540,7 @@ class Coordinator:
     ) -> RolloutRecord:
         """The decision: ONE atomic store commit makes every new generation desired and marks
         the rollout ``decided``. Before it, a crash means abort; after it, roll forward."""
-        now = _iso(self.clock())
+        now = iso(self.clock())
         decided = replace(in_flight, phase="decided")
         ops = [
             Put(
@@ -606,7 +603,7 @@ class Coordinator:
             new = record.fingerprints.get(name) if action == "update" else None
             self.state.add_event(
                 {
-                    "at": _iso(self.clock()),
+                    "at": iso(self.clock()),
                     "who": record.actor,
                     "action": action,
                     "name": name,
@@ -707,7 +704,7 @@ class Coordinator:
                 fingerprint=str(answer.get("fingerprint")),
                 ok=ok,
                 services=list(answer.get("services", [])),
-                at=_iso(self.clock()),
+                at=iso(self.clock()),
             )
             if applied is None:
                 self.state.record_applied(node.node_id, record.name, proof)
@@ -734,7 +731,7 @@ class Coordinator:
             old = current.get(record.name)
             self.state.add_event(
                 {
-                    "at": _iso(self.clock()),
+                    "at": iso(self.clock()),
                     "who": actor,
                     "action": action,
                     "name": record.name,

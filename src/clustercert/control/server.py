@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from clustercert.agent.files import CertificateFiles, GenerationPaths
-from clustercert.cluster import ClusterDirectory
+from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.control.agents import AgentPool, internode_client_context
-from clustercert.control.app import ControlPlane, build_app
+from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
+from clustercert.control.directory import ClusterDirectory
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
+from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
 from clustercert.control.state import CertRecord, ClusterState

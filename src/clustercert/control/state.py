@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from clustercert.control.auth import User
-from clustercert.errors import StoreConflict, UndeletableUser, UserExists
+from clustercert.clock import iso
+from clustercert.errors import InsufficientPermissions, StoreConflict, UndeletableUser, UserExists
+from clustercert.roles import permissions_of
 from clustercert.sealing import KeySealer
 from clustercert.store import Delete, Put, Store
 
@@ -38,14 +39,45 @@ __all__ = [
     "ClusterState",
     "NodeRecord",
     "RolloutRecord",
+    "User",
 ]
 
 ROLLOUT_KEY = "rollouts/current"
 GENERATIONS_KEY = "rollouts/generations"
 
 
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+@dataclass(frozen=True)
+class User:
+    uid: int
+    email: str
+    name: str
+    role: str
+    password_hash: str
+    auth_method: str = "regular"
+    certificate_subject_line: str | None = None
+
+    @property
+    def permissions(self) -> frozenset[str]:
+        return permissions_of(self.role)
+
+    def require(self, permission: str) -> None:
+        if permission not in self.permissions:
+            raise InsufficientPermissions(
+                f"user {self.email} (role {self.role}) lacks the permission {permission}"
+            )
+
+    def public(self) -> dict[str, Any]:
+        """What the API shows of a user: never the password hash."""
+        body: dict[str, Any] = {
+            "uid": self.uid,
+            "email": self.email,
+            "name": self.name,
+            "role": self.role,
+            "auth_method": self.auth_method,
+        }
+        if self.certificate_subject_line is not None:
+            body["certificate_subject_line"] = self.certificate_subject_line
+        return body
 
 
 @dataclass(frozen=True)
@@ -186,7 +218,7 @@ class ClusterState:
                 record = replace(existing, agent_url=agent_url)
                 self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)))
                 return record
-        record = NodeRecord(self._next_id("next_node_id"), name, agent_url, _iso(now))
+        record = NodeRecord(self._next_id("next_node_id"), name, agent_url, iso(now))
         self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)), expect_revision=0)
         return record
 

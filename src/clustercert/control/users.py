@@ -20,20 +20,17 @@ change is an audit event.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from clustercert.clock import iso, utc_now
 from clustercert.control.apidoc import UserBody, answers, request_body
-from clustercert.control.auth import (
-    MANAGE_USERS,
-    User,
-    canonical_subject,
-    hash_password,
-)
+from clustercert.control.auth import canonical_subject, hash_password
+from clustercert.control.http import parse_model, read_json
+from clustercert.control.state import User
 from clustercert.errors import (
     InsufficientPermissions,
     InvalidSchema,
@@ -41,9 +38,10 @@ from clustercert.errors import (
     UndeletableUser,
     UserExists,
 )
+from clustercert.roles import MANAGE_USERS, Role
 
 if TYPE_CHECKING:
-    from clustercert.control.app import ControlPlane
+    from clustercert.control.plane import ControlPlane
 
 __all__ = ["NewUser", "users_router"]
 
@@ -53,10 +51,6 @@ log = logging.getLogger("clustercert.users")
 # code points only: this pattern is also the OpenAPI document's, and JSON Schema's "\s" is not
 # Python's (a difference the fuzzer finds).
 EMAIL_PATTERN = r"^[^@:\x00-\x20\x7f]+@[^@:\x00-\x20\x7f]+$"
-
-Role = Literal[
-    "admin", "cluster_member", "cluster_viewer", "db_member", "db_viewer", "user_manager"
-]
 
 
 class NewUser(BaseModel):
@@ -70,15 +64,8 @@ class NewUser(BaseModel):
     certificate_subject_line: str | None = Field(default=None, min_length=3, max_length=1024)
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def users_router(cp: ControlPlane) -> APIRouter:
-    """The routes, for ``app.include_router``. They read bodies with the app's own
-    :func:`~clustercert.control.app.read_json` and :func:`~clustercert.control.app.parse_model`
-    (imported here: app.py imports this module)."""
-    from clustercert.control.app import parse_model, read_json
+    """The routes, for ``app.include_router``; bodies are read at the shared HTTP edge."""
 
     router = APIRouter()
 
@@ -95,7 +82,7 @@ def users_router(cp: ControlPlane) -> APIRouter:
 
     def audit(actor: User, action: str, user: User) -> None:
         cp.state.add_event(
-            {"at": _now(), "who": actor.email, "action": action, "uid": user.uid,
+            {"at": iso(utc_now()), "who": actor.email, "action": action, "uid": user.uid,
              "email": user.email, "role": user.role, "auth_method": user.auth_method}
         )  # fmt: skip
         log.info(

@@ -22,7 +22,8 @@ from pathlib import Path
 from cryptography import x509
 
 from clustercert import pki
-from clustercert.agent.files import write_atomically
+from clustercert.certfiles import write_atomically
+from clustercert.clock import iso
 from clustercert.control.auth import hash_password
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.errors import ConfigError
@@ -109,9 +110,9 @@ def issue_internal(
         certificate=pair.cert_pem,
         key=pair.key_pem,
         fingerprint=pki.fingerprint_sha256(leaf),
-        not_after=leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        not_after=iso(leaf.not_valid_after_utc),
         source="internal",
-        updated_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        updated_at=iso(now),
         updated_by=actor,
     )
 
