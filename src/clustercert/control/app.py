@@ -34,6 +34,7 @@ from clustercert.control.apidoc import (
     answers,
     request_body,
 )
+from clustercert.control.audit import NodeEvent
 from clustercert.control.directory import DEFAULT_SANS, issue_internal
 from clustercert.control.http import error_response, parse_model, read_json
 from clustercert.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -423,8 +424,8 @@ def build_app(cp: ControlPlane) -> FastAPI:
         node = cp.state.add_node(body.name, body.agent_url, now)
         cp.reconciler.wake(node.node_id)
         cp.state.add_event(
-            {"at": iso(now), "who": f"node:{body.name}",
-             "action": "join", "node_id": node.node_id, "agent_url": body.agent_url}
+            NodeEvent(now, f"node:{body.name}", "join", node_id=node.node_id,
+                      agent_url=body.agent_url)
         )  # fmt: skip
         return {
             "node_id": node.node_id,

@@ -30,6 +30,7 @@ from typing import Any
 
 from clustercert.clock import iso, utc_now
 from clustercert.control.agents import AgentPool
+from clustercert.control.audit import CertificateEvent
 from clustercert.control.state import (
     ROLLOUT_KEY,
     AppliedRecord,
@@ -412,16 +413,15 @@ class Coordinator:
 
             outcomes = await asyncio.gather(*(remove_on(n) for n in nodes))
             self.state.add_event(
-                {
-                    "at": iso(self.clock()),
-                    "who": actor,
-                    "action": "delete",
-                    "name": record.name,
-                    "generation": record.generation,
-                    "old_fingerprint": record.fingerprint,
-                    "new_fingerprint": None,
-                    "nodes": [o.summary() for o in outcomes],
-                }
+                CertificateEvent(
+                    self.clock(),
+                    actor,
+                    "delete",
+                    name=record.name,
+                    generation=record.generation,
+                    old_fingerprint=record.fingerprint,
+                    nodes=[o.summary() for o in outcomes],
+                )
             )
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -602,18 +602,17 @@ class Coordinator:
         for name, generation in sorted(record.generations.items()):
             new = record.fingerprints.get(name) if action == "update" else None
             self.state.add_event(
-                {
-                    "at": iso(self.clock()),
-                    "who": record.actor,
-                    "action": action,
-                    "name": name,
-                    "generation": generation,
-                    "old_fingerprint": record.previous.get(name),
-                    "new_fingerprint": new,
-                    "recovered": True,
-                    "rollout_id": record.rollout_id,
-                    "nodes": [o.summary() for o in outcomes],
-                }
+                CertificateEvent(
+                    self.clock(),
+                    record.actor,
+                    action,
+                    name=name,
+                    generation=generation,
+                    old_fingerprint=record.previous.get(name),
+                    new_fingerprint=new,
+                    nodes=[o.summary() for o in outcomes],
+                    rollout_id=record.rollout_id,
+                )
             )
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
@@ -730,16 +729,16 @@ class Coordinator:
         for record in records:
             old = current.get(record.name)
             self.state.add_event(
-                {
-                    "at": iso(self.clock()),
-                    "who": actor,
-                    "action": action,
-                    "name": record.name,
-                    "generation": record.generation,
-                    "old_fingerprint": old.fingerprint if old else None,
-                    "new_fingerprint": record.fingerprint,
-                    "nodes": [o.summary() for o in outcomes],
-                }
+                CertificateEvent(
+                    self.clock(),
+                    actor,
+                    action,
+                    name=record.name,
+                    generation=record.generation,
+                    old_fingerprint=old.fingerprint if old else None,
+                    new_fingerprint=record.fingerprint,
+                    nodes=[o.summary() for o in outcomes],
+                )
             )
 
 

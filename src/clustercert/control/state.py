@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from clustercert.clock import iso
+from clustercert.control.audit import AuditEvent
 from clustercert.errors import InsufficientPermissions, StoreConflict, UndeletableUser, UserExists
 from clustercert.roles import permissions_of
 from clustercert.sealing import KeySealer
@@ -338,9 +339,9 @@ class ClusterState:
 
     # --- events -------------------------------------------------------------------------
 
-    def add_event(self, event: dict[str, Any]) -> None:
+    def add_event(self, event: AuditEvent) -> None:
         sequence = self._next_id("next_event")
-        self.store.put(f"events/{sequence:012d}", json.dumps({"id": sequence, **event}))
+        self.store.put(f"events/{sequence:012d}", json.dumps({"id": sequence, **event.to_json()}))
 
     def events(self) -> list[dict[str, Any]]:
         """Every event, newest first."""

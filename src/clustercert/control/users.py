@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from clustercert.clock import iso, utc_now
+from clustercert.clock import utc_now
 from clustercert.control.apidoc import UserBody, answers, request_body
+from clustercert.control.audit import UserEvent
 from clustercert.control.auth import canonical_subject, hash_password
 from clustercert.control.http import parse_model, read_json
 from clustercert.control.state import User
@@ -82,8 +83,8 @@ def users_router(cp: ControlPlane) -> APIRouter:
 
     def audit(actor: User, action: str, user: User) -> None:
         cp.state.add_event(
-            {"at": iso(utc_now()), "who": actor.email, "action": action, "uid": user.uid,
-             "email": user.email, "role": user.role, "auth_method": user.auth_method}
+            UserEvent(utc_now(), actor.email, action, uid=user.uid, email=user.email,
+                      role=user.role, auth_method=user.auth_method)
         )  # fmt: skip
         log.info(
             "%s: %s %s (uid %d, role %s)", actor.email, action, user.email, user.uid, user.role
