@@ -53,8 +53,18 @@ def _setup_logging() -> None:
 @click.option("--admin-email", default="admin@cluster.local", show_default=True)
 @click.option("--admin-password", default=None, help="Generated and printed once if omitted.")
 @click.option("--store", default=None, help="Store URL (default: SQLite in DIR).")
+@click.option(
+    "--san", "sans", multiple=True, callback=lambda _c, _p, v: _split(v),
+    help="A name or IP address clients and agents reach the control plane by (repeatable, "
+    "or comma-separated); the api and cm certificates name it.",
+)  # fmt: skip
 def init(
-    directory: Path, name: str, admin_email: str, admin_password: str | None, store: str | None
+    directory: Path,
+    name: str,
+    admin_email: str,
+    admin_password: str | None,
+    store: str | None,
+    sans: tuple[str, ...],
 ) -> None:
     """Create a cluster directory: internal CA, store, certificates, admin user."""
     from clustercert.control.directory import init_cluster
@@ -66,12 +76,19 @@ def init(
         admin_password=admin_password,
         now=utc_now(),
         store_url=store,
+        sans=sans,
     )
     click.echo(f"initialised cluster {name} in {directory}")
     click.echo(f"CA certificate: {result.directory.ca_file}")
+    click.echo(f"control plane names: {', '.join((name, *sans, 'localhost', '127.0.0.1', '::1'))}")
     click.echo(f"admin user: {result.admin_email}")
     if result.password_generated:
         click.echo(f"admin password (shown once): {result.admin_password}")
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable options that also take comma-separated lists."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -92,6 +109,12 @@ def _listen(value: str) -> tuple[str, int]:
     "--lock-wait", default=30.0, show_default=True, help="Seconds an update waits for the lock."
 )
 @click.option("--reconcile-interval", default=1.0, show_default=True)
+@click.option(
+    "--advertise", multiple=True, callback=lambda _c, _p, v: _split(v),
+    help="URL, name or address clients and agents reach this control plane by (repeatable, or "
+    "comma-separated); required with a wildcard --listen such as 0.0.0.0 unless `init --san` "
+    "named one. The api and cm certificates are re-issued to name it when needed.",
+)  # fmt: skip
 def server(
     directory: Path,
     listen: str,
@@ -99,6 +122,7 @@ def server(
     agent_timeout: float,
     lock_wait: float,
     reconcile_interval: float,
+    advertise: tuple[str, ...],
 ) -> None:
     """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
     from clustercert.control.directory import ClusterDirectory
@@ -113,6 +137,7 @@ def server(
         agent_timeout=agent_timeout,
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
+        advertise=advertise,
     )
     asyncio.run(serve(ClusterDirectory(directory), settings))
 
@@ -121,13 +146,18 @@ def server(
 @click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
 @click.option("--ttl", default=3600, show_default=True, help="Seconds the token stays valid.")
 def join_token(directory: Path, ttl: int) -> None:
-    """Print a one-time token with which one node joins."""
+    """Print a one-time token with which one node joins.
+
+    The token ends with the hash of the cluster CA's public key (SECRET.sha256:HEX), so a node
+    needs only the control plane's URL and this token: no file to copy."""
     from clustercert.control.directory import ClusterDirectory
+    from clustercert.jointoken import JoinToken, ca_hash
 
     cluster = ClusterDirectory(directory)
     with cluster.open_store() as store:
-        token = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
-    click.echo(token)
+        secret = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
+    ca = x509.load_pem_x509_certificate(cluster.ca_file.read_bytes())
+    click.echo(str(JoinToken(secret, ca_hash(ca))))
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from clustercert.errors import AgentUnavailable, ConfigError, error_for
+from clustercert.tlsdiag import explain
 
 __all__ = ["ApiClient", "Connection"]
 
@@ -85,7 +86,17 @@ class ApiClient:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
-            raise AgentUnavailable(f"cannot reach the API at {self.url}: {exc}") from exc
+            raise AgentUnavailable(
+                explain(
+                    exc,
+                    self.url,
+                    "the API",
+                    name_fix="start the control plane with `clustercert server --advertise "
+                    "{host}` (a new cluster: `clustercert init --san {host}`)",
+                    ca_fix="pass the cluster's CA with --ca-file DIR/ca.pem (or "
+                    "CLUSTERCERT_CA_FILE)",
+                )
+            ) from exc
         try:
             answer = response.json()
         except ValueError:

@@ -16,19 +16,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
+from cryptography import x509
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
+from clustercert.clock import utc_now
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
-from clustercert.control.directory import ClusterDirectory
+from clustercert.control.directory import (
+    ClusterDirectory,
+    check_sans,
+    internal_sans,
+    issue_internal,
+)
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
 from clustercert.control.state import CertRecord, ClusterState
-from clustercert.errors import ConfigError
+from clustercert.errors import ClusterCertError, ConfigError
+from clustercert.hosts import host_of, is_wildcard
+from clustercert.pki import subject_alt_names
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 
@@ -46,6 +55,9 @@ class ServerSettings:
     lock_wait: float = 30.0
     reconcile_interval: float = 1.0
     reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
+    # Names or addresses clients and agents reach this control plane by (``--advertise``):
+    # added to the cluster's control-plane names, which `api` and `cm` must cover.
+    advertise: tuple[str, ...] = ()
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
 
@@ -151,11 +163,70 @@ async def _follow_store(listener: ApiListener, interval: float) -> None:
             log.exception("could not refresh the API listener from the store; retrying")
 
 
+def record_advertised(state: ClusterState, settings: ServerSettings) -> None:
+    """Add ``--advertise`` to the cluster's control-plane names; refuse a wildcard listen
+    address when no name says where this control plane can be reached (the api certificate
+    could then name none of the addresses clients use)."""
+    hosts = check_sans([host_of(a) for a in settings.advertise], "--advertise")
+    added = state.add_control_plane_names(hosts)
+    if added:
+        log.info("control-plane names added: %s", ", ".join(added))
+    if is_wildcard(settings.host) and not state.control_plane_names():
+        raise ConfigError(
+            f"--listen {settings.host or '*'}:{settings.port} accepts connections on every "
+            "address, but the cluster knows no name or address this control plane is reached "
+            "by, so the api certificate names none of them; pass --advertise ADDRESS_OR_NAME "
+            "(repeatable), or listen on one address"
+        )
+
+
+async def cover_control_plane_names(
+    state: ClusterState, coordinator: Coordinator, directory: ClusterDirectory
+) -> None:
+    """Re-issue `api` and `cm` (through a normal rollout) when they are still the internal
+    CA's and miss a control-plane name; a user-provided one that misses a name is logged."""
+    names = state.control_plane_names()
+    stale: list[CertRecord] = []
+    for record in filter(None, (state.certificate("api"), state.certificate("cm"))):
+        leaf = x509.load_pem_x509_certificate(record.certificate.encode())
+        missing = [n for n in names if n not in subject_alt_names(leaf)]
+        if not missing:
+            continue
+        if record.source != "internal":
+            log.warning(
+                "the user-provided %s certificate does not name %s; clients using those "
+                "names will fail to verify it", record.name, ", ".join(missing),
+            )  # fmt: skip
+            continue
+        stale.append(record)
+    if not stale:
+        return
+    ca, cluster_name = directory.ca(), state.cluster_name()
+    hosts = [host_of(n.agent_url) for n in state.nodes()]
+    fresh = [
+        issue_internal(
+            ca, r.name, cluster_name, internal_sans(r.name, names, hosts), utc_now(), 0,
+            "server --advertise",
+        )
+        for r in stale
+    ]  # fmt: skip
+    try:
+        await coordinator.roll_out(fresh, "server --advertise")
+        log.info("re-issued %s to name %s", ", ".join(r.name for r in stale), ", ".join(names))
+    except ClusterCertError as exc:
+        log.warning(
+            "could not re-issue %s for the new control-plane names (%s); run "
+            "`clustercert certificates rotate api` once every node answers",
+            ", ".join(r.name for r in stale), exc.description,
+        )  # fmt: skip
+
+
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM."""
     store = directory.open_store(settings.store)
     try:
         state = directory.state(store)
+        record_advertised(state, settings)
         ca = directory.ca()
         listener = ApiListener(directory, state, settings.port)
         pool = AgentPool(
@@ -196,6 +267,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         server = uvicorn.Server(
             api_config(build_app(control), listener.context.base, settings.host, settings.port)
         )
+        await cover_control_plane_names(state, coordinator, directory)
         # Started before the listener, so its first pass (the recovery) normally has the lock
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())

@@ -2,7 +2,7 @@
 
 Key layout (the store itself is layout-agnostic)::
 
-    meta/cluster                   {"name", "next_node_id", "next_uid"}
+    meta/cluster                   {"name", "sans", "next_node_id", "next_uid"}
     certs/<name>                   desired certificate: generation, chain, sealed key, ...
     nodes/<node_id>                a joined node: name, agent URL
     applied/<node_id>/<name>       what the node last proved it serves
@@ -146,6 +146,31 @@ class ClusterState:
     def cluster_name(self) -> str:
         entry = self.store.get("meta/cluster")
         return str(json.loads(entry.value)["name"]) if entry else "cluster.local"
+
+    def control_plane_names(self) -> list[str]:
+        """The names and addresses the control planes are reached by (``init --san``,
+        ``server --advertise``): the ``api`` and ``cm`` certificates name them."""
+        entry = self.store.get("meta/cluster")
+        return list(json.loads(entry.value).get("sans", [])) if entry else []
+
+    def add_control_plane_names(self, names: Sequence[str]) -> list[str]:
+        """Add ``names`` to the control planes' names (compare-and-set, retried); return the
+        names that were new."""
+        while True:
+            entry = self.store.get("meta/cluster")
+            if entry is None:
+                raise ValueError("the cluster is not initialised")
+            meta = json.loads(entry.value)
+            known = list(meta.get("sans", []))
+            new = [n for n in dict.fromkeys(names) if n not in known]
+            if not new:
+                return []
+            meta["sans"] = known + new
+            try:
+                self.store.put("meta/cluster", json.dumps(meta), expect_revision=entry.revision)
+            except StoreConflict:
+                continue
+            return new
 
     def _next_id(self, counter: str) -> int:
         while True:
