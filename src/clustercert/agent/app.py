@@ -12,9 +12,12 @@ Internode API (only the control plane, holding an internal-CA clientAuth certifi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,31 +324,56 @@ def internode_server_context(identity: Identity) -> ssl.SSLContext:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: it re-raises SIGTERM once ``serve()`` returns,
+    which kills the process before the agent stops what it supervises (redis-server would
+    outlive it). The agent handles the signals itself (:func:`_serve`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve(config: AgentConfig) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
     identity_dir = config.data_dir / "identity"
     identity = Identity.load(identity_dir)
     if identity is None:
         identity = await asyncio.to_thread(join, config, identity_dir)
+    if stopping.is_set():
+        return
     agent = Agent(config, identity)
-    await agent.start()
-    context = internode_server_context(identity)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_app(agent),
-            host=config.listen[0],
-            port=config.listen[1],
-            ssl_context_factory=lambda _config, _default: context,
-            log_level="warning",
-            timeout_keep_alive=75,
-        )
-    )
-    log.info("agent %s listening on %s", config.name, config.advertise_url)
     try:
-        await server.serve()
+        await agent.start()
+        if stopping.is_set():
+            return
+        context = internode_server_context(identity)
+        server = _Server(
+            uvicorn.Config(
+                build_app(agent),
+                host=config.listen[0],
+                port=config.listen[1],
+                ssl_context_factory=lambda _config, _default: context,
+                log_level="warning",
+                timeout_keep_alive=75,
+            )
+        )
+        log.info("agent %s listening on %s", config.name, config.advertise_url)
+        serving = asyncio.create_task(server.serve())
+        signalled = asyncio.create_task(stopping.wait())
+        await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        signalled.cancel()
+        await serving
     finally:
         await agent.stop()
+        log.info("agent %s stopped", config.name)
 
 
 def run_agent(config: AgentConfig) -> None:
-    """Run until SIGINT/SIGTERM; then stop what the agent supervises."""
+    """Run until SIGINT/SIGTERM; then stop what the agent supervises (redis-server with
+    ``supervise = true``) before exiting."""
     asyncio.run(_serve(config))
