@@ -526,6 +526,51 @@ def rladmin_set(name: str, words: tuple[str, ...], **options: Any) -> None:
     click.echo(f"Set {name} certificate to contents of file {pairs['certificate_file']}")
 
 
+# --- nodes (over the REST API; docs/deploy.md) -------------------------------------------------
+
+
+@cli.group()
+def nodes() -> None:
+    """See and remove the cluster's nodes."""
+
+
+@nodes.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print GET /v1/nodes as JSON.")
+@client_options
+def list_nodes(as_json: bool, **options: Any) -> None:
+    """A table of the nodes: address, reachable, last seen, in sync (GET /v1/nodes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(options) as client:
+        found = client.call("GET", "/v1/nodes")
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    table = Table("uid", "name", "agent", "reachable", "last seen", "in sync", box=None)
+    for node in found:
+        table.add_row(
+            str(node["uid"]),
+            node["name"],
+            node["agent_url"],
+            "yes" if node.get("reachable") else "[red]no[/red]",
+            node.get("last_seen") or "never",
+            "yes" if node.get("in_sync") else "[red]no[/red]",
+        )
+    Console().print(table)
+
+
+@nodes.command("remove")
+@click.argument("uid", type=int)
+@client_options
+def remove_node(uid: int, **options: Any) -> None:
+    """Remove node UID from the cluster (DELETE /v1/nodes/UID); updates then proceed without
+    it. To bring the machine back, it joins again with a new token."""
+    with _client(options) as client:
+        node = client.call("DELETE", f"/v1/nodes/{uid}")
+    click.echo(f"removed node {uid}: {node['name']} ({node['agent_url']})")
+
+
 # --- users (over the REST API; DESIGN §8) ------------------------------------------------------
 
 

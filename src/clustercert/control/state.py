@@ -248,6 +248,17 @@ class ClusterState:
         self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)), expect_revision=0)
         return record
 
+    def remove_node(self, node_id: int) -> NodeRecord | None:
+        """Delete the node and what it proved, in one atomic commit (the node record checked
+        unchanged since read); None if there is no such node. Its events stay (history)."""
+        entry = self.store.get(f"nodes/{node_id}")
+        if entry is None:
+            return None
+        ops: list[Put | Delete] = [Delete(entry.key, expect_revision=entry.revision)]
+        ops += [Delete(e.key) for e in self.store.list(f"applied/{node_id}/")]
+        self.store.commit(ops)
+        return NodeRecord(**json.loads(entry.value))
+
     def applied(self, node_id: int) -> dict[str, AppliedRecord]:
         prefix = f"applied/{node_id}/"
         return {
