@@ -16,28 +16,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
-from cryptography import x509
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
-from clustercert.clock import utc_now
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
-from clustercert.control.directory import (
-    ClusterDirectory,
-    check_sans,
-    internal_sans,
-    issue_internal,
-)
+from clustercert.control.directory import ClusterDirectory, check_sans
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
+from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CertRecord, ClusterState
-from clustercert.errors import ClusterCertError, ConfigError
+from clustercert.errors import ConfigError
 from clustercert.hosts import host_of, is_wildcard
-from clustercert.pki import subject_alt_names
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 
@@ -180,47 +173,6 @@ def record_advertised(state: ClusterState, settings: ServerSettings) -> None:
         )
 
 
-async def cover_control_plane_names(
-    state: ClusterState, coordinator: Coordinator, directory: ClusterDirectory
-) -> None:
-    """Re-issue `api` and `cm` (through a normal rollout) when they are still the internal
-    CA's and miss a control-plane name; a user-provided one that misses a name is logged."""
-    names = state.control_plane_names()
-    stale: list[CertRecord] = []
-    for record in filter(None, (state.certificate("api"), state.certificate("cm"))):
-        leaf = x509.load_pem_x509_certificate(record.certificate.encode())
-        missing = [n for n in names if n not in subject_alt_names(leaf)]
-        if not missing:
-            continue
-        if record.source != "internal":
-            log.warning(
-                "the user-provided %s certificate does not name %s; clients using those "
-                "names will fail to verify it", record.name, ", ".join(missing),
-            )  # fmt: skip
-            continue
-        stale.append(record)
-    if not stale:
-        return
-    ca, cluster_name = directory.ca(), state.cluster_name()
-    hosts = [host_of(n.agent_url) for n in state.nodes()]
-    fresh = [
-        issue_internal(
-            ca, r.name, cluster_name, internal_sans(r.name, names, hosts), utc_now(), 0,
-            "server --advertise",
-        )
-        for r in stale
-    ]  # fmt: skip
-    try:
-        await coordinator.roll_out(fresh, "server --advertise")
-        log.info("re-issued %s to name %s", ", ".join(r.name for r in stale), ", ".join(names))
-    except ClusterCertError as exc:
-        log.warning(
-            "could not re-issue %s for the new control-plane names (%s); run "
-            "`clustercert certificates rotate api` once every node answers",
-            ", ".join(r.name for r in stale), exc.description,
-        )  # fmt: skip
-
-
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM."""
     store = directory.open_store(settings.store)
@@ -251,6 +203,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
         )
+        sankeeper = SanKeeper(state, coordinator, ca)
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
@@ -267,16 +220,16 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         server = uvicorn.Server(
             api_config(build_app(control), listener.context.base, settings.host, settings.port)
         )
-        await cover_control_plane_names(state, coordinator, directory)
         # Started before the listener, so its first pass (the recovery) normally has the lock
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
         following = asyncio.create_task(_follow_store(listener, settings.reconcile_interval))
+        keeping = asyncio.create_task(sankeeper.run_forever())
         log.info("control plane listening on https://%s:%d", settings.host, settings.port)
         try:
             await server.serve()
         finally:
-            for task in (reconciling, following):
+            for task in (reconciling, following, keeping):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
