@@ -21,16 +21,16 @@ from certfactory import CA
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.control.agents import AgentPool
-from clustercert.control.reconcile import Reconciler
-from clustercert.control.rollout import (
+from clustercert.control.faults import FaultPlan
+from clustercert.control.lock import (
     LOCK_TTL,
     ROLLOUT_LOCK,
-    Coordinator,
-    FaultPlan,
     cluster_lock,
     holder_is_gone,
     lock_owner,
 )
+from clustercert.control.reconcile import Reconciler
+from clustercert.control.rollout import Coordinator
 from clustercert.control.state import ClusterState, RolloutRecord
 from clustercert.demo import free_port
 from clustercert.errors import ConfigError, StoreConflict, UpdateInProgress
@@ -230,7 +230,7 @@ def test_fault_pause_waits_until_its_marker_is_deleted(tmp_path: Path) -> None:
 def test_fault_kill_kills_the_process(tmp_path: Path) -> None:
     code = (
         "import asyncio, pathlib\n"
-        "from clustercert.control.rollout import FaultPlan\n"
+        "from clustercert.control.faults import FaultPlan\n"
         "plan = FaultPlan.parse('during_commit', pathlib.Path('.'))\n"
         "asyncio.run(plan.reached('after_decision'))\n"
         "print('passed after_decision', flush=True)\n"
