@@ -11,6 +11,11 @@ that makes the new generations desired, deleted when the rollout ends. Whoever t
 cluster lock next (the reconciler's first pass after a restart, or the next update) finds a
 leftover record and finishes it: :meth:`Coordinator.resolve_in_flight` aborts an undecided
 rollout on every node and rolls a decided one forward.
+
+Read top to bottom: the entry points, then the protocol in its order (plan, stage or abort,
+decide, commit, verify, record), then catching up (a retry, a roll-forward). The lock is
+:mod:`clustercert.control.lock`, the test-only fault seam :mod:`clustercert.control.faults`,
+the messages exchanged with the agents :mod:`clustercert.internode`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import NoReturn
 
 from clustercert.clock import iso, utc_now
 from clustercert.control.agents import Agents
@@ -211,19 +217,8 @@ class Coordinator:
         records = [*fresh, *resumed]
         in_flight = self._begin(fresh, current, actor, owner)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
-        failed = [o for o in staged if not o.ok]
-        if failed:
-            await self._abort_everywhere(in_flight, nodes)
-            self.state.end_rollout(in_flight)
-            for outcome in staged:
-                if outcome.ok:
-                    outcome.ok, outcome.error = False, "aborted: another node failed to stage"
-            names = ", ".join(o.node.name for o in failed)
-            raise NodesNotUpdated(
-                f"{len(failed)} of {len(nodes)} nodes could not stage the certificate ({names}); "
-                "the update was aborted and no node changed",
-                nodes=[o.as_json() for o in staged],
-            )
+        if not all(o.ok for o in staged):
+            await self._abort_staged(in_flight, staged)
         try:
             decided = self._decide(fresh, actor, in_flight)
         except UpdateInProgress:
@@ -315,6 +310,20 @@ class Coordinator:
         self._mark(node, "staged")
         await seam("during_stage", node.name)
         return NodeOutcome(node, step="stage")
+
+    async def _abort_staged(self, in_flight: RolloutRecord, staged: list[NodeOutcome]) -> NoReturn:
+        """Some node failed to stage: abort on every node, forget the rollout, raise 409."""
+        await self._abort_everywhere(in_flight, [o.node for o in staged])
+        self.state.end_rollout(in_flight)
+        failed = [o.node.name for o in staged if not o.ok]
+        for outcome in staged:
+            if outcome.ok:
+                outcome.ok, outcome.error = False, "aborted: another node failed to stage"
+        raise NodesNotUpdated(
+            f"{len(failed)} of {len(staged)} nodes could not stage the certificate "
+            f"({', '.join(failed)}); the update was aborted and no node changed",
+            nodes=[o.as_json() for o in staged],
+        )
 
     async def _abort_everywhere(
         self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]
