@@ -147,8 +147,8 @@ def test_every_node_stages_then_every_node_commits(state: ClusterState, agents: 
         [entry] = node["certificates"]
         assert (entry["name"], entry["generation"], entry["ok"]) == ("proxy", 1, True)
         assert entry["services"][0]["served_fingerprint"] == proposed.fingerprint
-    for node in state.nodes():
-        proof = state.applied(node.node_id)["proxy"]
+    for record in state.nodes():
+        proof = state.applied(record.node_id)["proxy"]
         assert (proof.generation, proof.ok, proof.fingerprint) == (1, True, proposed.fingerprint)
     assert state.rollout_in_flight() is None
     [event] = state.events()
