@@ -1,12 +1,10 @@
 """The node agent: joins once with a token, then serves the internode API over mutual TLS.
 
-Internode API (only the control plane, holding an internal-CA clientAuth certificate, may call):
-
-- ``GET    /internal/status[?probe=true]``             generations on disk (and what is served)
-- ``PUT    /internal/certificates/{name}/{generation}`` stage: check the pair, write it durably
-- ``POST   /internal/certificates/{name}/{generation}/commit``  switch services, verify
-- ``DELETE /internal/certificates/{name}/{generation}`` abort: remove a staged generation
-- ``DELETE /internal/certificates/{name}``              remove every file of an optional name
+The calls and their messages are :mod:`clustercert.internode` (only the control plane, holding
+an internal-CA clientAuth certificate, may call): status (generations on disk, and what is
+served), stage (check the pair, write it durably), commit (switch services, verify), abort
+(remove a staged generation), remove (every file of an optional name). Requests are parsed into
+those messages at the edge; one that does not match is refused with 422 and the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from cryptography import x509
@@ -32,10 +29,23 @@ from starlette.routing import Route
 from clustercert import pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.metrics import MetricsListener
-from clustercert.agent.services import CommandService, RedisService, Service, ServiceResult
+from clustercert.agent.services import CommandService, RedisService, Service
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
-from clustercert.names import NAMES
+from clustercert.internode import (
+    AbortAnswer,
+    CertificateStatus,
+    CommitAnswer,
+    MessageError,
+    RemoveAnswer,
+    ServedFingerprint,
+    ServiceProof,
+    StageAnswer,
+    StageRequest,
+    StatusAnswer,
+    Target,
+    certificate_name,
+)
 from clustercert.tls import server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
@@ -99,25 +109,6 @@ def join(config: AgentConfig, directory: Path) -> Identity:
     return identity
 
 
-@dataclass(frozen=True)
-class StageBody:
-    certificate: str
-    key: str | None = None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> StageBody:
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise StageRejected(f"the body is not JSON: {exc}") from None
-        if not isinstance(data, dict) or set(data) - {"certificate", "key"}:
-            raise StageRejected('the body must be {"certificate": PEM, "key": PEM or null}')
-        certificate, key = data.get("certificate"), data.get("key")
-        if not isinstance(certificate, str) or not (key is None or isinstance(key, str)):
-            raise StageRejected("certificate must be a string, key a string or null")
-        return cls(certificate, key)
-
-
 def _leaf_fingerprint(cert_pem: str) -> str:
     return pki.fingerprint_sha256(x509.load_pem_x509_certificates(cert_pem.encode())[0])
 
@@ -175,47 +166,50 @@ class Agent:
             self._fingerprints[key] = _leaf_fingerprint(paths.cert.read_text())
         return self._fingerprints[key]
 
-    async def status(self, probe: bool) -> dict[str, Any]:
-        certificates: dict[str, Any] = {}
+    async def status(self, probe: bool) -> StatusAnswer:
+        certificates: dict[str, CertificateStatus] = {}
         current = self.current_paths()
         for name in self.files.names():
             paths = current.get(name)
             generation = paths.generation if paths else None
-            entry: dict[str, Any] = {
-                "generation": generation,
-                "fingerprint": self._fingerprint(name, paths) if paths else None,
-                "staged": [g for g in self.files.generations(name) if g != generation],
-            }
+            services = None
             if probe:
-                entry["services"] = [
-                    {"service": s.name, "served_fingerprint": await s.served(name)}
-                    for s in self.services
-                    if name in s.certificates()
-                ]
-            certificates[name] = entry
+                services = tuple(
+                    [
+                        ServedFingerprint(s.name, await s.served(name))
+                        for s in self.services
+                        if name in s.certificates()
+                    ]
+                )
+            certificates[name] = CertificateStatus(
+                generation,
+                self._fingerprint(name, paths) if paths else None,
+                tuple(g for g in self.files.generations(name) if g != generation),
+                services,
+            )
         redis_pids = [s.pid() for s in self.services if isinstance(s, RedisService)]
-        return {
-            "node_id": self.identity.node_id,
-            "name": self.config.name,
-            "certificates": certificates,
-            "redis_pid": redis_pids[0] if redis_pids else None,
-        }
+        return StatusAnswer(
+            self.identity.node_id,
+            self.config.name,
+            certificates,
+            redis_pids[0] if redis_pids else None,
+        )
 
-    async def stage(self, name: str, generation: int, body: StageBody) -> dict[str, Any]:
+    async def stage(self, name: str, generation: int, body: StageRequest) -> StageAnswer:
         """Write the pair durably as ``generation`` once it loads into a TLS context (checked
         before the files take their final name: a pair that does not match never lands)."""
         async with self._lock:
             self.files.stage(name, generation, body.certificate, body.key, check=_loads_together)
-            return {"name": name, "generation": generation, "staged": True}
+            return StageAnswer(name, generation)
 
-    async def commit(self, name: str, generation: int) -> dict[str, Any]:
+    async def commit(self, name: str, generation: int) -> CommitAnswer:
         async with self._lock:
             try:
                 paths = self.files.activate(name, generation)
             except FileNotFoundError as exc:
                 raise StageRejected(str(exc)) from exc
             expected = self._fingerprint(name, paths)
-            results: list[ServiceResult] = []
+            results: list[ServiceProof] = []
             for service in self.services:
                 if name in service.certificates():
                     results.append(await service.apply(name, paths, expected))
@@ -226,24 +220,18 @@ class Agent:
                     r.error or "" for r in results if not r.ok
                 ),
             )  # fmt: skip
-            return {
-                "name": name,
-                "generation": generation,
-                "fingerprint": expected,
-                "ok": ok,
-                "services": [r.as_json() for r in results],
-            }
+            return CommitAnswer(name, generation, expected, ok, tuple(results))
 
-    async def abort(self, name: str, generation: int) -> dict[str, Any]:
+    async def abort(self, name: str, generation: int) -> AbortAnswer:
         async with self._lock:
             self.files.discard(name, generation)
-            return {"name": name, "generation": generation, "aborted": True}
+            return AbortAnswer(name, generation)
 
-    async def remove(self, name: str) -> dict[str, Any]:
+    async def remove(self, name: str) -> RemoveAnswer:
         async with self._lock:
             self.files.remove(name)
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k[0] != name}
-            return {"name": name, "removed": True}
+            return RemoveAnswer(name)
 
 
 class StageRejected(Exception):
@@ -264,37 +252,36 @@ def build_app(agent: Agent) -> Starlette:
     """The internode API on bare Starlette: five routes need neither FastAPI's dependency
     injection nor pydantic, which cost the agent ~15 MB of memory and CPU on every call."""
 
-    def check_name(request: Request) -> str:
-        name = str(request.path_params["name"])
-        if name not in NAMES:
-            raise StageRejected(f"unknown certificate name {name!r}")
-        return name
+    def target(request: Request) -> Target:
+        return Target.parse(request.path_params["name"], request.path_params["generation"])
 
-    def generation_of(request: Request) -> int:
-        raw = str(request.path_params["generation"])
-        if not raw.isdigit():
-            raise StageRejected(f"generation must be a number, got {raw!r}")
-        return int(raw)
+    def answer(
+        message: StatusAnswer | StageAnswer | CommitAnswer | AbortAnswer | RemoveAnswer,
+    ) -> JSONResponse:
+        return JSONResponse(message.to_json())
 
     async def status(request: Request) -> JSONResponse:
         probe = request.query_params.get("probe", "false").lower() in ("true", "1")
-        return JSONResponse(await agent.status(probe))
+        return answer(await agent.status(probe))
 
     async def stage(request: Request) -> JSONResponse:
-        name, generation = check_name(request), generation_of(request)
-        body = StageBody.parse(await request.body())
-        return JSONResponse(await agent.stage(name, generation, body))
+        where = target(request)
+        try:
+            data = json.loads(await request.body())
+        except ValueError as exc:
+            raise MessageError(f"the body is not JSON: {exc}") from None
+        return answer(await agent.stage(where.name, where.generation, StageRequest.from_json(data)))
 
     async def commit(request: Request) -> JSONResponse:
-        name, generation = check_name(request), generation_of(request)
-        return JSONResponse(await agent.commit(name, generation))
+        where = target(request)
+        return answer(await agent.commit(where.name, where.generation))
 
     async def abort(request: Request) -> JSONResponse:
-        name, generation = check_name(request), generation_of(request)
-        return JSONResponse(await agent.abort(name, generation))
+        where = target(request)
+        return answer(await agent.abort(where.name, where.generation))
 
     async def remove(request: Request) -> JSONResponse:
-        return JSONResponse(await agent.remove(check_name(request)))
+        return answer(await agent.remove(certificate_name(request.path_params["name"])))
 
     async def rejected(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
@@ -310,7 +297,11 @@ def build_app(agent: Agent) -> Starlette:
             Route("/internal/certificates/{name}/{generation}", abort, methods=["DELETE"]),
             Route("/internal/certificates/{name}", remove, methods=["DELETE"]),
         ],
-        exception_handlers={StageRejected: rejected, FileExistsError: exists},
+        exception_handlers={
+            StageRejected: rejected,
+            MessageError: rejected,
+            FileExistsError: exists,
+        },
     )
 
 

@@ -16,7 +16,6 @@ import signal
 import ssl
 import subprocess
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -25,26 +24,9 @@ from redis.exceptions import RedisError
 from clustercert.agent.config import ServiceConfig
 from clustercert.agent.probe import probe, served_fingerprint
 from clustercert.certfiles import GenerationPaths
+from clustercert.internode import ServiceProof
 
-__all__ = ["CommandService", "RedisService", "ReloadFailed", "Service", "ServiceResult"]
-
-
-@dataclass(frozen=True)
-class ServiceResult:
-    service: str
-    certificate: str
-    ok: bool
-    served: str | None
-    error: str | None = None
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "service": self.service,
-            "certificate": self.certificate,
-            "ok": self.ok,
-            "served_fingerprint": self.served,
-            "error": self.error,
-        }
+__all__ = ["CommandService", "RedisService", "ReloadFailed", "Service"]
 
 
 class Service(ABC):
@@ -68,20 +50,20 @@ class Service(ABC):
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         """Point the service at ``paths``; raise ``ReloadFailed`` with a reason on failure."""
 
-    async def verify(self, certificate: str, expected: str) -> ServiceResult:
+    async def verify(self, certificate: str, expected: str) -> ServiceProof:
         """Prove by handshake (with and without SNI) that the service serves ``expected``."""
         if self.config.address is None:
-            return ServiceResult(self.name, certificate, True, None, None)
+            return ServiceProof(self.name, certificate, True, None, None)
         host, port = self.config.address
         result = await probe(host, port, expected, self.config.sni, self.probe_timeout)
-        return ServiceResult(self.name, certificate, result.ok, result.served, result.error)
+        return ServiceProof(self.name, certificate, result.ok, result.served, result.error)
 
-    async def apply(self, certificate: str, paths: GenerationPaths, expected: str) -> ServiceResult:
+    async def apply(self, certificate: str, paths: GenerationPaths, expected: str) -> ServiceProof:
         try:
             await self.reload(certificate, paths)
         except ReloadFailed as exc:
             served = await self.served(certificate)
-            return ServiceResult(self.name, certificate, False, served, str(exc))
+            return ServiceProof(self.name, certificate, False, served, str(exc))
         return await self.verify(certificate, expected)
 
     async def served(self, certificate: str) -> str | None:
@@ -146,7 +128,7 @@ class RedisService(Service):
                 "tls-client-cert-file", str(paths.cert), "tls-client-key-file", str(paths.key)
             )
 
-    async def verify(self, certificate: str, expected: str) -> ServiceResult:
+    async def verify(self, certificate: str, expected: str) -> ServiceProof:
         if certificate == self.config.certificate:
             return await super().verify(certificate, expected)
         # An outgoing client certificate cannot be proven by a handshake *to* redis; prove
@@ -155,8 +137,8 @@ class RedisService(Service):
         try:
             reply = await client.config_get("tls-client-cert-file")
         except (RedisError, OSError) as exc:
-            return ServiceResult(self.name, certificate, False, None, f"CONFIG GET failed: {exc}")
-        return ServiceResult(self.name, certificate, bool(reply), None, None)
+            return ServiceProof(self.name, certificate, False, None, f"CONFIG GET failed: {exc}")
+        return ServiceProof(self.name, certificate, bool(reply), None, None)
 
     async def _answers(self) -> bool:
         if not self.socket.exists():
