@@ -201,7 +201,7 @@ def test_name_mismatch_is_told_apart_and_advertise_fixes_it(tmp_path: Path) -> N
             and r, timeout=60, what="the name-mismatch error",
         )  # fmt: skip
         assert (
-            "error: agent_unavailable: the API's certificate does not name 127.0.0.2 (it names: "
+            "error: invalid_configuration: the API's certificate does not name 127.0.0.2 (it names: "
             "cluster.local, localhost, 127.0.0.1, ::1); start the control plane with "
             "`clustercert server --advertise 127.0.0.2`"
         ) in result.stderr

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from clustercert.errors import AgentUnavailable, ConfigError, error_for
+from clustercert.errors import ConfigError, error_for
 from clustercert.tlsdiag import explain
 
 __all__ = ["ApiClient", "Connection"]
@@ -86,17 +86,12 @@ class ApiClient:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
-            raise AgentUnavailable(
-                explain(
-                    exc,
-                    self.url,
-                    "the API",
-                    name_fix="start the control plane with `clustercert server --advertise "
-                    "{host}` (a new cluster: `clustercert init --san {host}`)",
-                    ca_fix="pass the cluster's CA with --ca-file DIR/ca.pem (or "
-                    "CLUSTERCERT_CA_FILE)",
-                )
-            ) from exc
+            raise explain(
+                exc, self.url, "the API",
+                name_fix="start the control plane with `clustercert server --advertise "
+                "{host}` (a new cluster: `clustercert init --san {host}`)",
+                ca_fix="pass the cluster's CA with --ca-file DIR/ca.pem (or CLUSTERCERT_CA_FILE)",
+            ) from exc  # fmt: skip
         try:
             answer = response.json()
         except ValueError:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from clustercert.errors import AgentUnavailable, ClusterCertError, ConfigError
 from clustercert.hosts import host_of
 from clustercert.pki import subject_alt_names
 
@@ -53,25 +54,29 @@ def served_names(url: str, timeout: float = 5.0) -> list[str] | None:
     return subject_alt_names(x509.load_der_x509_certificate(der)) if der else None
 
 
-def explain(exc: BaseException, url: str, what: str, *, name_fix: str, ca_fix: str) -> str:
-    """One sentence on why connecting to ``what`` at ``url`` failed, and how to fix it:
-    ``name_fix`` for a certificate that does not name the host (``{host}`` is replaced),
-    ``ca_fix`` for a certificate from an untrusted CA."""
+def explain(
+    exc: BaseException, url: str, what: str, *, name_fix: str, ca_fix: str
+) -> ClusterCertError:
+    """The error to raise when connecting to ``what`` at ``url`` failed with ``exc``, saying
+    why and how to fix it: ``name_fix`` for a certificate that does not name the host
+    (``{host}`` is replaced), ``ca_fix`` for a certificate from an untrusted CA. Both are
+    :class:`ConfigError` (the settings are wrong, retrying will not help); a network failure
+    is :class:`AgentUnavailable`."""
     host = host_of(url)
     failure = _verification_error(exc)
     if failure is not None and failure.verify_code in _NAME_MISMATCH:
         names = served_names(url)
         listed = f" (it names: {', '.join(names)})" if names else ""
-        return (
+        return ConfigError(
             f"{what}'s certificate does not name {host}{listed}; "
             f"{name_fix.format(host=host)}, or use a URL with one of the names it carries"
         )
     if failure is not None:
-        return (
+        return ConfigError(
             f"{what} at {url} presented a certificate that cannot be verified "
             f"({failure.verify_message}); {ca_fix}"
         )
-    return (
+    return AgentUnavailable(
         f"cannot reach {what} at {url}: {type(exc).__name__}: {exc or 'no answer'} (is it "
         "running, listening on that address, and is the port open between the two hosts?)"
     )

@@ -28,10 +28,11 @@ from starlette.routing import Route
 
 from clustercert import pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
+from clustercert.agent.discovery import control_plane_context, explain_join_failure
 from clustercert.agent.metrics import MetricsListener
 from clustercert.agent.services import CommandService, RedisService, Service
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
-from clustercert.errors import AgentUnavailable, ConfigError
+from clustercert.errors import ConfigError
 from clustercert.internode import (
     AbortAnswer,
     CertificateStatus,
@@ -46,6 +47,7 @@ from clustercert.internode import (
     Target,
     certificate_name,
 )
+from clustercert.jointoken import JoinToken
 from clustercert.tls import server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
@@ -72,29 +74,29 @@ class Identity:
 
 
 def join(config: AgentConfig, directory: Path) -> Identity:
-    """Exchange the one-time token for an identity certificate. The key never leaves the node."""
+    """Exchange the one-time token for an identity certificate. The key never leaves the node.
+
+    Trust in the control plane comes from ``ca_file``, or from the CA the token pins
+    (:mod:`clustercert.agent.discovery`), checked before the token's secret is sent."""
     import httpx  # only a node that has not joined yet needs an HTTP client
 
     if not config.join_token:
         raise ConfigError("join_token: required until the node has joined")
+    token = JoinToken.parse(config.join_token)
+    verify = control_plane_context(config, token, config.data_dir / "ca.pem")
     key = pki.new_private_key()
     body = {
-        "token": config.join_token,
+        "token": token.secret,
         "name": config.name,
         "agent_url": config.advertise_url,
         "csr": pki.make_csr(key, config.name),
     }
-    verify: ssl.SSLContext | bool = True
-    if config.ca_file is not None:
-        verify = ssl.create_default_context(cafile=str(config.ca_file))
     try:
         response = httpx.post(
             f"{config.control_plane_url}/v1/internal/join", json=body, verify=verify, timeout=30
         )
     except httpx.HTTPError as exc:
-        raise AgentUnavailable(
-            f"cannot reach the control plane at {config.control_plane_url}: {exc}"
-        ) from exc
+        raise explain_join_failure(exc, config.control_plane_url) from exc
     if response.status_code != 200:
         raise ConfigError(f"the control plane refused to join this node: {response.text}")
     answer = response.json()
@@ -102,11 +104,32 @@ def join(config: AgentConfig, directory: Path) -> Identity:
     write_atomically(directory / "key.pem", pki.key_to_pem(key).encode())
     write_atomically(directory / "cert.pem", answer["certificate"].encode(), 0o644)
     write_atomically(directory / "ca.pem", answer["ca_certificate"].encode(), 0o644)
-    write_atomically(directory / "node.json", json.dumps({"node_id": answer["node_id"]}).encode())
+    meta = {"node_id": answer["node_id"], "agent_url": config.advertise_url}
+    write_atomically(directory / "node.json", json.dumps(meta).encode())
     identity = Identity.load(directory)
     assert identity is not None
     log.info("joined the cluster as node %s (%s)", answer["node_id"], config.name)
     return identity
+
+
+def joined_identity(config: AgentConfig, directory: Path) -> Identity:
+    """The identity this node joined with, or a new one: on first start, and when the node's
+    advertised URL changed since it joined (the control plane would still call the old one),
+    which takes a new token (docs/deploy.md, "Moving a node")."""
+    identity = Identity.load(directory)
+    if identity is None:
+        return join(config, directory)
+    joined_at = json.loads((directory / "node.json").read_text()).get("agent_url")
+    if joined_at in (None, config.advertise_url):
+        return identity
+    if not config.join_token:
+        raise ConfigError(
+            f"advertise_url: this node joined as {joined_at} and the control plane calls it "
+            f"there, but it is now {config.advertise_url}; set join_token to a new token "
+            "(`clustercert join-token` on the control plane) to join again at the new address"
+        )
+    log.info("advertise_url changed from %s to %s: joining again", joined_at, config.advertise_url)
+    return join(config, directory)
 
 
 def _leaf_fingerprint(cert_pem: str) -> str:
@@ -330,10 +353,7 @@ async def _serve(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    identity_dir = config.data_dir / "identity"
-    identity = Identity.load(identity_dir)
-    if identity is None:
-        identity = await asyncio.to_thread(join, config, identity_dir)
+    identity = await asyncio.to_thread(joined_identity, config, config.data_dir / "identity")
     if stopping.is_set():
         return
     agent = Agent(config, identity)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from clustercert.agent.config import AgentConfig
 from clustercert.certfiles import write_atomically
-from clustercert.errors import AgentUnavailable, ConfigError
+from clustercert.errors import AgentUnavailable, ClusterCertError, ConfigError
 from clustercert.jointoken import JoinToken
 from clustercert.tlsdiag import explain
 
@@ -21,7 +21,7 @@ __all__ = ["CA_PATH", "control_plane_context", "explain_join_failure"]
 CA_PATH = "/v1/internal/ca"
 
 
-def explain_join_failure(exc: BaseException, url: str) -> str:
+def explain_join_failure(exc: BaseException, url: str) -> ClusterCertError:
     return explain(
         exc, url, "the control plane",
         name_fix="start the control plane with `clustercert server --advertise {host}` (a new "
@@ -37,7 +37,7 @@ def _fetch_pinned_ca(url: str, token: JoinToken, timeout: float) -> x509.Certifi
     try:
         response = httpx.get(url + CA_PATH, verify=False, timeout=timeout)  # noqa: S501
     except httpx.HTTPError as exc:
-        raise AgentUnavailable(explain_join_failure(exc, url)) from exc
+        raise explain_join_failure(exc, url) from exc
     if response.status_code != 200:
         raise AgentUnavailable(
             f"the control plane at {url} did not serve its CA ({response.status_code} from "
