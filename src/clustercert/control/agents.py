@@ -56,6 +56,10 @@ class Agents(Protocol):
 
     async def client(self, node: NodeRecord) -> NodeAgent: ...
 
+    async def forget(self, node_id: int) -> None:
+        """The node left the cluster: drop (and close) what talks to it."""
+        ...
+
 
 def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """Trust only the internal CA; present the control plane's clientAuth identity."""
@@ -179,6 +183,12 @@ class AgentPool:
         client = AgentClient(node, self.context, self.timeout)
         self._clients[node.node_id] = client
         return client
+
+    async def forget(self, node_id: int) -> None:
+        """Close and drop the node's client (it left the cluster): nothing calls it again."""
+        client = self._clients.pop(node_id, None)
+        if client is not None:
+            await client.aclose()
 
     async def aclose(self) -> None:
         for client in self._clients.values():

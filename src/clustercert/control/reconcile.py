@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
+from clustercert.control.health import NodeHealth
 from clustercert.control.lock import cluster_lock
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, NodeRecord
@@ -37,8 +38,11 @@ class Reconciler:
         interval: float = 1.0,
         max_backoff: float = 10.0,
         clock: Callable[[], float] | None = None,
+        health: NodeHealth | None = None,
     ) -> None:
         self.coordinator = coordinator
+        # What GET /v1/nodes shows as reachable / last_seen: every status answer or failure.
+        self.health = health or NodeHealth()
         self.state = coordinator.state
         self.interval = interval
         self.max_backoff = max_backoff
@@ -101,7 +105,9 @@ class Reconciler:
             status = await client.status()
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
+            self.health.failed(node.node_id, exc.description)
             return False
+        self.health.answered(node.node_id)
         await self._tidy(node, status, desired)
         missing = self._missing(node, status, desired)
         if not missing:
@@ -149,6 +155,7 @@ class Reconciler:
         for node, up in zip(waiting, listening, strict=True):
             if not up:
                 self._gone.add(node.node_id)
+                self.health.failed(node.node_id, f"nothing accepts connections at {node.agent_url}")
             elif node.node_id in self._gone:
                 log.info("reconcile: %s listens again; retrying it now", node.name)
                 self._gone.discard(node.node_id)
@@ -173,6 +180,14 @@ class Reconciler:
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
                 self._retry_at[node.node_id] = now + delay
         return len(due) == len(nodes) and all(results)
+
+    async def forget(self, node_id: int) -> None:
+        """The node left the cluster: drop its backoff, health and kept-alive connection."""
+        self._retry_at.pop(node_id, None)
+        self._failures.pop(node_id, None)
+        self._gone.discard(node_id)
+        self.health.forget(node_id)
+        await self.coordinator.pool.forget(node_id)
 
     def wake(self, node_id: int) -> None:
         """Retry ``node_id`` on the next pass (e.g. it just joined)."""
