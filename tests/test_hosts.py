@@ -10,7 +10,9 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from certfactory import CA
@@ -20,7 +22,7 @@ from cryptography import x509
 from clustercert import pki
 from clustercert.agent.config import load_agent_config
 from clustercert.cli import main
-from clustercert.control.directory import ClusterDirectory
+from clustercert.control.directory import ClusterDirectory, reissue_internal
 from clustercert.demo import free_port
 from clustercert.errors import ConfigError
 from clustercert.jointoken import JoinToken, ca_hash
@@ -201,8 +203,8 @@ def test_name_mismatch_is_told_apart_and_advertise_fixes_it(tmp_path: Path) -> N
             and r, timeout=60, what="the name-mismatch error",
         )  # fmt: skip
         assert (
-            "error: invalid_configuration: the API's certificate does not name 127.0.0.2 (it names: "
-            "cluster.local, localhost, 127.0.0.1, ::1); start the control plane with "
+            "error: invalid_configuration: the API's certificate does not name 127.0.0.2 "
+            "(it names: cluster.local, localhost, 127.0.0.1, ::1); start the control plane with "
             "`clustercert server --advertise 127.0.0.2`"
         ) in result.stderr
         # A CA the client does not trust is a different failure, with a different fix.
@@ -243,3 +245,70 @@ def test_server_refuses_a_wildcard_listen_without_a_name(tmp_path: Path) -> None
     assert "error: invalid_configuration: --listen 0.0.0.0:" in result.stderr
     assert "pass --advertise ADDRESS_OR_NAME" in result.stderr
     assert ClusterDirectory(directory).settings()["sans"] == []  # nothing recorded
+
+
+# --- which certificates must name what (in-process; the real rollout: test_multihost.py) --------
+
+
+class RecordingCoordinator:
+    """A fake at the coordinator seam: records what SanKeeper would roll out. In-process
+    protocol logic only; tests/test_multihost.py runs the real rollout across hosts."""
+
+    def __init__(self) -> None:
+        self.rolled: list[list[str]] = []
+
+    async def roll_out(self, proposed: Any, actor: str) -> list[Any]:
+        self.rolled.append(sorted(r.name for r in proposed))
+        return []
+
+
+def test_sankeeper_reissues_what_no_longer_names_every_node(tmp_path: Path) -> None:
+    import asyncio
+    import datetime as dt
+
+    from clustercert.control.sankeeper import SanKeeper
+
+    assert _init(tmp_path / "c", "--san", "10.77.0.10") == 0
+    directory = ClusterDirectory(tmp_path / "c")
+    with directory.open_store() as store:
+        state = directory.state(store)
+        coordinator = RecordingCoordinator()
+        keeper = SanKeeper(state, coordinator, directory.ca())  # type: ignore[arg-type]
+        assert keeper.stale() == []  # as init issued them
+        now = dt.datetime.now(dt.UTC)
+        state.add_node("n1", "https://10.77.0.11:9444", now)
+        node_facing = sorted(
+            ["proxy", "syncer", "metrics_exporter", "data_internode_encryption",
+             "ccs_internode_encryption"]
+        )  # fmt: skip
+        assert sorted(r.name for r in keeper.stale()) == node_facing
+        assert asyncio.run(keeper.check()) is True
+        assert coordinator.rolled == [node_facing]
+        fresh = reissue_internal(state, directory.ca(), "proxy", now, "test")
+        names = pki.subject_alt_names(x509.load_pem_x509_certificate(fresh.certificate.encode()))
+        assert names == ["cluster.local", "localhost", "127.0.0.1", "::1", "10.77.0.11"]
+        api = reissue_internal(state, directory.ca(), "api", now, "test")
+        api_names = pki.subject_alt_names(x509.load_pem_x509_certificate(api.certificate.encode()))
+        assert api_names == ["cluster.local", "localhost", "127.0.0.1", "::1", "10.77.0.10"]
+        # A certificate the operator uploaded is theirs: never re-issued.
+        proxy = state.certificate("proxy")
+        assert proxy is not None
+        state.put_certificate(replace(proxy, source="user", generation=proxy.generation + 1))
+        assert "proxy" not in [r.name for r in keeper.stale()]
+
+
+def test_node_health_is_unknown_until_heard_from() -> None:
+    import datetime as dt
+
+    from clustercert.control.health import NodeHealth
+
+    moment = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    health = NodeHealth(clock=lambda: moment)
+    assert health.of(1).reachable is False and health.of(1).last_seen is None
+    health.answered(1)
+    assert health.of(1).reachable is True and health.of(1).last_seen == "2030-01-02T03:04:05Z"
+    health.failed(1, "timed out")
+    assert health.of(1).reachable is False and health.of(1).error == "timed out"
+    assert health.of(1).last_seen == "2030-01-02T03:04:05Z"  # still when it was last heard
+    health.forget(1)
+    assert health.of(1).last_seen is None
