@@ -44,9 +44,11 @@ def _fetch_pinned_ca(url: str, token: JoinToken, timeout: float) -> x509.Certifi
             f"{CA_PATH}): {response.text[:200]}"
         )
     try:
-        ca = x509.load_pem_x509_certificate(response.content)
-    except ValueError as exc:
-        raise AgentUnavailable(f"{url}{CA_PATH} did not answer a PEM certificate") from exc
+        ca = x509.load_pem_x509_certificate(response.json()["ca_certificate"].encode())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AgentUnavailable(
+            f'{url}{CA_PATH} did not answer {{"ca_certificate": PEM}}: {response.text[:200]}'
+        ) from exc
     token.check(ca)
     return ca
 

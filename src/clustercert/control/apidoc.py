@@ -127,6 +127,8 @@ class NodeAnswer(_Doc):
     name: str
     agent_url: str
     joined_at: str
+    reachable: bool
+    last_seen: str | None
     in_sync: bool
     certificates: dict[str, dict[str, Any]]
 

@@ -35,12 +35,13 @@ from clustercert.control.apidoc import (
     request_body,
 )
 from clustercert.control.audit import NodeEvent
-from clustercert.control.directory import DEFAULT_SANS, issue_internal
+from clustercert.control.directory import reissue_internal
 from clustercert.control.http import error_response, parse_model, read_json
 from clustercert.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from clustercert.control.nodes import desired_generations, node_body, remove_node
 from clustercert.control.plane import ControlPlane
 from clustercert.control.rollout import NodeOutcome
-from clustercert.control.state import CertRecord, NodeRecord, User
+from clustercert.control.state import CertRecord, User
 from clustercert.control.users import users_router
 from clustercert.errors import (
     CertificateNotFound,
@@ -52,6 +53,7 @@ from clustercert.errors import (
     RequiredCertificate,
     Unauthorized,
 )
+from clustercert.jointoken import ca_hash
 from clustercert.names import NAMES, lookup
 from clustercert.roles import UPDATE, VIEW
 from clustercert.validation import (
@@ -309,11 +311,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         records = [cp.state.certificate(n) for n in _rotation_names(cp, body.name)]
         current = [r for r in records if r is not None]
         now = cp.clock()
-        sans = (*DEFAULT_SANS, *sorted({_host(n.agent_url) for n in cp.state.nodes()}))
-        fresh = [
-            issue_internal(cp.ca, r.name, cp.state.cluster_name(), sans, now, 0, user.email)
-            for r in current
-        ]
+        fresh = [reissue_internal(cp.state, cp.ca, r.name, now, user.email) for r in current]
         outcomes = await timed_roll_out(fresh, user)
         stored = [cp.state.certificate(r.name) or r for r in fresh]
         return rollout_answer(
@@ -393,8 +391,8 @@ def build_app(cp: ControlPlane) -> FastAPI:
     @app.get("/v1/nodes", responses=answers(list[NodeAnswer], 401, 403))
     async def nodes(request: Request) -> list[dict[str, Any]]:
         user_with(request, VIEW)
-        desired = _desired_generations(cp)
-        return [_node_body(cp, n, desired) for n in cp.state.nodes()]
+        desired = desired_generations(cp)
+        return [node_body(cp, n, desired) for n in cp.state.nodes()]
 
     @app.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
     async def node(request: Request, node_id: int) -> dict[str, Any]:
@@ -402,7 +400,22 @@ def build_app(cp: ControlPlane) -> FastAPI:
         node = cp.state.node(node_id)
         if node is None:
             raise NotFound(f"no node with id {node_id}")
-        return _node_body(cp, node, _desired_generations(cp))
+        return node_body(cp, node, desired_generations(cp))
+
+    @app.delete("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
+    async def delete_node(request: Request, node_id: int) -> dict[str, Any]:
+        """Remove the node from the cluster (docs/deploy.md); 404 for an unknown uid."""
+        user = user_with(request, UPDATE)
+        removed = await remove_node(cp, node_id, user.email)
+        return {"uid": removed.node_id, "name": removed.name, "agent_url": removed.agent_url,
+                "removed": True}  # fmt: skip
+
+    @app.get("/v1/internal/ca", responses=answers(dict[str, str]))
+    async def internal_ca() -> dict[str, str]:
+        """The cluster CA certificate (public), for agents that join with a token pinning it
+        (docs/decisions.md, "Join without copying files"). Unauthenticated by design: the
+        joining agent trusts it only if its key hashes to the token's pin."""
+        return {"ca_certificate": cp.ca.cert_pem, "ca_cert_hash": ca_hash(cp.ca.cert)}
 
     @app.post(
         "/v1/internal/join",
@@ -423,6 +436,8 @@ def build_app(cp: ControlPlane) -> FastAPI:
             raise InvalidSchema(f"csr: {exc}") from None
         node = cp.state.add_node(body.name, body.agent_url, now)
         cp.reconciler.wake(node.node_id)
+        if cp.sankeeper is not None:
+            cp.sankeeper.wake()  # certificates that name every node follow, after this answer
         cp.state.add_event(
             NodeEvent(now, f"node:{body.name}", "join", node_id=node.node_id,
                       agent_url=body.agent_url)
@@ -460,26 +475,3 @@ def _rotation_names(cp: ControlPlane, name: str | None) -> list[str]:
             "replace it with an internal-CA certificate. Upload its successor with update_cert"
         )
     return [name]
-
-
-def _desired_generations(cp: ControlPlane) -> dict[str, int]:
-    return {r.name: r.generation for r in cp.state.certificates()}
-
-
-def _node_body(cp: ControlPlane, node: NodeRecord, desired: dict[str, int]) -> dict[str, Any]:
-    applied = cp.state.applied(node.node_id)
-    in_sync = all(
-        (a := applied.get(name)) is not None and a.ok and a.generation == generation
-        for name, generation in desired.items()
-    )
-    return {
-        "uid": node.node_id,
-        "name": node.name,
-        "agent_url": node.agent_url,
-        "joined_at": node.joined_at,
-        "in_sync": in_sync,
-        "certificates": {
-            name: {"generation": a.generation, "fingerprint": a.fingerprint, "ok": a.ok}
-            for name, a in applied.items()
-        },
-    }

@@ -217,6 +217,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             trust=TrustStore.system(extra=[ca.cert]),
             metrics=Metrics(state),
             ca=ca,
+            sankeeper=sankeeper,
         )
         server = uvicorn.Server(
             api_config(build_app(control), listener.context.base, settings.host, settings.port)
