@@ -266,6 +266,7 @@ def test_sankeeper_reissues_what_no_longer_names_every_node(tmp_path: Path) -> N
     import asyncio
     import datetime as dt
 
+    from clustercert.control.health import NodeHealth
     from clustercert.control.sankeeper import SanKeeper
 
     assert _init(tmp_path / "c", "--san", "10.77.0.10") == 0
@@ -273,7 +274,7 @@ def test_sankeeper_reissues_what_no_longer_names_every_node(tmp_path: Path) -> N
     with directory.open_store() as store:
         state = directory.state(store)
         coordinator = RecordingCoordinator()
-        keeper = SanKeeper(state, coordinator, directory.ca())  # type: ignore[arg-type]
+        keeper = SanKeeper(state, coordinator, directory.ca(), NodeHealth())  # type: ignore[arg-type]
         assert keeper.stale() == []  # as init issued them
         now = dt.datetime.now(dt.UTC)
         state.add_node("n1", "https://10.77.0.11:9444", now)

@@ -5,7 +5,8 @@ environment, as for the ``clustercert`` CLI (CLUSTERCERT_URL, _USER, _PASSWORD, 
 - ``wait-nodes EXPR TIMEOUT``: poll ``GET /v1/nodes`` every 0.1 s until the Python expression
   EXPR (over ``nodes``, the answer) is true; print ``{"elapsed": s, "nodes": [...]}``. Exit 1
   with the last answer on timeout.
-- ``served HOST PORT``: the SHA-256 of the leaf a TLS server presents (no verification).
+- ``served HOST PORT``: the SHA-256 of the leaf a TLS server presents (no verification),
+  then its subject alternative names, space-separated, on a second line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import time
 from typing import Any
 
 import httpx
+from cryptography import x509
+
+from clustercert import pki
 
 
 def wait_nodes(expression: str, timeout: float) -> int:
@@ -54,6 +58,7 @@ def served(host: str, port: int) -> int:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     print(hashlib.sha256(der).hexdigest())
+    print(" ".join(pki.subject_alt_names(x509.load_der_x509_certificate(der))))
     return 0
 
 

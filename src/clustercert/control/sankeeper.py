@@ -5,8 +5,9 @@ node-facing ones (``proxy``, ``metrics_exporter``, ...) name every node's advert
 a node joins or is removed, or a control-plane name is added, the certificates that the
 internal CA still owns (``source == "internal"``) and that no longer name exactly that are
 re-issued through a normal rollout (:meth:`Coordinator.roll_out`). It runs beside the
-server, never inside a request: a join answers at once and the rollout follows. A rollout
-that fails (a node does not answer) is retried every ``retry`` seconds; user-provided
+server, never inside a request: a join answers at once and the rollout follows once every
+node answers (a node that just joined is not listening yet, and a rollout needs every node to
+stage). A rollout that fails anyway is retried after ``retry`` seconds. User-provided
 certificates are the operator's and are never touched.
 """
 
@@ -23,6 +24,7 @@ from cryptography import x509
 from clustercert import pki
 from clustercert.clock import utc_now
 from clustercert.control.directory import reissue_internal, wanted_sans
+from clustercert.control.health import NodeHealth
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.errors import ClusterCertError
@@ -41,13 +43,17 @@ class SanKeeper:
         state: ClusterState,
         coordinator: Coordinator,
         ca: pki.CertificateAuthority,
+        health: NodeHealth,
         *,
+        poll: float = 1.0,
         retry: float = 30.0,
         clock: Callable[[], dt.datetime] = utc_now,
     ) -> None:
         self.state = state
         self.coordinator = coordinator
         self.ca = ca
+        self.health = health
+        self.poll = poll
         self.retry = retry
         self.clock = clock
         self._wake = asyncio.Event()
@@ -88,14 +94,24 @@ class SanKeeper:
         log.info("re-issued %s to name every node and control plane", names)
         return True
 
+    def _everyone_answers(self) -> bool:
+        return all(self.health.of(n.node_id).reachable for n in self.state.nodes())
+
     async def run_forever(self) -> None:
-        done = True
+        """Idle until woken; while something is stale, look every ``poll`` seconds and roll
+        out once every node answers; after a failed rollout, wait ``retry`` seconds."""
+        loop = asyncio.get_running_loop()
+        pending, not_before = False, 0.0
         while True:
+            timeout = max(self.poll, not_before - loop.time()) if pending else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), None if done else self.retry)
+                await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
             try:
-                done = await self.check()
+                pending = bool(self.stale())
+                if pending and self._everyone_answers() and loop.time() >= not_before:
+                    pending = not await self.check()
+                    not_before = loop.time() + self.retry if pending else 0.0
             except Exception:
                 log.exception("checking the certificates' names failed; retrying")
-                done = False
+                pending, not_before = True, loop.time() + self.retry

@@ -204,7 +204,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
         )
-        sankeeper = SanKeeper(state, coordinator, ca)
+        sankeeper = SanKeeper(state, coordinator, ca, reconciler.health)
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
