@@ -129,7 +129,14 @@ def joined_identity(config: AgentConfig, directory: Path) -> Identity:
             "(`clustercert join-token` on the control plane) to join again at the new address"
         )
     log.info("advertise_url changed from %s to %s: joining again", joined_at, config.advertise_url)
-    return join(config, directory)
+    try:
+        return join(config, directory)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"advertise_url changed from {joined_at} to {config.advertise_url}, and joining "
+            f"again failed ({exc.description}); set join_token to a new token "
+            "(`clustercert join-token` on the control plane)"
+        ) from exc
 
 
 def _leaf_fingerprint(cert_pem: str) -> str:
