@@ -313,3 +313,70 @@ def test_node_health_is_unknown_until_heard_from() -> None:
     assert health.of(1).last_seen == "2030-01-02T03:04:05Z"  # still when it was last heard
     health.forget(1)
     assert health.of(1).last_seen is None
+
+
+# --- joining with only the URL and the token (loopback; across hosts: test_multihost.py) --------
+
+
+@pytest.mark.cluster
+def test_an_agent_joins_with_only_the_url_and_the_token(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    from conftest import start_cluster
+
+    cluster = start_cluster(tmp_path_factory, 1)
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        token = JoinToken.parse(
+            subprocess.run(
+                [sys.executable, "-m", "clustercert", "join-token", "--dir",
+                 str(cluster.directory)],
+                capture_output=True, text=True, timeout=60, check=True,
+            ).stdout.strip()
+        )  # fmt: skip
+        data = tmp_path / "node"
+        config = tmp_path / "agent.toml"
+
+        def write(join_token: str) -> None:
+            config.write_text(
+                f'name = "pinned"\ndata_dir = "{data}"\nlisten = "127.0.0.1:{free_port()}"\n'
+                f'control_plane_url = "{cluster.api_url}"\njoin_token = "{join_token}"\n'
+            )
+
+        def run_agent() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "clustercert", "agent", "--config", str(config)],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        # A pin that is not this cluster's CA: refused before the secret is sent.
+        write(f"{token.secret}.sha256:{'ab' * 32}")
+        refused = run_agent()
+        assert refused.returncode == ConfigError.exit_code
+        assert f"but the join token pins sha256:{'ab' * 32}" in refused.stderr
+        assert not (data / "identity").exists() and not (data / "ca.pem").exists()
+        # A bare secret without ca_file: the agent says what it needs.
+        write(token.secret)
+        bare = run_agent()
+        assert bare.returncode == ConfigError.exit_code
+        assert "ca_file: required when join_token carries no CA pin" in bare.stderr
+        # The whole token: the secret was never spent above, so it still joins.
+        write(str(token))
+        with (tmp_path / "agent.log").open("ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "clustercert", "agent", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        with cluster.client() as client:
+            wait_until(
+                lambda: any(n["name"] == "pinned" and n["in_sync"]
+                            for n in client.get("/v1/nodes").json()),
+                timeout=60, what="the pinned node in sync",
+            )  # fmt: skip
+        assert (data / "ca.pem").read_bytes() == cluster.cluster.ca_file.read_bytes()
+        assert (data / "ca.pem").stat().st_mode & 0o777 == 0o644
+    finally:
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+        cluster.stop()
