@@ -25,6 +25,7 @@ __all__ = [
     "JoinAnswer",
     "NodeAnswer",
     "NodeOutcomeBody",
+    "RemovedNodeAnswer",
     "RotateAnswer",
     "UserBody",
     "ValidateAnswer",
@@ -131,6 +132,13 @@ class NodeAnswer(_Doc):
     last_seen: str | None
     in_sync: bool
     certificates: dict[str, dict[str, Any]]
+
+
+class RemovedNodeAnswer(_Doc):
+    uid: int
+    name: str
+    agent_url: str
+    removed: bool
 
 
 class JoinAnswer(_Doc):

@@ -29,6 +29,7 @@ from clustercert.control.apidoc import (
     EventsAnswer,
     JoinAnswer,
     NodeAnswer,
+    RemovedNodeAnswer,
     RotateAnswer,
     ValidateAnswer,
     answers,
@@ -402,7 +403,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
             raise NotFound(f"no node with id {node_id}")
         return node_body(cp, node, desired_generations(cp))
 
-    @app.delete("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
+    @app.delete("/v1/nodes/{node_id}", responses=answers(RemovedNodeAnswer, 400, 401, 403, 404))
     async def delete_node(request: Request, node_id: int) -> dict[str, Any]:
         """Remove the node from the cluster (docs/deploy.md); 404 for an unknown uid."""
         user = user_with(request, UPDATE)
