@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from clustercert.control.audit import NodeEvent
+from clustercert.control.lock import cluster_lock
 from clustercert.control.plane import ControlPlane
 from clustercert.control.state import NodeRecord
 from clustercert.errors import NotFound
@@ -47,11 +48,15 @@ def node_body(cp: ControlPlane, node: NodeRecord, desired: dict[str, int]) -> di
 async def remove_node(cp: ControlPlane, node_id: int, actor: str) -> NodeRecord:
     """Remove the node from the cluster: its records leave the store (atomically), nothing
     calls it any more, the removal is audited, and the certificates that named it are
-    re-issued in the background. NotFound for an unknown id."""
-    node = cp.state.remove_node(node_id)
-    if node is None:
-        raise NotFound(f"no node with id {node_id}")
-    await cp.reconciler.forget(node_id)
+    re-issued in the background. NotFound for an unknown id.
+
+    Under the cluster lock (waiting like an update, then 409 ``update_in_progress``): no
+    rollout or reconciler pass is half-way through with the node when it goes."""
+    async with cluster_lock(cp.state, cp.coordinator.lock_wait, role="remove"):
+        node = cp.state.remove_node(node_id)
+        if node is None:
+            raise NotFound(f"no node with id {node_id}")
+        await cp.reconciler.forget(node_id)
     cp.state.add_event(
         NodeEvent(cp.clock(), actor, "remove", node_id=node.node_id, agent_url=node.agent_url)
     )
