@@ -367,9 +367,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
                     "node_id": node.node_id,
                     "name": node.name,
                     "generation": applied.generation if applied else None,
+                    # Like GET /v1/nodes: never in sync while nobody can reach the node.
                     "in_sync": bool(
                         applied and applied.ok and applied.generation == record.generation
-                    ),
+                    )
+                    and cp.reconciler.health.of(node.node_id).reachable,
                     "fingerprint": applied.fingerprint if applied else None,
                     "services": applied.services if applied else [],
                     "verified_at": applied.at if applied else None,
