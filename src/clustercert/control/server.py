@@ -55,36 +55,51 @@ class ApiListener:
     """The API listener's certificate files and hot-swappable context (the `api` name), and
     the CAs it trusts for client-certificate login (the `mtls_trusted_ca` bundle, if set)."""
 
-    def __init__(self, directory: ClusterDirectory, state: ClusterState, port: int) -> None:
+    def __init__(
+        self,
+        directory: ClusterDirectory,
+        state: ClusterState,
+        port: int,
+        api: CertRecord,
+        trusted_cas: CertRecord | None,
+    ) -> None:
         self.files = CertificateFiles(directory.run_dir / f"api-{port}")
         self.state = state
-        record = state.certificate("api")
-        if record is None or record.key is None:
-            raise ConfigError("the store holds no `api` certificate; was the cluster initialised?")
-        paths = self._write(record)
+        paths = self._write(api)
         assert paths.key is not None
         self.context = ReloadableServerContext(
             paths.cert,
             paths.key,
             request_client_cert=True,
-            client_ca_pem=_trusted_client_cas(state),
+            client_ca_pem=trusted_cas.certificate if trusted_cas else None,
         )
-        self.generation = record.generation
-        self._seen = {"api": record.revision, "mtls_trusted_ca": state.revision("mtls_trusted_ca")}
+        self.generation = api.generation
+        self._seen = {
+            "api": api.revision,
+            "mtls_trusted_ca": trusted_cas.revision if trusted_cas else 0,
+        }
 
-    def refresh(self) -> None:
+    @classmethod
+    async def load(cls, directory: ClusterDirectory, state: ClusterState, port: int) -> ApiListener:
+        """The listener for what the store holds now."""
+        api = await state.certificate("api")
+        if api is None or api.key is None:
+            raise ConfigError("the store holds no `api` certificate; was the cluster initialised?")
+        return cls(directory, state, port, api, await state.certificate("mtls_trusted_ca"))
+
+    async def refresh(self) -> None:
         """Follow the store: another control plane, or a DELETE, may have changed what this
         listener serves or trusts (a rollout through this process calls on_committed). Runs
         every second: records are read (and keys unsealed) only when their revision moved."""
-        if self._moved("api"):
-            api = self.state.certificate("api")
+        if await self._moved("api"):
+            api = await self.state.certificate("api")
             if api is not None:
                 self.on_committed([api])
-        if self._moved("mtls_trusted_ca"):
-            self._trust(_trusted_client_cas(self.state))
+        if await self._moved("mtls_trusted_ca"):
+            self._trust(await _trusted_client_cas(self.state))
 
-    def _moved(self, name: str) -> bool:
-        revision = self.state.revision(name)
+    async def _moved(self, name: str) -> bool:
+        revision = await self.state.revision(name)
         moved = revision != self._seen.get(name)
         self._seen[name] = revision
         return moved
@@ -135,10 +150,10 @@ def api_config(
     )
 
 
-def _trusted_client_cas(state: ClusterState) -> str | None:
+async def _trusted_client_cas(state: ClusterState) -> str | None:
     """The mtls_trusted_ca bundle as stored now: certificate login follows a change at once,
     on connections already open too (new handshakes follow within the refresh interval)."""
-    record = state.certificate("mtls_trusted_ca")
+    record = await state.certificate("mtls_trusted_ca")
     return record.certificate if record else None
 
 
@@ -147,7 +162,7 @@ async def _follow_store(listener: ApiListener, interval: float) -> None:
     while True:
         await asyncio.sleep(max(interval, 0.2))
         try:
-            listener.refresh()
+            await listener.refresh()
         except Exception:
             log.exception("could not refresh the API listener from the store; retrying")
 
@@ -158,7 +173,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     try:
         state = directory.state(store)
         ca = directory.ca()
-        listener = ApiListener(directory, state, settings.port)
+        listener = await ApiListener.load(directory, state, settings.port)
         pool = AgentPool(
             internode_client_context(
                 directory.ca_file, directory.identity_cert, directory.identity_key
