@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,10 +31,15 @@ from clustercert.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from clustercert.roles import MANAGE_USERS, UPDATE, VIEW
 
 __all__ = [
     "MAX_BODY",
+    "Manager",
+    "Plane",
     "StrictModel",
+    "Updater",
+    "Viewer",
     "control_plane",
     "error_response",
     "install_error_handlers",
@@ -76,6 +81,13 @@ def requires(permission: str) -> Callable[[Request], Awaitable[User]]:
         return user
 
     return caller
+
+
+# What a route declares, e.g. ``async def route(cp: Plane, user: Updater)``.
+Plane = Annotated[ControlPlane, Depends(control_plane)]
+Viewer = Annotated[User, Depends(requires(VIEW))]
+Updater = Annotated[User, Depends(requires(UPDATE))]
+Manager = Annotated[User, Depends(requires(MANAGE_USERS))]
 
 
 # --- bodies -------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
 from cryptography import x509
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -34,7 +34,14 @@ from clustercert.control.answers import (
     rollout_answer,
 )
 from clustercert.control.directory import DEFAULT_SANS, issue_internal
-from clustercert.control.http import StrictModel, control_plane, parse_model, read_json, requires
+from clustercert.control.http import (
+    Plane,
+    StrictModel,
+    Updater,
+    Viewer,
+    parse_model,
+    read_json,
+)
 from clustercert.control.plane import ControlPlane
 from clustercert.control.rollout import NodeOutcome
 from clustercert.control.routes.nodes import agent_host
@@ -47,7 +54,6 @@ from clustercert.errors import (
     RequiredCertificate,
 )
 from clustercert.names import NAMES, lookup
-from clustercert.roles import UPDATE, VIEW
 from clustercert.validation import (
     UploadItem,
     ValidatedCertificate,
@@ -58,10 +64,6 @@ from clustercert.validation import (
 __all__ = ["CertificateItem", "CertificatesBody", "RotateBody", "router"]
 
 router = APIRouter()
-
-Plane = Annotated[ControlPlane, Depends(control_plane)]
-Updater = Annotated[User, Depends(requires(UPDATE))]
-Viewer = Annotated[User, Depends(requires(VIEW))]
 
 
 class CertificateItem(StrictModel):

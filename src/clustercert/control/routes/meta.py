@@ -3,26 +3,21 @@ every endpoint."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from clustercert.control.http import control_plane, requires
+from clustercert.control.http import Plane, Viewer
 from clustercert.control.metrics import CONTENT_TYPE
-from clustercert.control.plane import ControlPlane
-from clustercert.control.state import User
-from clustercert.roles import VIEW
 
 __all__ = ["router"]
 
 router = APIRouter()
 
-Viewer = Annotated[User, Depends(requires(VIEW))]
-
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(cp: Annotated[ControlPlane, Depends(control_plane)], user: Viewer) -> Response:
+async def metrics(cp: Plane, user: Viewer) -> Response:
     return Response(cp.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -3,25 +3,19 @@ joins with a one-time token and a CSR (authenticated by the token, not by a user
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from clustercert import pki
 from clustercert.control.answers import JoinAnswer, NodeAnswer, answers, request_body
 from clustercert.control.audit import NodeEvent
-from clustercert.control.http import StrictModel, control_plane, parse_model, read_json, requires
+from clustercert.control.http import Plane, StrictModel, Viewer, parse_model, read_json
 from clustercert.control.plane import ControlPlane
-from clustercert.control.state import NodeRecord, User
+from clustercert.control.state import NodeRecord
 from clustercert.errors import InvalidSchema, NotFound, Unauthorized
-from clustercert.roles import VIEW
 
 __all__ = ["JoinBody", "agent_host", "router"]
 
 router = APIRouter()
-
-Plane = Annotated[ControlPlane, Depends(control_plane)]
-Viewer = Annotated[User, Depends(requires(VIEW))]
 
 
 class JoinBody(StrictModel):

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from clustercert.clock import utc_now
 from clustercert.control.answers import UserBody, answers, request_body
 from clustercert.control.audit import UserEvent
 from clustercert.control.auth import canonical_subject, hash_password
-from clustercert.control.http import StrictModel, control_plane, parse_model, read_json, requires
+from clustercert.control.http import Manager, Plane, StrictModel, parse_model, read_json
 from clustercert.control.plane import ControlPlane
 from clustercert.control.state import User
 from clustercert.errors import (
@@ -40,7 +40,7 @@ from clustercert.errors import (
     UndeletableUser,
     UserExists,
 )
-from clustercert.roles import MANAGE_USERS, Role
+from clustercert.roles import Role
 
 __all__ = ["NewUser", "router"]
 
@@ -48,8 +48,6 @@ log = logging.getLogger("clustercert.users")
 
 router = APIRouter()
 
-Plane = Annotated[ControlPlane, Depends(control_plane)]
-Manager = Annotated[User, Depends(requires(MANAGE_USERS))]
 
 # One "@", nothing that breaks HTTP Basic (":") or log lines (controls), no spaces. Explicit
 # code points only: this pattern is also the OpenAPI document's, and JSON Schema's "\s" is not
