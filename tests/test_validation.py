@@ -922,6 +922,16 @@ def test_openssl_made_leaf_with_non_repudiation_only(tmp_path: Path) -> None:
     validate_upload("proxy", good.chain, good.leaf_key.read_text(), at=at, trust=trust)
 
 
+def test_intermediate_any_eku_does_not_count(root: CA, trust: TrustStore) -> None:
+    """As in OpenSSL's purpose check, which refuses such chains in a handshake."""
+    any_eku = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
+    leaf = root.intermediate("Any CA", extensions=[(any_eku, False)]).issue()
+    with pytest.raises(MissingExtendedKeyUsage, match=r"OpenSSL does not count anyExtendedKey"):
+        check(leaf, trust)
+    both = x509.ExtendedKeyUsage([*any_eku, x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
+    check(root.intermediate("Any And Server CA", extensions=[(both, False)]).issue(), trust)
+
+
 @pytest.mark.parametrize(("issuer_key", "digest"), [("rsa2048", "sha1"), ("ec256", "sha1"),
                                                     ("rsa2048", "md5")])  # fmt: skip
 def test_insecure_signature_on_leaf(issuer_key: str, digest: str) -> None:

@@ -96,6 +96,7 @@ def _trust_only(ctx: ssl.SSLContext, anchor_pem: str) -> None:
 def _serving(chain_pem: str, key_pem: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.num_tickets = 0  # nothing is resumed: skip making TLS 1.3 session tickets
     _load_pair(ctx, chain_pem, key_pem)
     return ctx
 

@@ -951,15 +951,20 @@ def _check_policy(upload: _Upload, chain: _Chain) -> None:
         _check_key_usage(row, leaf)
     for cert in issuers:
         usages = _extended_key_usage(cert)
-        if usages is None or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        if usages is None:
             continue
         missing = [r for r in required if _EKU_OIDS[r] not in usages]
         if missing:
+            # OpenSSL's purpose check, which every service we configure runs, does not count
+            # anyExtendedKeyUsage on a CA either (Chromium and Go do).
+            any_eku = ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
             raise MissingExtendedKeyUsage(
                 f"CA {pki.describe_name(cert.subject)} restricts the certificates it "
                 f"issues to {_eku_names(usages)}, which excludes {', '.join(missing)} needed by "
-                f"{row.name!r}; TLS libraries reject such chains: use a chain from a CA meant "
-                f"for {', '.join(required)}"
+                f"{row.name!r}"
+                f"{' (OpenSSL does not count anyExtendedKeyUsage on a CA)' if any_eku else ''}; "
+                f"TLS libraries reject such chains: use a chain from a CA meant for "
+                f"{', '.join(required)}"
             )
     for cert in served:
         if cert is not leaf and pki.is_self_signed(cert):
@@ -1139,9 +1144,10 @@ def _refuse(
         what = f"{peer}, refuses it: {refusal.reason}"
     if "purpose" in refusal.reason:
         fix = (
-            f"the keyUsage or extendedKeyUsage of the leaf or of a CA of its chain does not "
-            f"allow TLS {purpose}: have it reissued with keyUsage = critical, digitalSignature "
-            f"and extendedKeyUsage = {', '.join(sorted(row.required_eku))}"
+            f"the keyUsage, extendedKeyUsage or Netscape certificate type of the leaf or of a "
+            f"CA of its chain does not allow TLS {purpose}: have it reissued with keyUsage = "
+            f"critical, digitalSignature and extendedKeyUsage = "
+            f"{', '.join(sorted(row.required_eku))}, without a Netscape certificate type"
         )
     elif refusal.reason == "EXCESSIVE_MESSAGE_SIZE":
         fix = (
