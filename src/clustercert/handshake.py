@@ -56,10 +56,7 @@ def refusal_as_server(
     With ``server_name`` the client checks the host name (and sends it as SNI unless it is an
     IP address), as every service client does; None skips that check.
     """
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.minimum_version = ssl.TLSVersion.TLSv1_2
-    _trust_only(client, anchor_pem)
-    client.check_hostname = server_name is not None
+    client = _verifying_client(anchor_pem, check_hostname=server_name is not None)
     try:
         server = _serving(chain_pem, key_pem)
     except ssl.SSLError as exc:
@@ -70,10 +67,7 @@ def refusal_as_server(
 def refusal_as_client(chain_pem: str, key_pem: str, anchor_pem: str) -> Refusal | None:
     """Present ``chain_pem``/``key_pem`` as the client certificate to a server that requires
     one and trusts only ``anchor_pem``."""
-    identity = _throwaway_identity()
-    server = _serving(identity.cert_pem, identity.key_pem)
-    _trust_only(server, anchor_pem)
-    server.verify_mode = ssl.CERT_REQUIRED
+    server = _verifying_server(anchor_pem)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_2
     # Only the upload is under test: the throwaway server identity is not verified.
@@ -84,6 +78,30 @@ def refusal_as_client(chain_pem: str, key_pem: str, anchor_pem: str) -> Refusal 
     except ssl.SSLError as exc:
         return Refusal("client", _reason(exc))
     return _handshake(client, server, None)
+
+
+# The verifying side depends only on the anchor, and uploads mostly end in the same few (the
+# internal CA, a company root): reuse its context. Contexts are only read after this, and
+# OpenSSL lets threads create connections from one context concurrently.
+_CACHED_ANCHORS = 32
+
+
+@functools.lru_cache(maxsize=_CACHED_ANCHORS)
+def _verifying_client(anchor_pem: str, *, check_hostname: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _trust_only(ctx, anchor_pem)
+    ctx.check_hostname = check_hostname
+    return ctx
+
+
+@functools.lru_cache(maxsize=_CACHED_ANCHORS)
+def _verifying_server(anchor_pem: str) -> ssl.SSLContext:
+    identity = _throwaway_identity()
+    ctx = _serving(identity.cert_pem, identity.key_pem)
+    _trust_only(ctx, anchor_pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def _trust_only(ctx: ssl.SSLContext, anchor_pem: str) -> None:
