@@ -149,3 +149,13 @@ def test_keyless_and_non_tls_names_get_no_handshake(root: CA) -> None:
     leaf = root.issue("saml.example", eku=None, extensions=[(NS_CLIENT_ONLY, False)])
     _validate("sso_service", leaf)
     validate_upload("sso_issuer", leaf.cert_pem, None, at=T0, trust=TrustStore.of([root.cert]))
+
+
+def test_an_anchor_openssl_cannot_load_is_a_refusal_not_a_crash(root: CA) -> None:
+    leaf = root.issue("db.example")
+    broken = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n"
+    refusal = handshake.refusal_as_server(leaf.chain_pem, leaf.key_pem, broken, "db.example")
+    assert refusal is not None and refusal.side == "client"
+    assert refusal.reason.startswith("cannot load the trust anchor")
+    refusal = handshake.refusal_as_client(leaf.chain_pem, leaf.key_pem, broken)
+    assert refusal is not None and refusal.side == "server"

@@ -56,7 +56,10 @@ def refusal_as_server(
     With ``server_name`` the client checks the host name (and sends it as SNI unless it is an
     IP address), as every service client does; None skips that check.
     """
-    client = _verifying_client(anchor_pem, check_hostname=server_name is not None)
+    try:
+        client = _verifying_client(anchor_pem, check_hostname=server_name is not None)
+    except ssl.SSLError as exc:
+        return Refusal("client", f"cannot load the trust anchor: {_reason(exc)}")
     try:
         server = _serving(chain_pem, key_pem)
     except ssl.SSLError as exc:
@@ -67,7 +70,10 @@ def refusal_as_server(
 def refusal_as_client(chain_pem: str, key_pem: str, anchor_pem: str) -> Refusal | None:
     """Present ``chain_pem``/``key_pem`` as the client certificate to a server that requires
     one and trusts only ``anchor_pem``."""
-    server = _verifying_server(anchor_pem)
+    try:
+        server = _verifying_server(anchor_pem)
+    except ssl.SSLError as exc:
+        return Refusal("server", f"cannot load the trust anchor: {_reason(exc)}")
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_2
     # Only the upload is under test: the throwaway server identity is not verified.
