@@ -469,6 +469,19 @@ def test_invalid_key_field(
         check(leaf, trust, key=key(leaf))
 
 
+def test_der_certificate_ending_in_a_whitespace_byte(inter: CA, trust: TrustStore) -> None:
+    """About 1 DER certificate in 40 ends in a byte such as 0x0A; it is still DER, not text."""
+    for _ in range(2_000):  # bounded: each try has a ~2.3 % chance
+        leaf = inter.issue()
+        der = leaf.cert.public_bytes(serialization.Encoding.DER)
+        if der[-1:].isspace():
+            break
+    else:
+        pytest.fail("no DER certificate ending in a whitespace byte in 2,000 tries")
+    with pytest.raises(InvalidCertificate, match=r"is a DER-encoded certificate, not PEM"):
+        check(leaf, trust, certificate=der.decode("utf-8", "surrogateescape"))
+
+
 def test_openssl_made_pkcs12_and_der(tmp_path: Path, trust: TrustStore) -> None:
     pair = openssl_ca_and_leaf(tmp_path)
     openssl("x509", "-in", "leaf.pem", "-outform", "der", "-out", "leaf.der", cwd=tmp_path)
