@@ -903,6 +903,13 @@ def test_key_usage_for_both_usages_reports_the_first_missing(inter: CA, trust: T
         check(leaf, trust, name="syncer")
 
 
+def test_key_usage_names_the_key_agreement_qualifiers(inter: CA, trust: TrustStore) -> None:
+    usage = x509.KeyUsage(False, False, False, False, True, False, False, True, False)
+    leaf = inter.issue(key_usage=False, extensions=[(usage, True)])
+    with pytest.raises(KeyUsageMismatch, match=r"keyUsage \(keyAgreement, encipherOnly\) lacks"):
+        check(leaf, trust)
+
+
 def test_no_key_usage_extension_allows_any_use(inter: CA, trust: TrustStore) -> None:
     leaf = inter.issue(key_usage=False)
     for name in ("proxy", "ldap_client", "syncer"):

@@ -882,13 +882,14 @@ _KEY_USAGE_BITS = (
     ("key_cert_sign", "keyCertSign"),
     ("crl_sign", "cRLSign"),
 )
+# cryptography raises when these are read without keyAgreement (they qualify it).
+_KEY_AGREEMENT_BITS = (("encipher_only", "encipherOnly"), ("decipher_only", "decipherOnly"))
 
 
 def _key_usage_names(usage: x509.KeyUsage) -> str:
     names = [name for attribute, name in _KEY_USAGE_BITS if getattr(usage, attribute)]
-    if usage.key_agreement:  # the two flags below exist only with keyAgreement
-        names += [n for a, n in (("encipher_only", "encipherOnly"), ("decipher_only",
-                  "decipherOnly")) if getattr(usage, a)]  # fmt: skip
+    if usage.key_agreement:
+        names += [name for attribute, name in _KEY_AGREEMENT_BITS if getattr(usage, attribute)]
     return ", ".join(names) or "empty"
 
 
@@ -1121,23 +1122,20 @@ def _check_with_tls_peers(upload: _Upload, chain: _Chain, chain_pem: str) -> Non
         refusal = handshake.refusal_as_server(chain_pem, key_pem, anchor_pem, host)
         if refusal is not None:
             peer = "TLS client" + (f" connecting to {host!r}" if host else "")
-            _refuse(row, refusal, "server", f"a {peer}, {trusting}", SERVER_AUTH, size)
+            _refuse(row, refusal, "server", f"a {peer}, {trusting}", size)
     if CLIENT_AUTH in row.required_eku:
         refusal = handshake.refusal_as_client(chain_pem, key_pem, anchor_pem)
         if refusal is not None:
             peer = f"a TLS server requiring client certificates, {trusting}"
-            _refuse(row, refusal, "client", peer, CLIENT_AUTH, size)
+            _refuse(row, refusal, "client", peer, size)
 
 
 def _refuse(
-    row: CertificateName,
-    refusal: handshake.Refusal,
-    role: str,
-    peer: str,
-    purpose: str,
-    size: int,
+    row: CertificateName, refusal: handshake.Refusal, role: str, peer: str, size: int
 ) -> None:
-    """Raise :class:`RejectedByTLSClient` for ``refusal``; ``size``: the chain's DER bytes."""
+    """Raise :class:`RejectedByTLSClient` for ``refusal`` of the upload in ``role`` ("server"
+    or "client") by ``peer``; ``size``: the chain's DER bytes."""
+    purpose = SERVER_AUTH if role == "server" else CLIENT_AUTH
     if refusal.side == role:  # the side presenting the upload could not even use it
         what = f"OpenSSL cannot use it as a TLS {role} certificate: {refusal.reason}"
     else:
