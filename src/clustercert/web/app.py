@@ -40,6 +40,7 @@ from clustercert.errors import (
     CertificateNotFound,
     ClusterCertError,
     InvalidSchema,
+    MethodNotAllowed,
     PayloadTooLarge,
     Unauthorized,
 )
@@ -62,7 +63,7 @@ _HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make Origin "null"
     (b"cache-control", b"no-store"),
 ]
 EVENTS_PER_PAGE = 50
@@ -210,12 +211,14 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        error = (
-            CertificateNotFound(f"no such page: {request.url.path}")
-            if exc.status_code == 404
-            else BadRequest(str(exc.detail))
-        )
-        return render(request, "error.html", exc.status_code, error=error)
+        error: ClusterCertError
+        if exc.status_code == 404:
+            error = CertificateNotFound(f"no such page: {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            error = BadRequest(str(exc.detail))
+        return render(request, "error.html", error.http_status, error=error)
 
     # --- login ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ templates, never a private key (the records' ``key`` field is not copied anywher
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "node_rows",
 ]
 
+_DIGITS = re.compile(r"(\d+)")
 EXPIRY_WARNING_DAYS = 30
 """Expiring within this many days: shown in the warning colour (validation warns likewise)."""
 
@@ -112,10 +114,17 @@ def _row(
     )
 
 
+def _by_name(nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
+    """Nodes in natural name order (node-2 before node-10): badges are read by name."""
+    return sorted(
+        nodes, key=lambda n: [int(p) if p.isdigit() else p for p in _DIGITS.split(n.name)]
+    )
+
+
 def certificate_rows(state: ClusterState, now: dt.datetime) -> list[CertificateRow]:
     """One row per certificate name (DESIGN §3 order), set or not."""
     records = {r.name: r for r in state.certificates()}
-    nodes = state.nodes()
+    nodes = _by_name(state.nodes())
     applied = {n.node_id: state.applied(n.node_id) for n in nodes}
     return [_row(row, records.get(row.name), nodes, applied, now) for row in NAMES.values()]
 
@@ -177,7 +186,7 @@ def certificate_detail(
     """The details page of ``name`` (a name of :data:`NAMES`): chain, per-node proof, and the
     ``events`` newest history entries of that name."""
     record = state.certificate(name)
-    nodes = state.nodes()
+    nodes = _by_name(state.nodes())
     applied = {n.node_id: state.applied(n.node_id) for n in nodes}
     row = _row(NAMES[name], record, nodes, applied, now)
     history = [e for e in state.events() if e.get("name") == name][:events]
@@ -222,7 +231,7 @@ def node_rows(state: ClusterState) -> list[NodeRow]:
     ``in_sync``: each desired generation proved, ok)."""
     desired = {r.name: r.generation for r in state.certificates()}
     rows = []
-    for node in state.nodes():
+    for node in _by_name(state.nodes()):
         applied = state.applied(node.node_id)
         rows.append(
             NodeRow(

@@ -63,7 +63,8 @@
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const submitter = event.submitter;
-    const url = submitter && submitter.formAction ? submitter.formAction : form.action;
+    // A button's formAction is the page's URL when it has no formaction attribute of its own.
+    const url = submitter && submitter.hasAttribute("formaction") ? submitter.formAction : form.action;
     const replacing = url.endsWith("/replace");
     const body = new FormData(form);
     const running = { value: replacing };
