@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ from typing import Any
 import pytest
 from certfactory import CA, Leaf, self_signed
 from clusterkit import (
+    accepts,
     api,
     desired_fingerprints,
     served_by_node,
@@ -30,7 +34,10 @@ from clusterkit import (
 from conftest import ADMIN_PASSWORD, start_cluster
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
-from clustercert.demo import DemoCluster
+from clustercert.clock import utc_now
+from clustercert.control.directory import init_cluster
+from clustercert.demo import DemoCluster, free_port
+from clustercert.errors import ConfigError
 from clustercert.names import NAMES
 
 pytestmark = pytest.mark.cluster
@@ -465,3 +472,41 @@ def test_replacing_cm_keeps_an_open_page_working_and_new_handshakes_see_it(
     page.get_by_role("link", name="Certificates").click()
     assert page.locator('tr[data-name="cm"] td.subject').inner_text() == "CN=console.example"
     assert page.locator("#who").is_visible()
+
+
+# --- the server's console options ------------------------------------------------------------
+
+
+def _server(
+    directory: Path, api_port: int, console_port: int, *extra: str
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "clustercert", "server", "--dir", str(directory),
+         "--listen", f"127.0.0.1:{api_port}", "--console-listen", f"127.0.0.1:{console_port}",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_no_console_serves_none_and_a_taken_console_port_stops_the_server(tmp_path: Path) -> None:
+    init_cluster(
+        tmp_path, name="cluster.local", admin_email=ADMIN, admin_password=ADMIN_PASSWORD,
+        now=utc_now(),
+    )  # fmt: skip
+    api_port, console_port = free_port(), free_port()
+    process = _server(tmp_path, api_port, console_port, "--no-console")
+    try:
+        wait_until(lambda: accepts(api_port), timeout=60, what="the API to listen")
+        assert not accepts(console_port)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", console_port))
+        taken.listen()
+        process = _server(tmp_path, free_port(), console_port)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == ConfigError.exit_code
+    assert f"the web console cannot listen on 127.0.0.1:{console_port}" in output
+    assert "Traceback" not in output

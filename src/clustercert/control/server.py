@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,22 @@ async def _follow_store(listeners: Sequence[CertificateListener], interval: floa
                 )
 
 
+def _bind_console(host: str, port: int) -> socket.socket:
+    """The console's socket, bound before anything is served: a port in use is a clear error
+    at start (uvicorn would exit the process from inside its task)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"the web console cannot listen on {host}:{port} ({exc.strerror}); choose another "
+            "address with --console-listen HOST:PORT, or run without it: --no-console"
+        ) from None
+    return sock
+
+
 def _committed(listeners: Sequence[CertificateListener], records: Sequence[CertRecord]) -> None:
     for listener in listeners:
         listener.on_committed(records)
@@ -218,6 +235,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         listener = ApiListener(directory, state, settings.port)
         listeners: list[CertificateListener] = [listener]
         if settings.console is not None:
+            console_socket = _bind_console(*settings.console)
             console_listener = CertificateListener(directory, state, "cm", settings.console[1])
             listeners.append(console_listener)
         pool = AgentPool(
@@ -268,8 +286,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             console = _FollowingServer(
                 api_config(build_console(control), console_listener.context.base, host, port)
             )
-            # A port already in use makes uvicorn exit the process (status 1), as for the API.
-            tasks.append(asyncio.create_task(console.serve()))
+            tasks.append(asyncio.create_task(console.serve(sockets=[console_socket])))
             log.info("web console listening on https://%s:%d", host, port)
         log.info("control plane listening on https://%s:%d", settings.host, settings.port)
         try:
