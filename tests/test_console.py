@@ -228,6 +228,12 @@ def test_the_table_shows_every_name_with_each_nodes_state(cluster: DemoCluster, 
 # --- replace by upload, live, on a cluster of its own ----------------------------------------
 
 
+def _get(page: Page, cluster: DemoCluster, path: str) -> str:
+    answer = page.context.request.get(f"{cluster.console_url}{path}")
+    assert answer.status == 200
+    return answer.text()
+
+
 def _paused(cluster: DemoCluster) -> Path:
     marker = cluster.cluster.run_dir / "fault-paused-during_stage"
     wait_until(marker.exists, timeout=60, what="the rollout to pause after staging")
@@ -277,6 +283,12 @@ def test_replace_proxy_by_upload_shows_each_nodes_step_and_reaches_every_node(
     assert page.locator("#overview dd.subject").inner_text() == "CN=redis.example"
     assert page.locator('#overview li.badge[data-state="in-sync"]').count() == len(names)
     assert page.locator("#history table.events tbody tr").first.inner_text().count(ADMIN) == 1
+    # No page holds a private key, the one just uploaded included.
+    key_lines = [line for line in leaf.key_pem.splitlines() if "-----" not in line]
+    for path in ("/", "/certificates/proxy", "/nodes", "/history"):
+        html = page.content() if path == "/certificates/proxy" else _get(page, cluster, path)
+        assert "PRIVATE KEY" not in html
+        assert not any(line in html for line in key_lines)
 
 
 def test_a_node_that_misses_the_commit_gets_a_409_and_lags_until_it_catches_up(

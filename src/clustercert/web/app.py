@@ -329,13 +329,16 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
     async def replace(request: Request, name: str) -> Response:
         login, certificate, key = await upload(request, name)
         user = login[1]
-        started = time.monotonic()
         try:
             validated = validate_upload(name, certificate, key, at=cp.clock(), trust=cp.trust)
+        except ClusterCertError as exc:
+            return detail_page(request, login, name, exc.http_status, _failure("replace", exc))
+        started = time.monotonic()
+        try:
             outcomes = await cp.coordinator.roll_out([_proposed(validated, user)], user.email)
         except ClusterCertError as exc:
-            if exc.http_status == 409:  # a rollout that ran (the API's metrics count it too)
-                cp.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
+            # Counted like the API's rollouts (control/app.py timed_roll_out).
+            cp.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
             return detail_page(request, login, name, exc.http_status, _failure("replace", exc))
         cp.metrics.observe_rollout("ok", time.monotonic() - started)
         stored = cp.state.certificate(name)
