@@ -390,6 +390,20 @@ def test_a_viewer_has_no_replace_controls_and_a_forged_post_is_refused(
             assert "lacks the permission update_cluster" in answer.text()
 
 
+def test_a_deleted_users_session_opens_nothing(cluster: DemoCluster, page: Page) -> None:
+    email = "leaving@cluster.local"
+    with api(cluster) as client:
+        created = client.post(
+            "/v1/users", json={"email": email, "password": VIEWER_PASSWORD, "role": "db_viewer"}
+        )
+        assert created.status_code == 200, created.text
+        login(page, cluster, email, VIEWER_PASSWORD)
+        assert client.delete(f"/v1/users/{created.json()['uid']}").status_code == 200
+    page.goto(f"{cluster.console_url}/nodes")
+    assert page.url == f"{cluster.console_url}/login"  # and no redirect loop back to "/"
+    assert page.get_by_role("button", name="Log in").is_visible()
+
+
 def test_posts_without_the_sessions_token_or_from_elsewhere_are_refused(
     cluster: DemoCluster, page: Page
 ) -> None:

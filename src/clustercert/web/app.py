@@ -176,15 +176,21 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
         )
         return HTMLResponse(html, status_code=status)
 
-    def logged_in(request: Request, permission: str = VIEW) -> tuple[Session, User]:
+    def current(request: Request) -> tuple[Session, User] | None:
+        """The live session and its user, read afresh (a changed role applies at once; a
+        deleted user's session opens nothing)."""
         session = store.get(_cookie_value(request))
         user = cp.state.user(session.email) if session else None
-        if session is None or user is None:
+        return (session, user) if session is not None and user is not None else None
+
+    def logged_in(request: Request, permission: str = VIEW) -> tuple[Session, User]:
+        login = current(request)
+        if login is None:
             if request.method == "GET":
                 raise _Login
             raise Unauthorized("your session has ended; log in again")
-        user.require(permission)  # read afresh: a changed role applies at once
-        return session, user
+        login[1].require(permission)
+        return login
 
     def same_origin(request: Request) -> None:
         origin = request.headers.get("origin")
@@ -197,12 +203,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.exception_handler(ClusterCertError)
     async def domain_error(request: Request, exc: ClusterCertError) -> Response:
-        login = None
-        session = store.get(_cookie_value(request))
-        user = cp.state.user(session.email) if session else None
-        if session is not None and user is not None:
-            login = (session, user)
-        return render(request, "error.html", exc.http_status, login, error=exc)
+        return render(request, "error.html", exc.http_status, current(request), error=exc)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, exc: RequestValidationError) -> Response:
@@ -224,7 +225,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.get("/login")
     async def login_form(request: Request) -> Response:
-        if store.get(_cookie_value(request)) is not None:
+        if current(request) is not None:
             return RedirectResponse("/", status_code=303)
         return render(request, "login.html")
 
