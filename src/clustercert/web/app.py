@@ -94,7 +94,10 @@ def _cookie_value(request: Request) -> str | None:
 
 
 async def _read_form(request: Request, limit: int, max_files: int) -> FormData:
-    """The request's form within ``limit`` bytes (413 past it, counted before parsing)."""
+    """The request's form within ``limit`` bytes (413 past it, counted before parsing).
+
+    ``limit`` is at most Starlette's spooling threshold (1 MiB), so an uploaded key stays in
+    memory: it never reaches a temporary file."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {limit} bytes")
