@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,7 +44,7 @@ from clustercert.names import NAMES
 pytestmark = pytest.mark.cluster
 
 ADMIN = "admin@cluster.local"
-VIEWER = "viewer@cluster.local"
+VIEWER = "console-viewer@cluster.local"  # not test_update_cert.py's viewer
 VIEWER_PASSWORD = "viewer password 1"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "console.png"
 CHROMIUM = "/usr/bin/chromium"
@@ -188,6 +189,26 @@ def test_login_rejects_a_wrong_password_then_logs_in_and_out(
     page.context.add_cookies([{**cookie}])  # type: ignore[list-item]
     page.goto(f"{cluster.console_url}/")
     assert page.url == f"{cluster.console_url}/login"
+
+
+def test_every_response_carries_the_security_headers(cluster: DemoCluster, page: Page) -> None:
+    login(page, cluster)
+    request = page.context.request
+    for path in ("/login", "/", "/certificates/cm", "/static/console.js", "/static/console.css",
+                 "/no-such-page"):  # fmt: skip
+        headers = request.get(f"{cluster.console_url}{path}").headers
+        assert headers["content-security-policy"] == (
+            "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'; "
+            "form-action 'self'"
+        ), path
+        assert headers["x-frame-options"] == "DENY", path
+        assert headers["x-content-type-options"] == "nosniff", path
+    # Nothing inline for the policy to block: every script and style comes from /static.
+    for path in ("/login", "/", "/certificates/cm", "/nodes", "/history"):
+        html = request.get(f"{cluster.console_url}{path}").text()
+        assert "<style" not in html and " style=" not in html, path
+        assert html.count("<script") == html.count('<script src="/static/console.js"'), path
+        assert re.search(r"<[^>]*\son[a-z]+=", html) is None, path  # no inline handlers
 
 
 # --- the certificates table ------------------------------------------------------------------
