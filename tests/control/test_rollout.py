@@ -96,7 +96,7 @@ def state(tmp_path: Path) -> Iterator[ClusterState]:
     cluster = ClusterState(open_store(f"sqlite://{tmp_path}/store.db"), KeySealer(os.urandom(32)))
     cluster.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
     for index, name in enumerate(NODES):
-        cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC))
+        run(cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC)))
     yield cluster
     cluster.store.close()
 
