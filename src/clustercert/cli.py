@@ -132,9 +132,7 @@ def join_token(directory: Path, ttl: int) -> None:
     """Print a one-time token with which one node joins."""
     from clustercert.control.directory import ClusterDirectory
 
-    cluster = ClusterDirectory(directory)
-    with cluster.open_store() as store:
-        token = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
+    token = ClusterDirectory(directory).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
     click.echo(token)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clustercert.clock import iso
 from clustercert.control.http import MAX_BODY
 from clustercert.control.listener import ASGIApp, Message, Receive, Scope, Send
 from clustercert.control.plane import ControlPlane
-from clustercert.control.state import CertRecord, User
+from clustercert.control.state import User
 from clustercert.errors import (
     BadRequest,
     CertificateNotFound,
@@ -46,7 +44,7 @@ from clustercert.errors import (
 )
 from clustercert.names import NAMES
 from clustercert.roles import UPDATE, VIEW
-from clustercert.validation import ValidatedCertificate, validate_upload
+from clustercert.validation import validate_upload
 from clustercert.web.sessions import COOKIE, CsrfRejected, Session, SessionStore
 from clustercert.web.views import certificate_detail, certificate_rows, node_rows
 
@@ -136,22 +134,6 @@ async def _file_text(form: FormData, name: str) -> str | None:
     return data.decode("latin-1") if data else None
 
 
-def _proposed(validated: ValidatedCertificate, user: User) -> CertRecord:
-    # The same record the REST API proposes for an upload (control/app.py builds it inside
-    # build_app; to be shared once the API's routes are split).
-    return CertRecord(
-        name=validated.name,
-        generation=0,
-        certificate=validated.chain_pem,
-        key=validated.key_pem,
-        fingerprint=validated.fingerprint_sha256,
-        not_after=iso(validated.not_after),
-        source="user",
-        updated_at="",
-        updated_by=user.email,
-    )
-
-
 def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASGIApp:
     """The console as an ASGI app for its own listener (``clustercert server``)."""
     store = sessions or SessionStore()
@@ -179,15 +161,15 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
         )
         return HTMLResponse(html, status_code=status)
 
-    def current(request: Request) -> tuple[Session, User] | None:
+    async def current(request: Request) -> tuple[Session, User] | None:
         """The live session and its user, read afresh (a changed role applies at once; a
         deleted user's session opens nothing)."""
         session = store.get(_cookie_value(request))
-        user = cp.state.user(session.email) if session else None
+        user = await cp.state.user(session.email) if session else None
         return (session, user) if session is not None and user is not None else None
 
-    def logged_in(request: Request, permission: str = VIEW) -> tuple[Session, User]:
-        login = current(request)
+    async def logged_in(request: Request, permission: str = VIEW) -> tuple[Session, User]:
+        login = await current(request)
         if login is None:
             if request.method == "GET":
                 raise _Login
@@ -206,7 +188,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.exception_handler(ClusterCertError)
     async def domain_error(request: Request, exc: ClusterCertError) -> Response:
-        return render(request, "error.html", exc.http_status, current(request), error=exc)
+        return render(request, "error.html", exc.http_status, await current(request), error=exc)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, exc: RequestValidationError) -> Response:
@@ -228,7 +210,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.get("/login")
     async def login_form(request: Request) -> Response:
-        if current(request) is not None:
+        if await current(request) is not None:
             return RedirectResponse("/", status_code=303)
         return render(request, "login.html")
 
@@ -240,7 +222,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
         client = request.client
         try:
             # The API's authenticator: same users, same throttle, same log lines.
-            user = cp.authenticator.authenticate(
+            user = await cp.authenticator.authenticate(
                 email, _field(form, "password") or "", source=client.host if client else "unknown"
             )
         except Unauthorized as exc:
@@ -262,7 +244,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
     @app.post("/logout")
     async def logout(request: Request) -> Response:
         same_origin(request)
-        session, _user = logged_in(request)
+        session, _user = await logged_in(request)
         form = await _read_form(request, _LOGIN_BODY, max_files=0)
         session.check_csrf(_field(form, "csrf_token") or request.headers.get("x-csrf-token"))
         store.end(session.session_id)
@@ -274,18 +256,18 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.get("/")
     async def certificates(request: Request) -> Response:
-        login = logged_in(request)
-        rows = certificate_rows(cp.state, cp.clock())
+        login = await logged_in(request)
+        rows = await certificate_rows(cp.state, cp.clock())
         return render(request, "certificates.html", login=login, rows=rows)
 
-    def detail_page(
+    async def detail_page(
         request: Request,
         login: tuple[Session, User],
         name: str,
         status: int = 200,
         result: Mapping[str, Any] | None = None,
     ) -> HTMLResponse:
-        detail = certificate_detail(cp.state, name, cp.clock())
+        detail = await certificate_detail(cp.state, name, cp.clock())
         return render(
             request, "certificate.html", status, login, detail=detail, row=NAMES[name],
             result=result,
@@ -298,13 +280,13 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
 
     @app.get("/certificates/{name}")
     async def certificate(request: Request, name: str) -> Response:
-        login = logged_in(request)
-        return detail_page(request, login, known(name))
+        login = await logged_in(request)
+        return await detail_page(request, login, known(name))
 
     async def upload(request: Request, name: str) -> tuple[tuple[Session, User], str, str | None]:
         """The checks every certificate action makes, in the API's order; then the files."""
         same_origin(request)
-        login = logged_in(request, UPDATE)
+        login = await logged_in(request, UPDATE)
         known(name)
         form = await _read_form(request, MAX_BODY, max_files=2)
         login[0].check_csrf(_field(form, "csrf_token") or request.headers.get("x-csrf-token"))
@@ -319,7 +301,9 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
         try:
             validated = validate_upload(name, certificate, key, at=cp.clock(), trust=cp.trust)
         except ClusterCertError as exc:
-            return detail_page(request, login, name, exc.http_status, _failure("validate", exc))
+            return await detail_page(
+                request, login, name, exc.http_status, _failure("validate", exc)
+            )
         result = {
             "action": "validate",
             "status": 200,
@@ -327,7 +311,7 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
             "summary": validated.summary(),
             "warnings": list(validated.warnings),
         }
-        return detail_page(request, login, name, 200, result)
+        return await detail_page(request, login, name, 200, result)
 
     @app.post("/certificates/{name}/replace")
     async def replace(request: Request, name: str) -> Response:
@@ -336,16 +320,15 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
         try:
             validated = validate_upload(name, certificate, key, at=cp.clock(), trust=cp.trust)
         except ClusterCertError as exc:
-            return detail_page(request, login, name, exc.http_status, _failure("replace", exc))
-        started = time.monotonic()
+            return await detail_page(
+                request, login, name, exc.http_status, _failure("replace", exc)
+            )
         try:
-            outcomes = await cp.coordinator.roll_out([_proposed(validated, user)], user.email)
+            [stored], outcomes = await cp.replace([validated], user)
         except ClusterCertError as exc:
-            # Counted like the API's rollouts (control/app.py timed_roll_out).
-            cp.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
-            return detail_page(request, login, name, exc.http_status, _failure("replace", exc))
-        cp.metrics.observe_rollout("ok", time.monotonic() - started)
-        stored = cp.state.certificate(name)
+            return await detail_page(
+                request, login, name, exc.http_status, _failure("replace", exc)
+            )
         log.info("console: %s replaced %s on %d nodes", user.email, name, len(outcomes))
         result = {
             "action": "replace",
@@ -353,28 +336,28 @@ def build_console(cp: ControlPlane, sessions: SessionStore | None = None) -> ASG
             "ok": True,
             "summary": validated.summary(),
             "warnings": list(validated.warnings),
-            "generation": stored.generation if stored else None,
+            "generation": stored.generation,
             "nodes": [o.as_json() for o in outcomes],
         }
-        return detail_page(request, login, name, 200, result)
+        return await detail_page(request, login, name, 200, result)
 
     @app.get("/rollout")
     async def rollout(request: Request) -> Response:
         """The rollout this control plane runs, node by node, for the Replace page's live view:
         what ``GET /v1/cluster/certificates/rollout`` answers."""
-        logged_in(request)
+        await logged_in(request)
         progress = cp.coordinator.progress
         return JSONResponse(progress.as_json() if progress is not None else {"in_progress": False})
 
     @app.get("/nodes")
     async def nodes(request: Request) -> Response:
-        login = logged_in(request)
-        return render(request, "nodes.html", login=login, nodes=node_rows(cp.state))
+        login = await logged_in(request)
+        return render(request, "nodes.html", login=login, nodes=await node_rows(cp.state))
 
     @app.get("/history")
     async def history(request: Request, page: int = 1) -> Response:
-        login = logged_in(request)
-        events = cp.state.events()
+        login = await logged_in(request)
+        events = await cp.state.events()
         pages = max(1, math.ceil(len(events) / EVENTS_PER_PAGE))
         page = min(max(page, 1), pages)
         start = (page - 1) * EVENTS_PER_PAGE
