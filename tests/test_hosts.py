@@ -6,6 +6,7 @@ The same features across real hosts (network namespaces): tests/test_multihost.p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -36,7 +37,7 @@ def _init(path: Path, *args: str) -> int:
 
 def _sans(directory: ClusterDirectory, name: str) -> list[str]:
     with directory.open_store() as store:
-        record = directory.state(store).certificate(name)
+        record = asyncio.run(directory.state(store).certificate(name))
         assert record is not None
         return pki.subject_alt_names(x509.load_pem_x509_certificate(record.certificate.encode()))
 
@@ -56,7 +57,7 @@ def test_init_san_names_the_control_plane_in_api_and_cm(tmp_path: Path) -> None:
     # Node-facing certificates name nodes, not the control plane.
     assert "cp.example.net" not in _sans(directory, "proxy")
     with directory.open_store() as store:
-        names = directory.state(store).control_plane_names()
+        names = asyncio.run(directory.state(store).control_plane_names())
     assert names == ["10.77.0.10", "cp.example.net", "2001:db8::1"]
     assert json.loads(directory.settings_file.read_text())["sans"] == names
 
@@ -164,7 +165,7 @@ def _server(directory: Path, listen: str, *args: str) -> subprocess.Popen[bytes]
     with (directory / "server.log").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "clustercert", "server", "--dir", str(directory),
-             "--listen", listen, *args],
+             "--listen", listen, "--no-console", *args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
 
@@ -238,7 +239,7 @@ def test_server_refuses_a_wildcard_listen_without_a_name(tmp_path: Path) -> None
     assert _init(directory) == 0
     result = subprocess.run(
         [sys.executable, "-m", "clustercert", "server", "--dir", str(directory),
-         "--listen", f"0.0.0.0:{free_port()}"],
+         "--listen", f"0.0.0.0:{free_port()}", "--no-console"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == ConfigError.exit_code
@@ -263,7 +264,6 @@ class RecordingCoordinator:
 
 
 def test_sankeeper_reissues_what_no_longer_names_every_node(tmp_path: Path) -> None:
-    import asyncio
     import datetime as dt
 
     from clustercert.control.health import NodeHealth
@@ -271,31 +271,37 @@ def test_sankeeper_reissues_what_no_longer_names_every_node(tmp_path: Path) -> N
 
     assert _init(tmp_path / "c", "--san", "10.77.0.10") == 0
     directory = ClusterDirectory(tmp_path / "c")
-    with directory.open_store() as store:
-        state = directory.state(store)
+    ca = directory.ca()
+    node_facing = sorted(
+        ["proxy", "syncer", "metrics_exporter", "data_internode_encryption",
+         "ccs_internode_encryption"]
+    )  # fmt: skip
+
+    def names_of(record: Any) -> list[str]:
+        return pki.subject_alt_names(x509.load_pem_x509_certificate(record.certificate.encode()))
+
+    async def scenario(state: Any) -> None:
         coordinator = RecordingCoordinator()
-        keeper = SanKeeper(state, coordinator, directory.ca(), NodeHealth())  # type: ignore[arg-type]
-        assert keeper.stale() == []  # as init issued them
+        keeper = SanKeeper(state, coordinator, ca, NodeHealth())  # type: ignore[arg-type]
+        assert await keeper.stale() == []  # as init issued them
         now = dt.datetime.now(dt.UTC)
-        state.add_node("n1", "https://10.77.0.11:9444", now)
-        node_facing = sorted(
-            ["proxy", "syncer", "metrics_exporter", "data_internode_encryption",
-             "ccs_internode_encryption"]
-        )  # fmt: skip
-        assert sorted(r.name for r in keeper.stale()) == node_facing
-        assert asyncio.run(keeper.check()) is True
+        await state.add_node("n1", "https://10.77.0.11:9444", now)
+        assert sorted(r.name for r in await keeper.stale()) == node_facing
+        assert await keeper.check() is True
         assert coordinator.rolled == [node_facing]
-        fresh = reissue_internal(state, directory.ca(), "proxy", now, "test")
-        names = pki.subject_alt_names(x509.load_pem_x509_certificate(fresh.certificate.encode()))
-        assert names == ["cluster.local", "localhost", "127.0.0.1", "::1", "10.77.0.11"]
-        api = reissue_internal(state, directory.ca(), "api", now, "test")
-        api_names = pki.subject_alt_names(x509.load_pem_x509_certificate(api.certificate.encode()))
-        assert api_names == ["cluster.local", "localhost", "127.0.0.1", "::1", "10.77.0.10"]
+        proxy = await reissue_internal(state, ca, "proxy", now, "test")
+        assert names_of(proxy) == ["cluster.local", "localhost", "127.0.0.1", "::1", "10.77.0.11"]
+        api = await reissue_internal(state, ca, "api", now, "test")
+        assert names_of(api) == ["cluster.local", "localhost", "127.0.0.1", "::1", "10.77.0.10"]
         # A certificate the operator uploaded is theirs: never re-issued.
-        proxy = state.certificate("proxy")
-        assert proxy is not None
-        state.put_certificate(replace(proxy, source="user", generation=proxy.generation + 1))
-        assert "proxy" not in [r.name for r in keeper.stale()]
+        stored = await state.certificate("proxy")
+        await state.put_certificate(
+            replace(stored, source="user", generation=stored.generation + 1)
+        )
+        assert "proxy" not in [r.name for r in await keeper.stale()]
+
+    with directory.open_store() as store:
+        asyncio.run(scenario(directory.state(store)))
 
 
 def test_node_health_is_unknown_until_heard_from() -> None:

@@ -110,6 +110,11 @@ def _listen(value: str) -> tuple[str, int]:
 )
 @click.option("--reconcile-interval", default=1.0, show_default=True)
 @click.option(
+    "--console-listen", default="127.0.0.1:8443", show_default=True,
+    help="HOST:PORT of the web console (served with the `cm` certificate).",
+)  # fmt: skip
+@click.option("--no-console", is_flag=True, help="Do not serve the web console.")
+@click.option(
     "--advertise", multiple=True, callback=lambda _c, _p, v: _split(v),
     help="URL, name or address clients and agents reach this control plane by (repeatable, or "
     "comma-separated); required with a wildcard --listen such as 0.0.0.0 unless `init --san` "
@@ -122,9 +127,11 @@ def server(
     agent_timeout: float,
     lock_wait: float,
     reconcile_interval: float,
+    console_listen: str,
+    no_console: bool,
     advertise: tuple[str, ...],
 ) -> None:
-    """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
+    """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
     from clustercert.control.directory import ClusterDirectory
     from clustercert.control.server import ServerSettings, serve
 
@@ -137,6 +144,7 @@ def server(
         agent_timeout=agent_timeout,
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
+        console=None if no_console else _listen(console_listen),
         advertise=advertise,
     )
     asyncio.run(serve(ClusterDirectory(directory), settings))
@@ -154,8 +162,7 @@ def join_token(directory: Path, ttl: int) -> None:
     from clustercert.jointoken import JoinToken, ca_hash
 
     cluster = ClusterDirectory(directory)
-    with cluster.open_store() as store:
-        secret = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
+    secret = cluster.new_join_token(utc_now(), dt.timedelta(seconds=ttl))
     ca = x509.load_pem_x509_certificate(cluster.ca_file.read_bytes())
     click.echo(str(JoinToken(secret, ca_hash(ca))))
 
