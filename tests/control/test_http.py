@@ -59,7 +59,7 @@ def every_route() -> list[tuple[str, str]]:
 
 def test_every_route_but_join_authenticates_before_parameters_and_body(api: InProcess) -> None:
     routes = every_route()
-    assert len(routes) == 18  # 14 certificate, node and meta routes, 4 user routes
+    assert len(routes) == 20  # 16 certificate, node and meta routes, 4 user routes
     before = api.snapshot()
 
     async def scenario() -> None:
@@ -71,6 +71,9 @@ def test_every_route_but_join_authenticates_before_parameters_and_body(api: InPr
                 )  # fmt: skip
                 if path == "/v1/internal/join":  # authenticated by its token, in the body
                     assert_error(response, 415, "unsupported_media_type")
+                    continue
+                if path == "/v1/internal/ca":  # the public CA certificate, for pinned joins
+                    assert response.status_code == 200, response.text
                     continue
                 assert_error(response, 401, "unauthorized")
                 assert response.headers["WWW-Authenticate"] == 'Basic realm="clustercert"'
