@@ -18,6 +18,7 @@ Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
@@ -42,6 +43,7 @@ __all__ = [
     "NodeRecord",
     "RolloutRecord",
     "User",
+    "run_blocking",
 ]
 
 ROLLOUT_KEY = "rollouts/current"
@@ -62,6 +64,14 @@ def _in_thread(
 
     off_loop.__name__, off_loop.__doc__ = method.__name__, method.__doc__
     return off_loop
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, _R]) -> _R:
+    """Run a :class:`ClusterState` coroutine from synchronous code (commands, the demo). It
+    runs on its own thread and loop, so it works even where the calling thread already runs
+    an event loop (e.g. a test driving Playwright's sync API)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blocking") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 @dataclass(frozen=True)
