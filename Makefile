@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := redis-server openssl etcd-server curl chromium
 
-.PHONY: install demo test lint typecheck pytest bench bench-quick clean fuzz soak
+.PHONY: install demo test test-fast lint typecheck pytest bench bench-quick clean fuzz soak
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ pytest: install
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
+
+# The inner loop: every test that starts no process (control plane, agents, redis, etcd, browser).
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not cluster"
 
 # Benchmarks (docs/benchmarks.md): they rewrite their own section of that document.
 bench: install
