@@ -43,6 +43,7 @@ __all__ = [
     "NodeRecord",
     "RolloutRecord",
     "User",
+    "proves",
     "run_blocking",
 ]
 
@@ -141,6 +142,12 @@ class AppliedRecord:
     ok: bool
     services: list[dict[str, Any]] = field(default_factory=list)
     at: str = ""
+
+
+def proves(applied: AppliedRecord | None, generation: int) -> bool:
+    """Whether a node's proof (``applied``, None when it proved nothing) shows it serves
+    ``generation``: the one "in sync" rule of the API, the console and the rollout."""
+    return applied is not None and applied.ok and applied.generation == generation
 
 
 @dataclass(frozen=True)
