@@ -13,7 +13,6 @@ Layout::
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import secrets
@@ -28,7 +27,7 @@ from clustercert import pki
 from clustercert.certfiles import write_atomically
 from clustercert.clock import iso
 from clustercert.control.auth import hash_password
-from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.state import CertRecord, ClusterState, run_blocking
 from clustercert.errors import ConfigError
 from clustercert.hosts import canonical_host, host_of, valid_san
 from clustercert.names import NAMES
@@ -133,7 +132,7 @@ class ClusterDirectory:
     def new_join_token(self, now: dt.datetime, ttl: dt.timedelta) -> str:
         """A one-time join token, for commands that run outside any event loop."""
         with self.open_store() as store:
-            return asyncio.run(self.state(store).new_join_token(now, ttl))
+            return run_blocking(self.state(store).new_join_token(now, ttl))
 
 
 def issue_internal(
@@ -251,5 +250,5 @@ def init_cluster(
             json.dumps({"name": name, "sans": list(control_plane_names)}),
             expect_revision=0,
         )
-        asyncio.run(seed(directory.state(opened)))
+        run_blocking(seed(directory.state(opened)))
     return InitResult(directory, admin_email, password, admin_password is None)

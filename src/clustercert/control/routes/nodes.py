@@ -20,7 +20,7 @@ from clustercert.control.health import Reachability
 from clustercert.control.http import Plane, StrictModel, Updater, Viewer, parse_model, read_json
 from clustercert.control.lock import cluster_lock
 from clustercert.control.plane import ControlPlane
-from clustercert.control.state import AppliedRecord, NodeRecord
+from clustercert.control.state import AppliedRecord, NodeRecord, proves
 from clustercert.errors import InvalidSchema, NotFound, Unauthorized
 from clustercert.jointoken import ca_hash
 
@@ -132,10 +132,7 @@ def _node_answer(
     """A node as the API shows it (``applied``: what it last proved; ``health``: whether it
     answers now). ``in_sync`` only for a node that is reachable now and proved every desired
     generation: nothing is claimed about a node nobody can see."""
-    proved = all(
-        (a := applied.get(name)) is not None and a.ok and a.generation == generation
-        for name, generation in desired.items()
-    )
+    proved = all(proves(applied.get(name), g) for name, g in desired.items())
     return NodeAnswer(
         uid=node.node_id,
         name=node.name,
