@@ -3,6 +3,11 @@
 It initialises a cluster directory (if needed), starts the control plane and N agents (each
 supervising a real ``redis-server`` with TLS on its own port) as separate processes, waits until
 every node serves the desired certificates, and writes ``DIR/cluster.json``.
+
+The redis-servers form one replicated database: node-1's is the primary, every other one
+replicates from it over TLS, and every TLS client (replicas included) must present a
+certificate (``tls-auth-clients yes``). The operator's own client certificate, issued by the
+internal CA, is in ``DIR/redis-client/``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 
 import httpx
 
+from clustercert import pki
 from clustercert.agent.config import load_agent_config
+from clustercert.certfiles import write_atomically
 from clustercert.clock import utc_now
 from clustercert.control.directory import ClusterDirectory, init_cluster
 from clustercert.errors import ConfigError
@@ -50,7 +57,12 @@ class DemoNode:
     agent_port: int
     redis_port: int
     metrics_port: int | None = None  # the agent's own HTTPS listener (metrics_exporter)
+    replicaof: int | None = None  # the primary's redis TLS port; None: this is the primary
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def role(self) -> str:
+        return "primary" if self.replicaof is None else "replica"
 
     @property
     def config_file(self) -> Path:
@@ -84,11 +96,13 @@ class DemoNode:
             'name = "redis"',
             'type = "redis"',
             'certificate = "proxy"',
-            'client_certificate = "syncer"',
+            'client_certificate = "data_internode_encryption"',
             f'socket = "{self.directory / "redis.sock"}"',
             f'address = "127.0.0.1:{self.redis_port}"',
             "supervise = true",
         ]
+        if self.replicaof is not None:
+            lines.append(f'replicaof = "127.0.0.1:{self.replicaof}"')
         if self.metrics_port is not None:
             lines += [
                 "",
@@ -156,11 +170,31 @@ class DemoCluster:
                 json.dump({"username": ADMIN_EMAIL, "password": result.admin_password}, out)
         elif self.admin_password is None:
             self.admin_password = json.loads(secrets_file.read_text())["password"]
+        self.issue_redis_client()
         self.start_server()
         self.wait_for_api(wait)
         for index in range(1, self.nodes_count + 1):
             self.add_node(f"node-{index}")
         self.wait_in_sync(wait)
+
+    @property
+    def redis_client(self) -> tuple[Path, Path]:
+        """The operator's client certificate and key for redis (``tls-auth-clients yes``)."""
+        directory = self.directory / "redis-client"
+        return directory / "cert.pem", directory / "key.pem"
+
+    def issue_redis_client(self) -> None:
+        """Issue the operator's redis client certificate from the internal CA (clientAuth),
+        once; it is not one of the managed names, so rotations leave it alone."""
+        cert_file, key_file = self.redis_client
+        if cert_file.exists():
+            return
+        cert_file.parent.mkdir(mode=0o700, exist_ok=True)
+        pair = pki.issue_leaf(
+            self.cluster.ca(), "redis-operator", sans=(), eku={"clientAuth"}, now=utc_now()
+        )
+        write_atomically(key_file, pair.key_pem.encode())
+        write_atomically(cert_file, pair.cert_pem.encode(), 0o644)
 
     def start_server(self) -> None:
         self.server = self._spawn(
@@ -174,6 +208,8 @@ class DemoCluster:
     def add_node(self, name: str) -> DemoNode:
         node_dir = self.directory / "nodes" / name
         node = DemoNode(name, node_dir, *self._ports(node_dir))
+        if self.nodes:  # the first node's redis is the primary; the others replicate from it
+            node.replicaof = self.nodes[0].redis_port
         token = None
         if not (node_dir / "identity" / "node.json").exists():
             with self.cluster.open_store() as store:
@@ -249,13 +285,23 @@ class DemoCluster:
                     "name": n.name,
                     "agent_url": n.agent_url,
                     "agent_pid": n.process.pid if n.process else None,
-                    "redis": {"host": "127.0.0.1", "tls_port": n.redis_port, "pid": n.redis_pid},
+                    "redis": {
+                        "host": "127.0.0.1",
+                        "tls_port": n.redis_port,
+                        "pid": n.redis_pid,
+                        "role": n.role,
+                    },
                     "metrics_url": f"https://127.0.0.1:{n.metrics_port}/metrics"
                     if n.metrics_port
                     else None,
                 }
                 for n in self.nodes
             ],
+            "redis_client": {
+                "cert_file": str(self.redis_client[0]),
+                "key_file": str(self.redis_client[1]),
+                "ca_file": str(self.cluster.ca_file),
+            },
         }
 
     def write_cluster_json(self) -> Path:
@@ -316,7 +362,13 @@ def run_demo(directory: Path, nodes: int, port: int) -> None:
 def _instructions(cluster: DemoCluster, path: Path) -> str:
     info = cluster.describe()
     redis_lines = "\n".join(
-        f"    {n['name']}: redis TLS on 127.0.0.1:{n['redis']['tls_port']}" for n in info["nodes"]
+        f"    {n['name']}: redis TLS on 127.0.0.1:{n['redis']['tls_port']} ({n['redis']['role']})"
+        for n in info["nodes"]
+    )
+    client = info["redis_client"]
+    redis_cli = (
+        f"redis-cli --tls --cert {client['cert_file']} --key {client['key_file']} "
+        f"--cacert {client['ca_file']} -p {info['nodes'][0]['redis']['tls_port']}"
     )
     return f"""
 clustercert demo is running.
@@ -327,6 +379,9 @@ clustercert demo is running.
   CA file:   {info["ca_file"]}
   details:   {path}
 {redis_lines}
+
+  redis (every client presents a certificate; this one is yours):
+    {redis_cli} INFO replication
 
 Try:
   export CLUSTERCERT_URL={info["api_url"]} CLUSTERCERT_USER={info["username"]} \\

@@ -12,6 +12,7 @@ Internode API (only the control plane, holding an internal-CA clientAuth certifi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -29,7 +30,15 @@ from starlette.routing import Route
 from clustercert import pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.metrics import MetricsListener
-from clustercert.agent.services import CommandService, RedisService, Service, ServiceResult
+from clustercert.agent.services import (
+    CommandService,
+    LinkResult,
+    RedisService,
+    ReloadFailed,
+    Service,
+    ServiceResult,
+)
+from clustercert.agent.trust import chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.names import NAMES
@@ -129,6 +138,7 @@ class Agent:
         self.services: list[Service] = [self._service(s) for s in config.services]
         self._lock = asyncio.Lock()
         self._fingerprints: dict[tuple[str, int], str] = {}
+        self._roots: dict[tuple[str, int], list[x509.Certificate]] = {}
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -151,6 +161,10 @@ class Agent:
         return current
 
     async def start(self) -> None:
+        try:
+            await self._refresh_trust()
+        except ReloadFailed:
+            log.exception("a trust bundle could not be loaded; the next stage retries")
         current = self.current_paths()
         for service in self.services:
             try:
@@ -171,6 +185,30 @@ class Agent:
         if key not in self._fingerprints:
             self._fingerprints[key] = _leaf_fingerprint(paths.cert.read_text())
         return self._fingerprints[key]
+
+    def _chain_roots(self, name: str, paths: GenerationPaths) -> list[x509.Certificate]:
+        key = (name, paths.generation)
+        if key not in self._roots:
+            chain = x509.load_pem_x509_certificates(paths.cert.read_bytes())
+            self._roots[key] = chain_roots(chain)
+        return self._roots[key]
+
+    async def _refresh_trust(self) -> list[dict[str, Any]]:
+        """Point every service with a trust bundle at the roots of every generation on disk
+        (current, kept, staged) of the names its peers present; see agent/trust.py.
+        Raises ReloadFailed when a service refuses its new bundle."""
+        answers: list[dict[str, Any]] = []
+        for service in self.services:
+            roots: list[x509.Certificate] = []
+            for name in sorted(service.trust_names()):
+                for generation in self.files.generations(name):
+                    paths = self.files.paths(name, generation)
+                    if paths is not None:
+                        roots += self._chain_roots(name, paths)
+            answer = await service.trust(roots)
+            if answer is not None:
+                answers.append(answer)
+        return answers
 
     async def status(self, probe: bool) -> dict[str, Any]:
         certificates: dict[str, Any] = {}
@@ -203,7 +241,16 @@ class Agent:
         before the files take their final name: a pair that does not match never lands)."""
         async with self._lock:
             self.files.stage(name, generation, body.certificate, body.key, check=_loads_together)
-            return {"name": name, "generation": generation, "staged": True}
+            # Trust moves ahead of the certificates that need it: every node trusts the new
+            # root once it has staged, before any node switches (DESIGN §3).
+            try:
+                trust = await self._refresh_trust()
+            except ReloadFailed as exc:
+                self.files.discard(name, generation)
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
+                raise StageRejected(f"the trust bundle with this root was refused: {exc}") from exc
+            return {"name": name, "generation": generation, "staged": True, "trust": trust}
 
     async def commit(self, name: str, generation: int) -> dict[str, Any]:
         async with self._lock:
@@ -213,33 +260,46 @@ class Agent:
                 raise StageRejected(str(exc)) from exc
             expected = self._fingerprint(name, paths)
             results: list[ServiceResult] = []
+            links: list[LinkResult] = []
             for service in self.services:
                 if name in service.certificates():
-                    results.append(await service.apply(name, paths, expected))
-            ok = all(r.ok for r in results)
+                    result = await service.apply(name, paths, expected)
+                    results.append(result)
+                    if result.ok:
+                        links += await service.prove_links(name)
+            # Activation pruned an old generation: its root leaves the bundles.
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
+            failures = [r.error or "" for r in results if not r.ok]
+            failures += [k.error or "" for k in links if not k.ok]
             log.info(
-                "commit %s generation %d: %s",
-                name, generation, "verified" if ok else "FAILED " + "; ".join(
-                    r.error or "" for r in results if not r.ok
-                ),
+                "commit %s generation %d: %s%s",
+                name, generation, "verified" if not failures else "FAILED " + "; ".join(failures),
+                "".join(f"; {k.link} relinked in {k.seconds:.3f} s" for k in links if k.ok),
             )  # fmt: skip
             return {
                 "name": name,
                 "generation": generation,
                 "fingerprint": expected,
-                "ok": ok,
+                "ok": not failures,
                 "services": [r.as_json() for r in results],
+                "links": [k.as_json() for k in links],
             }
 
     async def abort(self, name: str, generation: int) -> dict[str, Any]:
         async with self._lock:
             self.files.discard(name, generation)
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
             return {"name": name, "generation": generation, "aborted": True}
 
     async def remove(self, name: str) -> dict[str, Any]:
         async with self._lock:
             self.files.remove(name)
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k[0] != name}
+            self._roots = {k: v for k, v in self._roots.items() if k[0] != name}
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
             return {"name": name, "removed": True}
 
 
