@@ -46,7 +46,9 @@ class ServiceConfig:
     client_certificate: str | None = None
     replicaof: tuple[str, int] | None = None  # redis: the primary it replicates from
     extra_ca_file: Path | None = None  # redis: more CAs for its trust bundle (operator's)
-    link_timeout: float = 10.0  # redis: how long a replication link may take to come back
+    # redis: how long a replication link may take to come back after a commit; keep it below
+    # the control plane's --agent-timeout (10 s), which bounds the whole commit call.
+    link_timeout: float = 5.0
     supervise: bool = False  # redis: the agent starts redis-server itself
     server_binary: str = "redis-server"
     command: tuple[str, ...] = ()  # command: argv; {cert} and {key} are replaced by paths
@@ -123,7 +125,7 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
         client_certificate=client_cert,
         replicaof=split_address(replicaof, where + "replicaof") if replicaof else None,
         extra_ca_file=Path(str(extra_ca)) if extra_ca else None,
-        link_timeout=float(raw.get("link_timeout", 10.0)),
+        link_timeout=float(raw.get("link_timeout", 5.0)),
         supervise=bool(raw.get("supervise", False)),
         server_binary=str(raw.get("server_binary", "redis-server")),
         command=tuple(command),

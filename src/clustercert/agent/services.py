@@ -283,11 +283,23 @@ class RedisService(Service):
         if not ok:
             error = (
                 f"the replication link from {host}:{port} did not come back within "
-                f"{self.config.link_timeout:g} s after a forced reconnect; see "
-                f"{self.data_dir / 'redis.log'} (does the primary trust this node's "
-                f"{certificate} certificate, and this node the primary's?)"
+                f"{self.config.link_timeout:g} s after a forced reconnect"
+                f"{await self._link_state(host, port)}; does the primary trust this node's "
+                f"{certificate} certificate, and this node the primary's? "
+                f"See {self.data_dir / 'redis.log'}"
             )
         return LinkResult(self.name, certificate, link, ok, loop.time() - started, error)
+
+    async def _link_state(self, host: str, port: int) -> str:
+        """What redis says of its link, for an error message."""
+        try:
+            info = await self._replication()
+        except (RedisError, OSError) as exc:
+            return f" (INFO replication failed: {exc})"
+        source = f"{info.get('master_host')}:{info.get('master_port')}"
+        if source != f"{host}:{port}":
+            return f" (redis replicates from {source}, not from the configured {host}:{port})"
+        return f" (master_link_status:{info.get('master_link_status')})"
 
     async def _online_replicas(self) -> int:
         info = await self._replication()

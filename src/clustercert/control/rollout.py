@@ -710,7 +710,8 @@ class Coordinator:
             else:
                 applied.append((node.node_id, record.name, proof))
             if not ok:
-                errors = [s["error"] for s in answer.get("services", []) if s.get("error")]
+                proofs = [*answer.get("services", []), *answer.get("links", [])]
+                errors = [s["error"] for s in proofs if s.get("error")]
                 outcome.ok = False
                 outcome.error = "; ".join(errors) or f"{record.name} was not verified"
         self._mark(node, "verified" if outcome.ok else "failed")

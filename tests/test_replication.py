@@ -1,0 +1,312 @@
+"""The demo's replicated database under rotation: node-1's redis-server is the primary, the
+others replicate from it over mutual TLS (``tls-replication``, ``tls-auth-clients yes``).
+
+Every rotation of a name redis uses must leave every link working: after the commit, forced
+reconnects (``CLIENT KILL TYPE replica`` on the primary) come back and a fresh write reaches
+every replica. Real redis-server processes, real TLS; nothing is mocked. Relink times are
+printed (run with ``-s``), never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from certfactory import CA, Leaf, cert_pem
+from clusterkit import api, put, served_by_node, wait_until
+from conftest import start_cluster
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from clustercert.demo import DemoCluster, DemoNode
+
+pytestmark = pytest.mark.cluster
+
+
+def _admin(node: DemoNode) -> redis.Redis:
+    """The node's redis over its unix socket (what the agent uses; no TLS)."""
+    return redis.Redis(unix_socket_path=str(node.directory / "redis.sock"), socket_timeout=10)
+
+
+def _tls(cluster: DemoCluster, node: DemoNode) -> redis.Redis:
+    """A TLS client of ``node`` presenting the operator's client certificate."""
+    cert_file, key_file = cluster.redis_client
+    return redis.Redis(
+        host="127.0.0.1", port=node.redis_port, ssl=True, ssl_cert_reqs="none",
+        ssl_check_hostname=False, ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
+        socket_timeout=10,
+    )  # fmt: skip
+
+
+def _link_up(node: DemoNode) -> bool:
+    return bool(_admin(node).info("replication").get("master_link_status") == "up")
+
+
+def _leaf(ca: CA, name: str) -> Leaf:
+    eku = ["serverAuth"] if name == "proxy" else ["serverAuth", "clientAuth"]
+    return ca.issue("redis.example", sans=["redis.example", "localhost"], eku=eku)
+
+
+def _rotate(cluster: DemoCluster, name: str, leaf: Leaf) -> dict[str, Any]:
+    started = time.monotonic()
+    response = put(cluster, {"name": name, "certificate": leaf.full_chain_pem, "key": leaf.key_pem})
+    assert response.status_code == 200, response.text
+    print(f"\n{name}: rotation answered in {time.monotonic() - started:.3f} s")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _links(body: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every node's proven links from a 200 answer."""
+    return {
+        n["name"]: [link for c in n["certificates"] for link in c.get("links", [])]
+        for n in body["nodes"]
+    }
+
+
+def prove_replication(cluster: DemoCluster, marker: str) -> float:
+    """Drop every replica's link on the primary, wait until each replica is linked again, then
+    write ``marker`` on the primary and read it on every replica. Returns the relink time."""
+    primary, replicas = cluster.nodes[0], cluster.nodes[1:]
+    started = time.monotonic()
+    killed = _admin(primary).execute_command("CLIENT", "KILL", "TYPE", "replica")
+    assert killed == len(replicas)
+    for node in replicas:
+        wait_until(lambda n=node: _link_up(n), timeout=15, interval=0.01, what=f"{node.name} link")
+    relinked = time.monotonic() - started
+    print(f"  {len(replicas)} replicas relinked in {relinked:.3f} s after CLIENT KILL")
+    assert _tls(cluster, primary).set("proof", marker)
+    for node in replicas:
+        wait_until(
+            lambda n=node: _tls(cluster, n).get("proof") == marker.encode(),
+            timeout=10, interval=0.01, what=f"the write to reach {node.name}",
+        )  # fmt: skip
+    return relinked
+
+
+def _bundle(node: DemoNode) -> set[str]:
+    """The fingerprints of the CAs the node's redis trusts now (its tls-ca-cert-file)."""
+    path = Path(_admin(node).config_get("tls-ca-cert-file")["tls-ca-cert-file"])
+    return {_fingerprint(c) for c in x509.load_pem_x509_certificates(path.read_bytes())}
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def test_the_demo_database_replicates_over_mutual_tls(cluster: DemoCluster) -> None:
+    primary, replicas = cluster.nodes[0], cluster.nodes[1:]
+    assert _admin(primary).info("replication")["role"] == "master"
+    for node in replicas:
+        assert _admin(node).info("replication")["role"] == "slave"
+        assert _admin(node).config_get("tls-replication") == {"tls-replication": "yes"}
+    assert _admin(primary).config_get("tls-auth-clients") == {"tls-auth-clients": "yes"}
+    prove_replication(cluster, "initial")
+
+
+def test_a_client_without_a_certificate_is_refused(cluster: DemoCluster) -> None:
+    bare = redis.Redis(
+        host="127.0.0.1", port=cluster.nodes[0].redis_port, ssl=True, ssl_cert_reqs="none",
+        ssl_check_hostname=False, socket_timeout=5,
+    )  # fmt: skip
+    with pytest.raises(redis.ConnectionError):
+        bare.ping()
+
+
+def test_proxy_rotation_within_one_ca_relinks_every_replica(cluster: DemoCluster) -> None:
+    ca = CA.new()
+    for round_ in range(2):
+        leaf = _leaf(ca, "proxy")
+        body = _rotate(cluster, "proxy", leaf)
+        assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
+        links = _links(body)
+        # The primary proved its new server certificate to every replica (relink + WAIT).
+        (primary_link,) = links[cluster.nodes[0].name]
+        assert primary_link["ok"] and primary_link["link"] == "2 replica(s) of this primary"
+        print(f"  primary's proof: {primary_link['seconds']:.3f} s")
+        prove_replication(cluster, f"same-ca-{round_}")
+
+
+def test_proxy_rotation_to_a_new_ca_trusts_the_root_first(cluster: DemoCluster) -> None:
+    ca = CA.new()
+    assert all(_fingerprint(ca.cert) not in _bundle(n) for n in cluster.nodes)
+    leaf = _leaf(ca, "proxy")
+    body = _rotate(cluster, "proxy", leaf)
+    assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
+    assert all(_fingerprint(ca.cert) in _bundle(n) for n in cluster.nodes)
+    assert all(link["ok"] for node_links in _links(body).values() for link in node_links)
+    prove_replication(cluster, "new-ca")
+
+
+def test_data_internode_rotation_relinks_with_the_new_client_certificate(
+    cluster: DemoCluster,
+) -> None:
+    leaf = _leaf(CA.new(), "data_internode_encryption")
+    body = _rotate(cluster, "data_internode_encryption", leaf)
+    links = _links(body)
+    assert links[cluster.nodes[0].name] == []  # the primary has no outgoing link
+    for node in cluster.nodes[1:]:
+        (link,) = links[node.name]
+        assert link["ok"], link
+        assert link["link"] == f"replication from 127.0.0.1:{cluster.nodes[0].redis_port}"
+        print(f"  {node.name} relinked with its new client certificate in {link['seconds']} s")
+        configured = _admin(node).config_get("tls-client-cert-file")["tls-client-cert-file"]
+        assert Path(configured).read_text().startswith(cert_pem(leaf.cert))
+    prove_replication(cluster, "data-internode")
+
+
+def test_a_data_internode_certificate_without_client_auth_is_refused(
+    cluster: DemoCluster,
+) -> None:
+    with api(cluster) as client:
+        before = client.get("/v1/cluster/certificates/data_internode_encryption").json()
+    bundles = {n.name: _bundle(n) for n in cluster.nodes}
+    leaf = CA.new().issue("redis.example", sans=["redis.example"], eku=["serverAuth"])
+    response = put(
+        cluster,
+        {"name": "data_internode_encryption", "certificate": leaf.full_chain_pem,
+         "key": leaf.key_pem},
+    )  # fmt: skip
+    assert response.status_code == 400, response.text
+    assert response.json()["error_code"] == "missing_extended_key_usage"
+    assert "clientAuth" in response.json()["description"]
+    with api(cluster) as client:
+        after = client.get("/v1/cluster/certificates/data_internode_encryption").json()
+    assert after["fingerprint_sha256"] == before["fingerprint_sha256"]
+    assert {n.name: _bundle(n) for n in cluster.nodes} == bundles
+
+
+class _Load:
+    """Client load on every node until stopped: each command on a new TLS connection that
+    verifies the server against ``cafile`` and presents the operator certificate; writes go to
+    the primary, reads to every node."""
+
+    def __init__(self, cluster: DemoCluster, cafile: Path) -> None:
+        self.cluster, self.cafile = cluster, cafile
+        self.commands = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(3)]
+
+    def _run(self, index: int) -> None:
+        cert_file, key_file = self.cluster.redis_client
+        turn = index
+        while not self._stop.is_set() and self.commands < 100_000:
+            node = self.cluster.nodes[turn % len(self.cluster.nodes)]
+            turn += 1
+            client = redis.Redis(
+                host="127.0.0.1", port=node.redis_port, ssl=True, ssl_ca_certs=str(self.cafile),
+                ssl_check_hostname=False, ssl_certfile=str(cert_file),
+                ssl_keyfile=str(key_file), socket_timeout=10,
+            )  # fmt: skip
+            try:
+                if node is self.cluster.nodes[0]:
+                    client.set(f"load-{index}", turn)
+                else:
+                    client.get(f"load-{index}")
+            except redis.RedisError as exc:
+                self.failures.append(f"{node.name}: {exc!r}")
+            finally:
+                client.close()
+            self.commands += 1
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+@pytest.fixture
+def load_ca_file(cluster: DemoCluster, tmp_path: Path) -> Iterator[tuple[Path, list[CA]]]:
+    """A CA file with the internal CA and the CAs the load test will rotate to; clients verify
+    against it, so a certificate nobody expected is a failed command."""
+    cas = [CA.new() for _ in range(2)]
+    with api(cluster) as client:  # what the nodes serve now (an earlier test's CA)
+        current: str = client.get("/v1/cluster/certificates").json()["proxy_cert"]
+    path = tmp_path / "clients-trust.pem"
+    path.write_text(
+        cluster.cluster.ca_file.read_text() + current + "".join(cert_pem(ca.cert) for ca in cas)
+    )
+    yield path, cas
+
+
+def test_rotations_under_client_load_fail_no_command(
+    cluster: DemoCluster, load_ca_file: tuple[Path, list[CA]]
+) -> None:
+    cafile, (first, second) = load_ca_file
+    with _Load(cluster, cafile) as load:
+        wait_until(lambda: load.commands > 20, timeout=30, what="the load to start")
+        _rotate(cluster, "proxy", _leaf(first, "proxy"))
+        _rotate(cluster, "data_internode_encryption", _leaf(second, "data_internode_encryption"))
+        _rotate(cluster, "proxy", _leaf(second, "proxy"))
+        prove_replication(cluster, "under-load")
+    print(f"  load: {load.commands} commands, {len(load.failures)} failed")
+    assert load.commands > 20
+    assert load.failures == []
+
+
+# --- faults: a dedicated cluster, so the shared one is never left broken ---------------------
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCluster]:
+    running = start_cluster(tmp_path_factory)
+    yield running
+    running.stop()
+
+
+def test_a_replica_that_cannot_relink_is_reported_then_converges(faulty: DemoCluster) -> None:
+    """A replica whose primary is unreachable (an operator pointed it elsewhere) fails its link
+    proof: a 409 names it and says why; the others commit. Once it points back, the reconciler
+    brings it in sync and replication carries writes again."""
+    lost = faulty.nodes[2]
+    _admin(lost).execute_command("REPLICAOF", "127.0.0.1", "1")
+    try:
+        leaf = _leaf(CA.new(), "data_internode_encryption")
+        response = put(
+            faulty,
+            {"name": "data_internode_encryption", "certificate": leaf.full_chain_pem,
+             "key": leaf.key_pem},
+        )  # fmt: skip
+        assert response.status_code == 409, response.text
+        body = response.json()
+        assert body["error_code"] == "nodes_not_updated"
+        failed = {n["name"]: n for n in body["nodes"] if not n["ok"]}
+        assert list(failed) == [lost.name]
+        assert "did not come back within 5 s" in failed[lost.name]["error"]
+        assert "replicates from 127.0.0.1:1, not from the configured" in failed[lost.name]["error"]
+    finally:
+        _admin(lost).execute_command("REPLICAOF", "127.0.0.1", str(faulty.nodes[0].redis_port))
+    faulty.wait_in_sync(60)
+    prove_replication(faulty, "relinked")
+
+
+def test_a_replica_killed_during_a_rotation_converges(faulty: DemoCluster) -> None:
+    """SIGKILL a replica's redis, rotate: the agent restarts it with the new files on commit,
+    it resyncs from the primary, and every node serves the new certificate."""
+    killed = faulty.nodes[1]
+    pid = killed.redis_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    leaf = _leaf(CA.new(), "proxy")
+    response = put(
+        faulty, {"name": "proxy", "certificate": leaf.full_chain_pem, "key": leaf.key_pem}
+    )
+    assert response.status_code in (200, 409), response.text
+    faulty.wait_in_sync(60)
+    assert set(served_by_node(faulty).values()) == {leaf.fingerprint}
+    assert killed.redis_pid != pid
+    wait_until(lambda: _link_up(killed), timeout=15, what="the restarted replica to link")
+    prove_replication(faulty, "after-kill")
