@@ -310,3 +310,16 @@ def test_a_replica_killed_during_a_rotation_converges(faulty: DemoCluster) -> No
     assert killed.redis_pid != pid
     wait_until(lambda: _link_up(killed), timeout=15, what="the restarted replica to link")
     prove_replication(faulty, "after-kill")
+
+
+def test_a_single_node_is_a_lone_primary(tmp_path_factory: pytest.TempPathFactory) -> None:
+    lone = start_cluster(tmp_path_factory, 1)
+    try:
+        (node,) = lone.nodes
+        assert lone.describe()["nodes"][0]["redis"]["role"] == "primary"
+        assert _admin(node).info("replication")["connected_slaves"] == 0
+        body = _rotate(lone, "proxy", _leaf(CA.new(), "proxy"))
+        assert _links(body) == {node.name: []}  # no replica, nothing to relink
+        assert _tls(lone, node).set("lone", "1")
+    finally:
+        lone.stop()
