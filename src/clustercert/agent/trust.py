@@ -26,7 +26,7 @@ from cryptography import x509
 from clustercert import pki
 from clustercert.certfiles import write_atomically
 
-__all__ = ["TrustBundles", "chain_roots", "read_certificates"]
+__all__ = ["PinnedRoots", "TrustBundles", "chain_roots", "read_certificates"]
 
 
 def read_certificates(path: Path) -> list[x509.Certificate]:
@@ -68,3 +68,27 @@ class TrustBundles:
         for old in bundles[self.keep :]:
             if old != current:
                 old.unlink(missing_ok=True)
+
+
+class PinnedRoots:
+    """The roots the control plane pins on this node (``PUT /internal/trust``): what every
+    bundle holds beyond the node's own files, so a root moves into every bundle before any
+    certificate chaining to it is staged, and leaves only when the control plane has seen that
+    no certificate in the cluster chains to it (the trust phases, control/trust.py).
+    One file, ``pinned.pem``, replaced atomically; absent means none."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "pinned.pem"
+
+    def load(self) -> list[x509.Certificate]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return x509.load_pem_x509_certificates(data) if data.strip() else []
+
+    def save(self, roots: Iterable[x509.Certificate]) -> None:
+        unique = {pki.fingerprint_sha256(c): c for c in roots}
+        content = pki.certificates_to_pem(unique[f] for f in sorted(unique)).encode()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(self.path, content, 0o644)

@@ -9,8 +9,10 @@ Key layout (the store itself is layout-agnostic)::
     users/<email>                  a user: uid, role, scrypt hash
     tokens/<sha256 of token>       a one-time join token and its expiry
     events/<zero-padded sequence>  the audit history
-    rollouts/current               the rollout in flight, if any (phase staging or decided)
+    rollouts/current               the rollout in flight, if any (phase trusting, staging,
+                                   decided or retiring)
     rollouts/generations           per name, the highest generation ever staged (never reused)
+    trust/roots                    the roots pinned in every redis trust bundle (control/trust.py)
 
 Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach the store.
 """
@@ -40,11 +42,14 @@ __all__ = [
     "ClusterState",
     "NodeRecord",
     "RolloutRecord",
+    "TRUST_KEY",
+    "TrustRecord",
     "User",
 ]
 
 ROLLOUT_KEY = "rollouts/current"
 GENERATIONS_KEY = "rollouts/generations"
+TRUST_KEY = "trust/roots"
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ class RolloutRecord:
     abort (``staging``) or roll forward (``decided``)."""
 
     rollout_id: str
-    phase: str  # "staging" | "decided"
+    phase: str  # "trusting" | "staging" | "decided" | "retiring"
     generations: dict[str, int]  # name -> the generation this rollout stages
     fingerprints: dict[str, str]  # name -> the new leaf fingerprint
     previous: dict[str, str | None]  # name -> the fingerprint it replaces (audit)
@@ -132,6 +137,16 @@ class RolloutRecord:
     owner: str  # the cluster-lock owner of the control plane that started it
     started_at: str
     revision: int = 0  # store revision it was read or written at (0: not stored yet)
+    # Phase "trusting": the roots (PEM) this rollout is adding to every trust bundle.
+    trust_added: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """The roots (PEM, one certificate each) pinned in every node's redis trust bundle."""
+
+    roots: list[str] = field(default_factory=list)
+    revision: int = 0  # 0: never written
 
 
 class ClusterState:
@@ -355,6 +370,17 @@ class ClusterState:
         if entry is None:
             return None
         return RolloutRecord(**json.loads(entry.value), revision=entry.revision)
+
+    def trust(self) -> TrustRecord:
+        """The pinned roots (an empty record at revision 0 before the first is written)."""
+        entry = self.store.get(TRUST_KEY)
+        if entry is None:
+            return TrustRecord()
+        return TrustRecord(list(json.loads(entry.value)["roots"]), entry.revision)
+
+    @staticmethod
+    def encode_trust(record: TrustRecord) -> str:
+        return json.dumps({"roots": record.roots})
 
     def encode_rollout(self, record: RolloutRecord) -> str:
         raw = asdict(record)
