@@ -37,12 +37,12 @@ from clustercert.store import Delete, Put, Store
 __all__ = [
     "GENERATIONS_KEY",
     "ROLLOUT_KEY",
+    "TRUST_KEY",
     "AppliedRecord",
     "CertRecord",
     "ClusterState",
     "NodeRecord",
     "RolloutRecord",
-    "TRUST_KEY",
     "TrustRecord",
     "User",
 ]
