@@ -34,7 +34,8 @@ from certfactory import CA
 from clusterkit import accepts, api, proxy_body, put, served_fingerprint, thaw, wait_until
 from conftest import start_cluster
 
-from clustercert.control.rollout import FAULT_ENV, FAULT_STEPS, ROLLOUT_LOCK
+from clustercert.control.faults import FAULT_ENV, FAULT_STEPS
+from clustercert.control.lock import ROLLOUT_LOCK
 from clustercert.demo import DemoCluster, DemoNode, free_port
 
 pytestmark = pytest.mark.cluster

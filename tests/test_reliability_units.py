@@ -1,6 +1,7 @@
-"""The pieces crash safety rests on, without a cluster: who holds the cluster lock and whether it
-is gone, taking the lock over, the test-only fault seam, and the node's files (a pair that does
-not load never lands; crash leftovers are swept; readers never see a half-written pair).
+"""The pieces crash safety rests on, without a cluster: the rollout record, the reconciler
+retrying a node that comes back, the test-only fault seam, and the node's files (a pair that
+does not load never lands; crash leftovers are swept; readers never see a half-written pair).
+The cluster lock's own tests are in tests/control/test_lock.py.
 """
 
 from __future__ import annotations
@@ -21,107 +22,21 @@ from certfactory import CA
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.control.agents import AgentPool
+from clustercert.control.faults import FaultPlan
+from clustercert.control.lock import lock_owner
 from clustercert.control.reconcile import Reconciler
-from clustercert.control.rollout import (
-    LOCK_TTL,
-    ROLLOUT_LOCK,
-    Coordinator,
-    FaultPlan,
-    cluster_lock,
-    holder_is_gone,
-    lock_owner,
-)
+from clustercert.control.rollout import Coordinator
 from clustercert.control.state import ClusterState, RolloutRecord
 from clustercert.demo import free_port
-from clustercert.errors import ConfigError, StoreConflict, UpdateInProgress
+from clustercert.errors import ConfigError, StoreConflict
 from clustercert.sealing import KeySealer
 from clustercert.store import SqliteStore
 
-# --- lock owners ----------------------------------------------------------------------------------
-
-
-def _with(owner: str, **fields: str) -> str:
-    """``owner`` with some of its HOST:BOOT:PID:START:ROLE fields replaced."""
-    parts = owner.split(":")
-    for index, name in enumerate(("host", "boot", "pid", "start", "role")):
-        if name in fields:
-            parts[index] = fields[name]
-    return ":".join(parts)
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_lock_owner_names_this_process() -> None:
-    owner = lock_owner("update")
-    _host, _boot, pid, start, role = owner.split(":")
-    assert pid == str(os.getpid())
-    assert start.isdigit()
-    assert role.startswith("update-")
-    assert lock_owner("update") != owner  # one owner string per hold
-
-
-def test_a_live_holder_is_not_gone() -> None:
-    assert not holder_is_gone(lock_owner("update"))
-
-
-def test_a_dead_process_of_this_host_is_gone() -> None:
-    assert holder_is_gone(_with(lock_owner("update"), pid=str(_dead_pid()), start="1"))
-
-
-def test_a_reused_pid_is_gone() -> None:
-    # This process is alive, but it is not the one that started at tick 1.
-    assert holder_is_gone(_with(lock_owner("update"), start="1"))
-
-
-def test_an_earlier_boot_of_this_host_is_gone() -> None:
-    assert holder_is_gone(_with(lock_owner("update"), boot="00000000"))
-
-
-@pytest.mark.parametrize(
-    "holder",
-    ["other-host:abcd1234:1:1:update-00", "reconciler-1234", "", "a:b:c:d:e", "a:b:1:2"],
-)
-def test_another_host_or_an_unknown_owner_is_presumed_alive(holder: str) -> None:
-    assert not holder_is_gone(holder)
+# --- the rollout record ---------------------------------------------------------------------------
 
 
 def _state(tmp_path: Path) -> ClusterState:
     return ClusterState(SqliteStore(tmp_path / "store.db"), KeySealer(os.urandom(32)))
-
-
-def test_cluster_lock_takes_over_from_a_dead_previous_incarnation(tmp_path: Path) -> None:
-    state = _state(tmp_path)
-    dead = _with(lock_owner("update"), pid=str(_dead_pid()), start="1")
-    assert state.store.try_lock(ROLLOUT_LOCK, dead, LOCK_TTL)
-
-    async def take() -> str:
-        async with cluster_lock(state, 0.0) as owner:
-            assert state.store.lock_holder(ROLLOUT_LOCK) == owner
-            return owner
-
-    owner = asyncio.run(take())
-    assert owner != dead
-    assert state.store.lock_holder(ROLLOUT_LOCK) is None  # released on exit
-    state.store.close()
-
-
-def test_cluster_lock_waits_for_a_live_holder_then_409(tmp_path: Path) -> None:
-    state = _state(tmp_path)
-    elsewhere = "other-host:abcd1234:1:1:update-00"
-    assert state.store.try_lock(ROLLOUT_LOCK, elsewhere, LOCK_TTL)
-
-    async def take() -> None:
-        async with cluster_lock(state, 0.2):
-            pass
-
-    with pytest.raises(UpdateInProgress, match=r"holds the cluster lock; waited 0\.2 s"):
-        asyncio.run(take())
-    assert state.store.lock_holder(ROLLOUT_LOCK) == elsewhere
-    state.store.close()
 
 
 def _rollout(generation: int) -> RolloutRecord:
@@ -230,7 +145,7 @@ def test_fault_pause_waits_until_its_marker_is_deleted(tmp_path: Path) -> None:
 def test_fault_kill_kills_the_process(tmp_path: Path) -> None:
     code = (
         "import asyncio, pathlib\n"
-        "from clustercert.control.rollout import FaultPlan\n"
+        "from clustercert.control.faults import FaultPlan\n"
         "plan = FaultPlan.parse('during_commit', pathlib.Path('.'))\n"
         "asyncio.run(plan.reached('after_decision'))\n"
         "print('passed after_decision', flush=True)\n"

@@ -25,6 +25,7 @@ from clustercert.control.agents import AgentClient, internode_client_context
 from clustercert.control.state import NodeRecord
 from clustercert.demo import DemoCluster
 from clustercert.errors import AgentUnavailable
+from clustercert.internode import StatusAnswer
 
 UTC = dt.UTC
 
@@ -137,7 +138,7 @@ def test_the_control_plane_talks_only_to_agents_with_a_cluster_certificate(
         directory.ca_file, directory.identity_cert, directory.identity_key
     )
 
-    async def status(rogue: RogueAgent) -> dict[str, object]:
+    async def status(rogue: RogueAgent) -> StatusAnswer:
         node = NodeRecord(99, "rogue", f"https://127.0.0.1:{rogue.port}", "")
         client = AgentClient(node, context, timeout=5)
         try:
@@ -149,7 +150,7 @@ def test_the_control_plane_talks_only_to_agents_with_a_cluster_certificate(
         asyncio.run(status(rogues["foreign"]))
     assert rogues["foreign"].received == []  # not one byte of HTTP reached the impostor
     # The same server with an internal-CA certificate is talked to: the test can tell.
-    assert asyncio.run(status(rogues["internal"]))["name"] == "rogue"
+    assert asyncio.run(status(rogues["internal"])).name == "rogue"
     assert rogues["internal"].received[0].startswith(b"GET /internal/status")
 
 

@@ -1,12 +1,11 @@
 """The node agent: joins once with a token, then serves the internode API over mutual TLS.
 
-Internode API (only the control plane, holding an internal-CA clientAuth certificate, may call):
-
-- ``GET    /internal/status[?probe=true]``             generations on disk (and what is served)
-- ``PUT    /internal/certificates/{name}/{generation}`` stage: check the pair, write it durably
-- ``POST   /internal/certificates/{name}/{generation}/commit``  switch services, verify
-- ``DELETE /internal/certificates/{name}/{generation}`` abort: remove a staged generation
-- ``DELETE /internal/certificates/{name}``              remove every file of an optional name
+The calls and their messages are :mod:`clustercert.internode` (only the control plane, holding
+an internal-CA clientAuth certificate, may call): status (generations on disk, and what is
+served), stage (check the pair, write it durably), commit (switch services, verify, prove the
+links that use the name), abort (remove a staged generation), remove (every file of an optional
+name), trust (the roots pinned in every trust bundle, agent/trust.py). Requests are parsed into
+those messages at the edge; one that does not match is refused with 422 and the reason.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import contextlib
 import json
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from cryptography import x509
@@ -30,18 +28,27 @@ from starlette.routing import Route
 from clustercert import pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.metrics import MetricsListener
-from clustercert.agent.services import (
-    CommandService,
-    LinkResult,
-    RedisService,
-    ReloadFailed,
-    Service,
-    ServiceResult,
-)
-from clustercert.agent.trust import chain_roots
+from clustercert.agent.services import CommandService, RedisService, ReloadFailed, Service
+from clustercert.agent.trust import PinnedRoots, chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
-from clustercert.names import NAMES
+from clustercert.internode import (
+    AbortAnswer,
+    CertificateStatus,
+    CommitAnswer,
+    LinkProof,
+    MessageError,
+    RemoveAnswer,
+    ServedFingerprint,
+    ServiceProof,
+    StageAnswer,
+    StageRequest,
+    StatusAnswer,
+    Target,
+    TrustAnswer,
+    TrustRequest,
+    certificate_name,
+)
 from clustercert.tls import server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
@@ -105,25 +112,6 @@ def join(config: AgentConfig, directory: Path) -> Identity:
     return identity
 
 
-@dataclass(frozen=True)
-class StageBody:
-    certificate: str
-    key: str | None = None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> StageBody:
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise StageRejected(f"the body is not JSON: {exc}") from None
-        if not isinstance(data, dict) or set(data) - {"certificate", "key"}:
-            raise StageRejected('the body must be {"certificate": PEM, "key": PEM or null}')
-        certificate, key = data.get("certificate"), data.get("key")
-        if not isinstance(certificate, str) or not (key is None or isinstance(key, str)):
-            raise StageRejected("certificate must be a string, key a string or null")
-        return cls(certificate, key)
-
-
 def _leaf_fingerprint(cert_pem: str) -> str:
     return pki.fingerprint_sha256(x509.load_pem_x509_certificates(cert_pem.encode())[0])
 
@@ -139,6 +127,7 @@ class Agent:
         self._lock = asyncio.Lock()
         self._fingerprints: dict[tuple[str, int], str] = {}
         self._roots: dict[tuple[str, int], list[x509.Certificate]] = {}
+        self.pinned = PinnedRoots(config.data_dir / "trust")
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -164,7 +153,9 @@ class Agent:
         try:
             await self._refresh_trust()
         except ReloadFailed:
-            log.exception("a trust bundle could not be loaded; the next stage retries")
+            log.exception(
+                "a trust bundle could not be loaded; the next stage or trust call retries"
+            )
         current = self.current_paths()
         for service in self.services:
             try:
@@ -189,118 +180,131 @@ class Agent:
     def _chain_roots(self, name: str, paths: GenerationPaths) -> list[x509.Certificate]:
         key = (name, paths.generation)
         if key not in self._roots:
-            chain = x509.load_pem_x509_certificates(paths.cert.read_bytes())
-            self._roots[key] = chain_roots(chain)
+            self._roots[key] = chain_roots(x509.load_pem_x509_certificates(paths.cert.read_bytes()))
         return self._roots[key]
 
-    async def _refresh_trust(self) -> list[dict[str, Any]]:
-        """Point every service with a trust bundle at the roots of every generation on disk
-        (current, kept, staged) of the names its peers present; see agent/trust.py.
-        Raises ReloadFailed when a service refuses its new bundle."""
-        answers: list[dict[str, Any]] = []
+    async def _refresh_trust(self) -> dict[str, tuple[str, ...]]:
+        """Point every service with a trust bundle at: the pinned roots, and the roots of the
+        current and staged generations of the names its peers present (see agent/trust.py).
+        The generation kept for rollback does not count: its root stays only while pinned.
+        Returns each service's bundle (CA fingerprints); raises ReloadFailed when a service
+        refuses its new bundle."""
+        pinned = self.pinned.load()
+        bundles: dict[str, tuple[str, ...]] = {}
         for service in self.services:
-            roots: list[x509.Certificate] = []
+            roots = list(pinned)
             for name in sorted(service.trust_names()):
+                current = self.files.current(name)
                 for generation in self.files.generations(name):
                     paths = self.files.paths(name, generation)
-                    if paths is not None:
+                    if paths is not None and (current is None or generation >= current):
                         roots += self._chain_roots(name, paths)
-            answer = await service.trust(roots)
-            if answer is not None:
-                answers.append(answer)
-        return answers
+            held = await service.trust(roots)
+            if held is not None:
+                bundles[service.name] = held
+        return bundles
 
-    async def status(self, probe: bool) -> dict[str, Any]:
-        certificates: dict[str, Any] = {}
+    async def trust(self, request: TrustRequest) -> TrustAnswer:
+        """Pin ``request.roots`` (replacing the pinned set) and reload every trust bundle."""
+        try:
+            roots = [x509.load_pem_x509_certificate(pem.encode()) for pem in request.roots]
+        except ValueError as exc:
+            raise MessageError(f"trust request: a root is not a PEM certificate: {exc}") from None
+        async with self._lock:
+            self.pinned.save(roots)
+            try:
+                bundles = await self._refresh_trust()
+            except ReloadFailed as exc:
+                raise StageRejected(f"the trust bundle was refused: {exc}") from exc
+            return TrustAnswer(tuple(sorted(pki.fingerprint_sha256(r) for r in roots)), bundles)
+
+    async def status(self, probe: bool) -> StatusAnswer:
+        certificates: dict[str, CertificateStatus] = {}
         current = self.current_paths()
         for name in self.files.names():
             paths = current.get(name)
             generation = paths.generation if paths else None
-            entry: dict[str, Any] = {
-                "generation": generation,
-                "fingerprint": self._fingerprint(name, paths) if paths else None,
-                "staged": [g for g in self.files.generations(name) if g != generation],
-            }
+            services = None
             if probe:
-                entry["services"] = [
-                    {"service": s.name, "served_fingerprint": await s.served(name)}
-                    for s in self.services
-                    if name in s.certificates()
-                ]
-            certificates[name] = entry
+                services = tuple(
+                    [
+                        ServedFingerprint(s.name, await s.served(name))
+                        for s in self.services
+                        if name in s.certificates()
+                    ]
+                )
+            certificates[name] = CertificateStatus(
+                generation,
+                self._fingerprint(name, paths) if paths else None,
+                tuple(g for g in self.files.generations(name) if g != generation),
+                services,
+            )
         redis_pids = [s.pid() for s in self.services if isinstance(s, RedisService)]
-        return {
-            "node_id": self.identity.node_id,
-            "name": self.config.name,
-            "certificates": certificates,
-            "redis_pid": redis_pids[0] if redis_pids else None,
-        }
+        return StatusAnswer(
+            self.identity.node_id,
+            self.config.name,
+            certificates,
+            redis_pids[0] if redis_pids else None,
+            tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
+        )
 
-    async def stage(self, name: str, generation: int, body: StageBody) -> dict[str, Any]:
+    async def stage(self, name: str, generation: int, body: StageRequest) -> StageAnswer:
         """Write the pair durably as ``generation`` once it loads into a TLS context (checked
         before the files take their final name: a pair that does not match never lands)."""
         async with self._lock:
             self.files.stage(name, generation, body.certificate, body.key, check=_loads_together)
-            # Trust moves ahead of the certificates that need it: every node trusts the new
-            # root once it has staged, before any node switches (DESIGN §3).
+            # A staged root enters every bundle before any node switches (DESIGN §3).
             try:
-                trust = await self._refresh_trust()
+                await self._refresh_trust()
             except ReloadFailed as exc:
                 self.files.discard(name, generation)
                 with contextlib.suppress(ReloadFailed):
                     await self._refresh_trust()
                 raise StageRejected(f"the trust bundle with this root was refused: {exc}") from exc
-            return {"name": name, "generation": generation, "staged": True, "trust": trust}
+            return StageAnswer(name, generation)
 
-    async def commit(self, name: str, generation: int) -> dict[str, Any]:
+    async def commit(self, name: str, generation: int) -> CommitAnswer:
         async with self._lock:
             try:
                 paths = self.files.activate(name, generation)
             except FileNotFoundError as exc:
                 raise StageRejected(str(exc)) from exc
             expected = self._fingerprint(name, paths)
-            results: list[ServiceResult] = []
-            links: list[LinkResult] = []
+            results: list[ServiceProof] = []
+            links: list[LinkProof] = []
             for service in self.services:
                 if name in service.certificates():
                     result = await service.apply(name, paths, expected)
                     results.append(result)
                     if result.ok:
                         links += await service.prove_links(name)
-            # Activation pruned an old generation: its root leaves the bundles.
+            # The generation before the previous one was pruned: its root may leave.
             with contextlib.suppress(ReloadFailed):
                 await self._refresh_trust()
-            failures = [r.error or "" for r in results if not r.ok]
-            failures += [k.error or "" for k in links if not k.ok]
+            answer = CommitAnswer(name, generation, expected, True, tuple(results), tuple(links))
+            failures = answer.errors()
             log.info(
                 "commit %s generation %d: %s%s",
                 name, generation, "verified" if not failures else "FAILED " + "; ".join(failures),
                 "".join(f"; {k.link} relinked in {k.seconds:.3f} s" for k in links if k.ok),
             )  # fmt: skip
-            return {
-                "name": name,
-                "generation": generation,
-                "fingerprint": expected,
-                "ok": not failures,
-                "services": [r.as_json() for r in results],
-                "links": [k.as_json() for k in links],
-            }
+            return replace(answer, ok=not failures)
 
-    async def abort(self, name: str, generation: int) -> dict[str, Any]:
+    async def abort(self, name: str, generation: int) -> AbortAnswer:
         async with self._lock:
             self.files.discard(name, generation)
             with contextlib.suppress(ReloadFailed):
                 await self._refresh_trust()
-            return {"name": name, "generation": generation, "aborted": True}
+            return AbortAnswer(name, generation)
 
-    async def remove(self, name: str) -> dict[str, Any]:
+    async def remove(self, name: str) -> RemoveAnswer:
         async with self._lock:
             self.files.remove(name)
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k[0] != name}
             self._roots = {k: v for k, v in self._roots.items() if k[0] != name}
             with contextlib.suppress(ReloadFailed):
                 await self._refresh_trust()
-            return {"name": name, "removed": True}
+            return RemoveAnswer(name)
 
 
 class StageRejected(Exception):
@@ -321,37 +325,48 @@ def build_app(agent: Agent) -> Starlette:
     """The internode API on bare Starlette: five routes need neither FastAPI's dependency
     injection nor pydantic, which cost the agent ~15 MB of memory and CPU on every call."""
 
-    def check_name(request: Request) -> str:
-        name = str(request.path_params["name"])
-        if name not in NAMES:
-            raise StageRejected(f"unknown certificate name {name!r}")
-        return name
+    def target(request: Request) -> Target:
+        return Target.parse(request.path_params["name"], request.path_params["generation"])
 
-    def generation_of(request: Request) -> int:
-        raw = str(request.path_params["generation"])
-        if not raw.isdigit():
-            raise StageRejected(f"generation must be a number, got {raw!r}")
-        return int(raw)
+    def answer(
+        message: StatusAnswer
+        | StageAnswer
+        | CommitAnswer
+        | AbortAnswer
+        | RemoveAnswer
+        | TrustAnswer,
+    ) -> JSONResponse:
+        return JSONResponse(message.to_json())
 
     async def status(request: Request) -> JSONResponse:
         probe = request.query_params.get("probe", "false").lower() in ("true", "1")
-        return JSONResponse(await agent.status(probe))
+        return answer(await agent.status(probe))
 
     async def stage(request: Request) -> JSONResponse:
-        name, generation = check_name(request), generation_of(request)
-        body = StageBody.parse(await request.body())
-        return JSONResponse(await agent.stage(name, generation, body))
+        where = target(request)
+        try:
+            data = json.loads(await request.body())
+        except ValueError as exc:
+            raise MessageError(f"the body is not JSON: {exc}") from None
+        return answer(await agent.stage(where.name, where.generation, StageRequest.from_json(data)))
 
     async def commit(request: Request) -> JSONResponse:
-        name, generation = check_name(request), generation_of(request)
-        return JSONResponse(await agent.commit(name, generation))
+        where = target(request)
+        return answer(await agent.commit(where.name, where.generation))
 
     async def abort(request: Request) -> JSONResponse:
-        name, generation = check_name(request), generation_of(request)
-        return JSONResponse(await agent.abort(name, generation))
+        where = target(request)
+        return answer(await agent.abort(where.name, where.generation))
 
     async def remove(request: Request) -> JSONResponse:
-        return JSONResponse(await agent.remove(check_name(request)))
+        return answer(await agent.remove(certificate_name(request.path_params["name"])))
+
+    async def trust(request: Request) -> JSONResponse:
+        try:
+            data = json.loads(await request.body())
+        except ValueError as exc:
+            raise MessageError(f"the body is not JSON: {exc}") from None
+        return answer(await agent.trust(TrustRequest.from_json(data)))
 
     async def rejected(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
@@ -366,8 +381,13 @@ def build_app(agent: Agent) -> Starlette:
             Route("/internal/certificates/{name}/{generation}/commit", commit, methods=["POST"]),
             Route("/internal/certificates/{name}/{generation}", abort, methods=["DELETE"]),
             Route("/internal/certificates/{name}", remove, methods=["DELETE"]),
+            Route("/internal/trust", trust, methods=["PUT"]),
         ],
-        exception_handlers={StageRejected: rejected, FileExistsError: exists},
+        exception_handlers={
+            StageRejected: rejected,
+            MessageError: rejected,
+            FileExistsError: exists,
+        },
     )
 
 

@@ -4,7 +4,7 @@
   socket (the outgoing client certificate likewise with ``tls-client-cert-file``/``-key-file``),
   ``tls-ca-cert-file`` for its trust bundle (agent/trust.py). With ``supervise``, the agent also
   starts ``redis-server`` itself (TLS port only, ``tls-auth-clients yes``, TLS replication from
-  ``replicaof`` when set). Replication links are proven after a commit (:class:`LinkResult`).
+  ``replicaof`` when set). Replication links are proven after a commit (:class:`LinkProof`).
 - ``command``: run a command (e.g. ``systemctl reload nginx``), then verify by handshake.
 
 A reload that "succeeds" while the service still serves the old certificate is a failure.
@@ -18,7 +18,6 @@ import signal
 import ssl
 import subprocess
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,55 +29,9 @@ from clustercert.agent.config import ServiceConfig
 from clustercert.agent.probe import probe, served_fingerprint
 from clustercert.agent.trust import TrustBundles, read_certificates
 from clustercert.certfiles import GenerationPaths
+from clustercert.internode import LinkProof, ServiceProof
 
-__all__ = [
-    "CommandService",
-    "LinkResult",
-    "RedisService",
-    "ReloadFailed",
-    "Service",
-    "ServiceResult",
-]
-
-
-@dataclass(frozen=True)
-class ServiceResult:
-    service: str
-    certificate: str
-    ok: bool
-    served: str | None
-    error: str | None = None
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "service": self.service,
-            "certificate": self.certificate,
-            "ok": self.ok,
-            "served_fingerprint": self.served,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class LinkResult:
-    """A link that re-established with the new credentials (or did not, and why)."""
-
-    service: str
-    certificate: str
-    link: str  # what was proven, e.g. "replication from 127.0.0.1:6379"
-    ok: bool
-    seconds: float  # from the forced reconnect until the link was proven
-    error: str | None = None
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "service": self.service,
-            "certificate": self.certificate,
-            "link": self.link,
-            "ok": self.ok,
-            "seconds": round(self.seconds, 3),
-            "error": self.error,
-        }
+__all__ = ["CommandService", "RedisService", "ReloadFailed", "Service"]
 
 
 class Service(ABC):
@@ -102,20 +55,20 @@ class Service(ABC):
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         """Point the service at ``paths``; raise ``ReloadFailed`` with a reason on failure."""
 
-    async def verify(self, certificate: str, expected: str) -> ServiceResult:
+    async def verify(self, certificate: str, expected: str) -> ServiceProof:
         """Prove by handshake (with and without SNI) that the service serves ``expected``."""
         if self.config.address is None:
-            return ServiceResult(self.name, certificate, True, None, None)
+            return ServiceProof(self.name, certificate, True, None, None)
         host, port = self.config.address
         result = await probe(host, port, expected, self.config.sni, self.probe_timeout)
-        return ServiceResult(self.name, certificate, result.ok, result.served, result.error)
+        return ServiceProof(self.name, certificate, result.ok, result.served, result.error)
 
-    async def apply(self, certificate: str, paths: GenerationPaths, expected: str) -> ServiceResult:
+    async def apply(self, certificate: str, paths: GenerationPaths, expected: str) -> ServiceProof:
         try:
             await self.reload(certificate, paths)
         except ReloadFailed as exc:
             served = await self.served(certificate)
-            return ServiceResult(self.name, certificate, False, served, str(exc))
+            return ServiceProof(self.name, certificate, False, served, str(exc))
         return await self.verify(certificate, expected)
 
     async def served(self, certificate: str) -> str | None:
@@ -128,7 +81,7 @@ class Service(ABC):
         except (OSError, ssl.SSLError, TimeoutError):
             return None
 
-    async def prove_links(self, certificate: str) -> list[LinkResult]:
+    async def prove_links(self, certificate: str) -> list[LinkProof]:
         """After ``certificate`` was applied: re-establish the links that use it and prove they
         come back. Default: the service has no links."""
         return []
@@ -137,9 +90,10 @@ class Service(ABC):
         """The names whose roots this service must trust (what its peers present)."""
         return frozenset()
 
-    async def trust(self, roots: list[x509.Certificate]) -> dict[str, Any] | None:
+    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...] | None:
         """Make the service trust ``roots`` (plus its fixed CAs); raise ``ReloadFailed``.
-        Returns what it now trusts, or None when it has no trust bundle. Default: none."""
+        Returns the fingerprints of every CA it now trusts, or None when it has no trust
+        bundle. Default: none."""
         return None
 
     async def start(self, current: dict[str, GenerationPaths]) -> None:  # noqa: B027
@@ -196,7 +150,7 @@ class RedisService(Service):
         # covers every peer, whichever role each has.
         return self.certificates()
 
-    async def trust(self, roots: list[x509.Certificate]) -> dict[str, Any]:
+    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...]:
         fixed = read_certificates(self.ca_file)
         if self.config.extra_ca_file is not None:
             fixed += read_certificates(self.config.extra_ca_file)
@@ -204,7 +158,7 @@ class RedisService(Service):
         if path != self.bundle and await self._answers():
             await self._config_set("tls-ca-cert-file", str(path))
         self.bundle = path
-        return {"service": self.name, "bundle": str(path), "roots": fingerprints}
+        return tuple(fingerprints)
 
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         if paths.key is None:
@@ -222,7 +176,7 @@ class RedisService(Service):
                 "tls-client-cert-file", str(paths.cert), "tls-client-key-file", str(paths.key)
             )
 
-    async def verify(self, certificate: str, expected: str) -> ServiceResult:
+    async def verify(self, certificate: str, expected: str) -> ServiceProof:
         if certificate == self.config.certificate:
             return await super().verify(certificate, expected)
         # An outgoing client certificate cannot be proven by a handshake *to* redis; prove
@@ -231,15 +185,15 @@ class RedisService(Service):
         try:
             reply = await self._command("CONFIG", "GET", "tls-client-cert-file")
         except ReloadFailed as exc:
-            return ServiceResult(self.name, certificate, False, None, str(exc))
+            return ServiceProof(self.name, certificate, False, None, str(exc))
         wanted = str(self.paths[certificate].cert)
         configured = reply.get(b"tls-client-cert-file", b"").decode()  # redis-py makes a dict
         if configured != wanted:
             error = f"redis presents {configured or 'no file'} on its links, expected {wanted}"
-            return ServiceResult(self.name, certificate, False, None, error)
-        return ServiceResult(self.name, certificate, True, None, None)
+            return ServiceProof(self.name, certificate, False, None, error)
+        return ServiceProof(self.name, certificate, True, None, None)
 
-    async def prove_links(self, certificate: str) -> list[LinkResult]:
+    async def prove_links(self, certificate: str) -> list[LinkProof]:
         """A replica proves its own link (its client certificate): drop the connection to the
         primary, wait until ``master_link_status:up``. A primary proves its server certificate
         to its replicas: drop every replica connection, wait until as many replicas are online
@@ -264,7 +218,7 @@ class RedisService(Service):
                 return False
             await asyncio.sleep(0.01)
 
-    async def _relink_to_primary(self, certificate: str) -> LinkResult:
+    async def _relink_to_primary(self, certificate: str) -> LinkProof:
         assert self.config.replicaof is not None
         host, port = self.config.replicaof
         link = f"replication from {host}:{port}"
@@ -273,7 +227,7 @@ class RedisService(Service):
         try:
             await self._command("CLIENT", "KILL", "TYPE", "master")
         except ReloadFailed as exc:
-            return LinkResult(self.name, certificate, link, False, 0.0, str(exc))
+            return LinkProof(self.name, certificate, link, False, 0.0, str(exc))
 
         async def up() -> bool:
             return (await self._replication()).get("master_link_status") == "up"
@@ -288,7 +242,7 @@ class RedisService(Service):
                 f"{certificate} certificate, and this node the primary's? "
                 f"See {self.data_dir / 'redis.log'}"
             )
-        return LinkResult(self.name, certificate, link, ok, loop.time() - started, error)
+        return LinkProof(self.name, certificate, link, ok, loop.time() - started, error)
 
     async def _link_state(self, host: str, port: int) -> str:
         """What redis says of its link, for an error message."""
@@ -306,11 +260,11 @@ class RedisService(Service):
         replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
         return sum(1 for replica in replicas if replica.get("state") == "online")
 
-    async def _relink_replicas(self, certificate: str) -> list[LinkResult]:
+    async def _relink_replicas(self, certificate: str) -> list[LinkProof]:
         try:
             before = await self._online_replicas()
         except (RedisError, OSError) as exc:
-            return [LinkResult(self.name, certificate, "replicas", False, 0.0, str(exc))]
+            return [LinkProof(self.name, certificate, "replicas", False, 0.0, str(exc))]
         if before == 0:
             return []
         link = f"{before} replica(s) of this primary"
@@ -320,7 +274,7 @@ class RedisService(Service):
         try:
             await self._command("CLIENT", "KILL", "TYPE", "replica")
         except ReloadFailed as exc:
-            return [LinkResult(self.name, certificate, link, False, 0.0, str(exc))]
+            return [LinkProof(self.name, certificate, link, False, 0.0, str(exc))]
 
         async def back() -> bool:
             return await self._online_replicas() >= before
@@ -344,7 +298,7 @@ class RedisService(Service):
             if acks < before and error is None:
                 error = f"only {acks} of {before} replicas acknowledged a write after relinking"
         seconds = loop.time() - started
-        return [LinkResult(self.name, certificate, link, error is None, seconds, error)]
+        return [LinkProof(self.name, certificate, link, error is None, seconds, error)]
 
     async def _answers(self) -> bool:
         if not self.socket.exists():

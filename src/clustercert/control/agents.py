@@ -1,21 +1,60 @@
 """The control plane's client for node agents: mutual TLS, kept-alive connections, one per node.
 
 httpx errors never leave this module: they become :class:`AgentUnavailable` naming the node,
-the step and the cause.
+the step and the cause; so does an answer that is not the expected
+:mod:`clustercert.internode` message. The coordinator and the reconciler depend only on the
+:class:`Agents` and :class:`NodeAgent` protocols, which :class:`AgentPool` implements over HTTPS
+(and an in-process fake implements in tests).
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
 from clustercert.control.state import NodeRecord
 from clustercert.errors import AgentUnavailable
+from clustercert.internode import (
+    AbortAnswer,
+    CommitAnswer,
+    MessageError,
+    RemoveAnswer,
+    StageAnswer,
+    StageRequest,
+    StatusAnswer,
+    Target,
+)
 
-__all__ = ["AgentClient", "AgentPool", "internode_client_context"]
+__all__ = ["AgentClient", "AgentPool", "Agents", "NodeAgent", "internode_client_context"]
+
+Answer = TypeVar("Answer")
+
+
+class NodeAgent(Protocol):
+    """The internode calls on one node. Each raises AgentUnavailable when the node cannot be
+    reached, refuses, or answers something that is not the expected message."""
+
+    async def status(self, probe: bool = False) -> StatusAnswer: ...
+
+    async def stage(
+        self, name: str, generation: int, certificate: str, key: str | None
+    ) -> None: ...
+
+    async def commit(self, name: str, generation: int) -> CommitAnswer: ...
+
+    async def abort(self, name: str, generation: int) -> None: ...
+
+    async def remove(self, name: str) -> None: ...
+
+
+class Agents(Protocol):
+    """Every node's agent, by node: what the coordinator and the reconciler talk to."""
+
+    async def client(self, node: NodeRecord) -> NodeAgent: ...
 
 
 def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -40,8 +79,13 @@ class AgentClient:
         self._timeouts = httpx.Timeout(timeout).as_dict()
 
     async def _call(
-        self, step: str, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+        self,
+        step: str,
+        method: str,
+        path: str,
+        parse: Callable[[object], Answer],
+        body: dict[str, Any] | None = None,
+    ) -> Answer:
         request = httpx.Request(
             method, self.node.agent_url + path, json=body, extensions={"timeout": self._timeouts}
         )
@@ -62,42 +106,57 @@ class AgentClient:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         try:
-            answer: dict[str, Any] = response.json()
+            answer: object = response.json()
         except ValueError:
             answer = {"error": response.text[:200]}
         if response.status_code != 200:
-            raise AgentUnavailable(
-                f"{self.node.name} refused {step}: {answer.get('error') or answer}"
-            )
-        return answer
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise AgentUnavailable(f"{self.node.name} refused {step}: {error or answer}")
+        try:
+            return parse(answer)
+        except MessageError as exc:
+            raise AgentUnavailable(f"{self.node.name} answered {step} with {exc}") from exc
 
-    async def status(self, probe: bool = False) -> dict[str, Any]:
-        return await self._call("status", "GET", f"/internal/status?probe={str(probe).lower()}")
+    async def status(self, probe: bool = False) -> StatusAnswer:
+        return await self._call(
+            "status",
+            "GET",
+            f"/internal/status?probe={str(probe).lower()}",
+            StatusAnswer.from_json,
+        )
 
     async def stage(self, name: str, generation: int, certificate: str, key: str | None) -> None:
         await self._call(
             f"stage of {name} generation {generation}",
             "PUT",
-            f"/internal/certificates/{name}/{generation}",
-            {"certificate": certificate, "key": key},
+            Target(name, generation).path,
+            StageAnswer.from_json,
+            StageRequest(certificate, key).to_json(),
         )
 
-    async def commit(self, name: str, generation: int) -> dict[str, Any]:
+    async def commit(self, name: str, generation: int) -> CommitAnswer:
         return await self._call(
             f"commit of {name} generation {generation}",
             "POST",
-            f"/internal/certificates/{name}/{generation}/commit",
+            Target(name, generation).path + "/commit",
+            CommitAnswer.from_json,
         )
 
     async def abort(self, name: str, generation: int) -> None:
         await self._call(
             f"abort of {name} generation {generation}",
             "DELETE",
-            f"/internal/certificates/{name}/{generation}",
+            Target(name, generation).path,
+            AbortAnswer.from_json,
         )
 
     async def remove(self, name: str) -> None:
-        await self._call(f"removal of {name}", "DELETE", f"/internal/certificates/{name}")
+        await self._call(
+            f"removal of {name}",
+            "DELETE",
+            f"/internal/certificates/{name}",
+            RemoveAnswer.from_json,
+        )
 
     async def aclose(self) -> None:
         await self._transport.aclose()

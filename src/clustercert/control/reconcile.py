@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
-from clustercert.control.rollout import Coordinator, cluster_lock
+from clustercert.control.lock import cluster_lock
+from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, NodeRecord
 from clustercert.errors import AgentUnavailable, ClusterCertError, UpdateInProgress
+from clustercert.internode import StatusAnswer
 
 __all__ = ["Reconciler"]
 
@@ -50,18 +51,17 @@ class Reconciler:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
     def _missing(
-        self, node: NodeRecord, status: dict[str, Any], desired: Sequence[CertRecord]
+        self, node: NodeRecord, status: StatusAnswer, desired: Sequence[CertRecord]
     ) -> list[CertRecord]:
-        held = status.get("certificates")
-        held = held if isinstance(held, dict) else {}
         applied = self.state.applied(node.node_id)
         missing = []
         for record in desired:
-            entry = held.get(record.name) or {}
+            entry = status.certificates.get(record.name)
             proven = applied.get(record.name)
             if (
-                entry.get("generation") != record.generation
-                or entry.get("fingerprint") != record.fingerprint
+                entry is None
+                or entry.generation != record.generation
+                or entry.fingerprint != record.fingerprint
                 or proven is None
                 or not proven.ok
                 or proven.generation != record.generation
@@ -70,20 +70,19 @@ class Reconciler:
         return missing
 
     async def _tidy(
-        self, node: NodeRecord, status: dict[str, Any], desired: Sequence[CertRecord]
+        self, node: NodeRecord, status: StatusAnswer, desired: Sequence[CertRecord]
     ) -> None:
         """Remove what the node holds but nobody desires: names deleted while it was away, and
         generations staged by an update that was never decided (e.g. the control plane died)."""
         client = await self.coordinator.pool.client(node)
         generations = {r.name: r.generation for r in desired}
-        held = status.get("certificates") or {}
         try:
-            for name, entry in held.items():
+            for name, entry in status.certificates.items():
                 if name not in generations:
                     await client.remove(name)
                     log.info("reconcile: removed %s from %s (no longer desired)", name, node.name)
                     continue
-                for generation in entry.get("staged", []):
+                for generation in entry.staged:
                     if generation > generations[name]:
                         await client.abort(name, generation)
                         log.info(

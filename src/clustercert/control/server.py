@@ -22,11 +22,12 @@ from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
 from clustercert.control.directory import ClusterDirectory
+from clustercert.control.faults import FAULT_ENV, FaultPlan
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
-from clustercert.control.rollout import FAULT_ENV, Coordinator, FaultPlan
+from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.errors import ConfigError
 from clustercert.tls import ReloadableServerContext
