@@ -10,7 +10,7 @@ the step and the cause; so does an answer that is not the expected
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -27,6 +27,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
 )
 
 __all__ = ["AgentClient", "AgentPool", "Agents", "NodeAgent", "internode_client_context"]
@@ -49,6 +51,8 @@ class NodeAgent(Protocol):
     async def abort(self, name: str, generation: int) -> None: ...
 
     async def remove(self, name: str) -> None: ...
+
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer: ...
 
 
 class Agents(Protocol):
@@ -156,6 +160,15 @@ class AgentClient:
             "DELETE",
             f"/internal/certificates/{name}",
             RemoveAnswer.from_json,
+        )
+
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer:
+        return await self._call(
+            "trust",
+            "PUT",
+            "/internal/trust",
+            TrustAnswer.from_json,
+            TrustRequest(tuple(roots)).to_json(),
         )
 
     async def aclose(self) -> None:

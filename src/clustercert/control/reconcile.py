@@ -103,6 +103,9 @@ class Reconciler:
             log.debug("reconcile: %s", exc.description)
             return False
         await self._tidy(node, status, desired)
+        trust = self.coordinator.trust
+        if trust is not None and not await trust.sync(node, status):
+            return False  # a certificate could need a root the node does not pin yet
         missing = self._missing(node, status, desired)
         if not missing:
             return True
@@ -172,7 +175,11 @@ class Reconciler:
                 self._failures[node.node_id] = failures
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
                 self._retry_at[node.node_id] = now + delay
-        return len(due) == len(nodes) and all(results)
+        in_sync = len(due) == len(nodes) and all(results)
+        if in_sync and self.coordinator.trust is not None:
+            # Phase c of a rollout that could not retire (a node lagged), now that all caught up.
+            await self.coordinator.trust.retire(nodes)
+        return in_sync
 
     def wake(self, node_id: int) -> None:
         """Retry ``node_id`` on the next pass (e.g. it just joined)."""

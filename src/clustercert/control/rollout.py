@@ -12,10 +12,16 @@ cluster lock next (the reconciler's first pass after a restart, or the next upda
 leftover record and finishes it: :meth:`Coordinator.resolve_in_flight` aborts an undecided
 rollout on every node and rolls a decided one forward.
 
-Read top to bottom: the entry points, then the protocol in its order (plan, stage or abort,
-decide, commit, verify, record), then catching up (a retry, a roll-forward). The lock is
-:mod:`clustercert.control.lock`, the test-only fault seam :mod:`clustercert.control.faults`,
-the messages exchanged with the agents :mod:`clustercert.internode`.
+A certificate whose root some node does not trust yet adds two phases around these
+(DESIGN §13, :mod:`clustercert.control.trust`): before staging, the root is pinned in every
+node's trust bundle and proven (record phase ``trusting``); after every node committed, roots
+nothing chains to any more are retired.
+
+Read top to bottom: the entry points, then the protocol in its order (plan, trust, stage or
+abort, decide, commit, verify, record, retire), then catching up (a retry, a roll-forward).
+The lock is :mod:`clustercert.control.lock`, the test-only fault seam
+:mod:`clustercert.control.faults`, the messages exchanged with the agents
+:mod:`clustercert.internode`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from clustercert.control.state import (
     NodeRecord,
     RolloutRecord,
 )
+from clustercert.control.trust import TrustKeeper
 from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
 from clustercert.internode import CommitAnswer, ServiceProof
 from clustercert.store import Put
@@ -67,9 +74,11 @@ class Coordinator:
         clock: Callable[[], dt.datetime] = utc_now,
         on_committed: Callable[[Sequence[CertRecord]], None] = lambda records: None,
         fault: FaultPlan | None = None,
+        trust: TrustKeeper | None = None,
     ) -> None:
         self.state = state
         self.pool = pool
+        self.trust = trust  # None: no trust phases (no redis trust bundles to keep)
         self.lock_wait = lock_wait
         self.clock = clock
         self.on_committed = on_committed
@@ -166,6 +175,7 @@ class Coordinator:
         if record is None:
             return
         decided = record.phase == "decided"
+        trusting = record.phase == "trusting"
         log.warning(
             "rollout %s of %s (by %s at %s, lock owner %s) %s",
             record.rollout_id,
@@ -190,6 +200,9 @@ class Coordinator:
                 self.on_committed(records)
         else:
             outcomes = await self._abort_everywhere(record, self.state.nodes())
+            if trusting and self.trust is not None:
+                # Stopped while pinning a new root: pin the recorded set again.
+                await self.trust.restore(self.state.nodes())
         self._audit_in_flight(record, outcomes)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
@@ -215,7 +228,10 @@ class Coordinator:
         """Stage, decide, commit ``fresh`` (new generations); ``resumed`` (already desired,
         same content) ride along without a new decision. Called with the lock held."""
         records = [*fresh, *resumed]
-        in_flight = self._begin(fresh, current, actor, owner)
+        added = self.trust.needed(fresh) if self.trust is not None else []
+        in_flight = self._begin(fresh, current, actor, owner, added)
+        if added:
+            in_flight = await self._trust_first(in_flight, nodes)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
         if not all(o.ok for o in staged):
             await self._abort_staged(in_flight, staged)
@@ -236,6 +252,8 @@ class Coordinator:
         )
         self._record(records, current, actor, outcomes, proofs)
         self.state.end_rollout(decided)
+        if self.trust is not None and all(o.ok for o in outcomes):
+            await self._retire(nodes)
         return outcomes
 
     # 1. plan: which records need a new generation, and the rollout record that says so
@@ -274,10 +292,11 @@ class Coordinator:
         current: dict[str, CertRecord | None],
         actor: str,
         owner: str,
+        trust_added: list[str],
     ) -> RolloutRecord:
         record = RolloutRecord(
             rollout_id=secrets.token_hex(6),
-            phase="staging",
+            phase="trusting" if trust_added else "staging",
             generations={r.name: r.generation for r in fresh},
             fingerprints={r.name: r.fingerprint for r in fresh},
             previous={
@@ -286,6 +305,7 @@ class Coordinator:
             actor=actor,
             owner=owner,
             started_at=iso(self.clock()),
+            trust_added=trust_added,
         )
         try:
             return self.state.begin_rollout(record)
@@ -294,7 +314,27 @@ class Coordinator:
                 f"another rollout is recorded in flight ({exc.description}); retry"
             ) from exc
 
-    # 2. stage on every node, or abort on every node
+    # 2. trust the new roots everywhere first (phase a; control/trust.py)
+
+    async def _trust_first(
+        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]
+    ) -> RolloutRecord:
+        assert self.trust is not None
+        if self.progress is not None:
+            self.progress.phase = "trusting"
+        started = asyncio.get_running_loop().time()
+        staging = await self.trust.add(in_flight, nodes)
+        log.info(
+            "rollout %s: every node trusts %d new root(s) (%.3f s)",
+            in_flight.rollout_id,
+            len(in_flight.trust_added),
+            asyncio.get_running_loop().time() - started,
+        )
+        if self.progress is not None:
+            self.progress.phase = "staging"
+        return staging
+
+    # 3. stage on every node, or abort on every node
 
     async def _stage_node(
         self, node: NodeRecord, records: Sequence[CertRecord], seam: Seam
@@ -344,7 +384,7 @@ class Coordinator:
                 return NodeOutcome(node, ok=False, step="abort", error=exc.description)
         return NodeOutcome(node, step="abort")
 
-    # 3. decide
+    # 4. decide
 
     def _decide(
         self, records: Sequence[CertRecord], actor: str, in_flight: RolloutRecord
@@ -376,7 +416,7 @@ class Coordinator:
             ) from exc
         return replace(decided, revision=revision)
 
-    # 4. commit on every node; 5. verify what each node proved
+    # 5. commit on every node; 6. verify what each node proved
 
     async def _commit_node(
         self,
@@ -422,7 +462,20 @@ class Coordinator:
             at=iso(self.clock()),
         )
 
-    # 6. record: the proofs, the audit events
+    # 7. record: the proofs, the audit events; 8. retire roots nothing chains to (phase c)
+
+    async def _retire(self, nodes: Sequence[NodeRecord]) -> None:
+        assert self.trust is not None
+        if self.progress is not None:
+            self.progress.phase = "retiring"
+        started = asyncio.get_running_loop().time()
+        retired = await self.trust.retire(nodes)
+        if retired:
+            log.info(
+                "retired %d root(s) in %.3f s",
+                len(retired),
+                asyncio.get_running_loop().time() - started,
+            )
 
     def _record(
         self,

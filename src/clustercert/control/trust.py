@@ -11,19 +11,45 @@ roots are what the bundles must trust. The control plane keeps that set in the s
   has proved the desired generations (so no node still presents an older one).
 
 The internal CA is in every bundle anyway (agents add it), so it is never pinned.
-This module is pure: roots of chains, and what to add or retire.
+
+Crash safety: phase *a* runs under the rollout record (phase ``trusting``, with the roots it
+adds); ONE atomic store commit then records the larger set in ``trust/roots`` and moves the
+rollout to ``staging``. A control plane that dies before that commit leaves a ``trusting``
+record: the next lock holder aborts it and pins the recorded set again (:meth:`restore`).
+Phase *c* first records the smaller set, then pins it; a node that missed it is brought to the
+recorded set by the reconciler (:meth:`TrustKeeper.sync`), which also retires roots left over
+by a rollout that could not retire them (a node lagged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from cryptography import x509
 
 from clustercert import pki
+from clustercert.control.agents import Agents
+from clustercert.control.outcomes import NodeOutcome
+from clustercert.control.state import (
+    ROLLOUT_KEY,
+    TRUST_KEY,
+    CertRecord,
+    ClusterState,
+    NodeRecord,
+    RolloutRecord,
+    TrustRecord,
+)
+from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
+from clustercert.internode import StatusAnswer, TrustAnswer
+from clustercert.store import Put
 from clustercert.validation import TrustStore
 
-__all__ = ["PEER_TRUSTED", "chain_root", "roots_to_add", "roots_to_retire"]
+__all__ = ["PEER_TRUSTED", "TrustKeeper", "chain_root", "roots_to_add", "roots_to_retire"]
+
+log = logging.getLogger("clustercert.trust")
 
 # The names whose certificates a redis peer presents on a replication link (DESIGN §3).
 PEER_TRUSTED = frozenset({"proxy", "data_internode_encryption", "syncer"})
@@ -70,3 +96,158 @@ def roots_to_retire(
     node has proved the desired generations: a lagging node may still present an old one."""
     used = _by_fingerprint(r for c in desired_chains if (r := chain_root(c, anchors)) is not None)
     return {f for f in pinned if f not in used}
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return pki.certificates_to_pem([cert])
+
+
+def _parse(pems: Iterable[str]) -> dict[str, x509.Certificate]:
+    return _by_fingerprint(x509.load_pem_x509_certificate(p.encode()) for p in pems)
+
+
+class TrustKeeper:
+    """Phases *a* and *c* of a rollout, and keeping every node's pinned roots as recorded."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        pool: Agents,
+        anchors: TrustStore,
+        internal_ca: x509.Certificate,
+    ) -> None:
+        self.state = state
+        self.pool = pool
+        self.anchors = anchors
+        self.internal_ca = internal_ca
+
+    # --- phase a ----------------------------------------------------------------------
+
+    def needed(self, fresh: Sequence[CertRecord]) -> list[str]:
+        """The roots (PEM) to pin before ``fresh`` may be staged: those of the new
+        certificates, and of the desired ones they replace (a node that switches first must
+        still trust the peers that have not), that are not pinned yet."""
+        names = {r.name for r in fresh}
+        desired = [r for r in self.state.certificates() if r.name in names]
+        chains = [r.certificate for r in (*fresh, *desired) if r.name in PEER_TRUSTED]
+        pinned = _parse(self.state.trust().roots)
+        added = roots_to_add(chains, pinned, self.anchors, self.internal_ca)
+        return [_pem(added[f]) for f in sorted(added)]
+
+    async def add(self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]) -> RolloutRecord:
+        """Phase a: pin ``in_flight.trust_added`` on every node, proven by each node's answer
+        (pinned, and in every trust bundle it loaded); then record the larger set and move the
+        rollout to ``staging`` in one commit. If a node fails, the recorded set is pinned
+        again everywhere (adding a root never broke a link; taking back an unused one does
+        not either), the rollout is forgotten, and NodesNotUpdated (409) names the node."""
+        record = self.state.trust()
+        roots = [*record.roots, *in_flight.trust_added]
+        added = set(_parse(in_flight.trust_added))
+        outcomes = await self._pin(nodes, roots, added)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            await self._pin(nodes, record.roots, set())
+            self.state.end_rollout(in_flight)
+            names = ", ".join(o.node.name for o in failed)
+            raise NodesNotUpdated(
+                f"{len(failed)} of {len(nodes)} nodes could not trust the new root ({names}); "
+                "no certificate was staged and no node changed",
+                nodes=[o.as_json() for o in outcomes],
+            )
+        staging = replace(in_flight, phase="staging")
+        try:
+            revision = self.state.store.commit(
+                [
+                    Put(TRUST_KEY, self.state.encode_trust(TrustRecord(roots)),
+                        expect_revision=record.revision),
+                    Put(ROLLOUT_KEY, self.state.encode_rollout(staging),
+                        expect_revision=in_flight.revision),
+                ]
+            )  # fmt: skip
+        except StoreConflict as exc:
+            raise UpdateInProgress(
+                f"the trusted roots changed during this update ({exc.description}); retry"
+            ) from exc
+        return replace(staging, revision=revision)
+
+    async def restore(self, nodes: Sequence[NodeRecord]) -> None:
+        """After a rollout stopped in phase a: pin the recorded set on every node again.
+        A node that does not answer is brought to it by the reconciler."""
+        await self._pin(nodes, self.state.trust().roots, set())
+
+    # --- phase c ----------------------------------------------------------------------
+
+    def _settled(self, nodes: Sequence[NodeRecord], desired: Sequence[CertRecord]) -> bool:
+        """Every node proved the desired generation of every name peers present."""
+        for node in nodes:
+            applied = self.state.applied(node.node_id)
+            for record in desired:
+                entry = applied.get(record.name)
+                if entry is None or not entry.ok or entry.generation != record.generation:
+                    return False
+        return True
+
+    async def retire(self, nodes: Sequence[NodeRecord]) -> list[str]:
+        """Phase c: unpin every root no desired certificate chains to, once every node has
+        proved the desired generations (otherwise nothing: a lagging node may still present
+        a certificate from an old root). Records the smaller set, then pins it everywhere.
+        Returns the fingerprints retired."""
+        desired = [r for r in self.state.certificates() if r.name in PEER_TRUSTED]
+        record = self.state.trust()
+        pinned = _parse(record.roots)
+        retiring = roots_to_retire(pinned, [r.certificate for r in desired], self.anchors)
+        if not retiring or not self._settled(nodes, desired):
+            return []
+        kept = [_pem(pinned[f]) for f in sorted(pinned) if f not in retiring]
+        self.state.store.put(
+            TRUST_KEY, self.state.encode_trust(TrustRecord(kept)), expect_revision=record.revision
+        )
+        outcomes = await self._pin(nodes, kept, set())
+        lagging = [o.node.name for o in outcomes if not o.ok]
+        log.info(
+            "trust: retired %s (nothing chains to it any more)%s",
+            ", ".join(f[:16] for f in sorted(retiring)),
+            f"; the reconciler goes on with {', '.join(lagging)}" if lagging else "",
+        )
+        return sorted(retiring)
+
+    # --- keeping nodes as recorded ------------------------------------------------------
+
+    async def sync(self, node: NodeRecord, status: StatusAnswer) -> bool:
+        """Pin the recorded set on ``node`` when its status shows another one (it was down
+        during a phase, or joined since). True when the node holds the recorded set."""
+        if status.pinned is None:
+            return True  # an agent without trust bundles
+        roots = self.state.trust().roots
+        if set(status.pinned) == set(_parse(roots)):
+            return True
+        (outcome,) = await self._pin([node], roots, set())
+        if outcome.ok:
+            log.info("trust: %s now pins the recorded %d root(s)", node.name, len(roots))
+        return outcome.ok
+
+    async def _pin(
+        self, nodes: Sequence[NodeRecord], roots: Sequence[str], added: set[str]
+    ) -> list[NodeOutcome]:
+        return list(await asyncio.gather(*(self._pin_node(n, roots, added) for n in nodes)))
+
+    async def _pin_node(
+        self, node: NodeRecord, roots: Sequence[str], added: set[str]
+    ) -> NodeOutcome:
+        client = await self.pool.client(node)
+        try:
+            answer = await client.trust(roots)
+        except AgentUnavailable as exc:
+            return NodeOutcome(node, ok=False, step="trust", error=exc.description)
+        error = _unproven(answer, added)
+        return NodeOutcome(node, ok=error is None, step="trust", error=error)
+
+
+def _unproven(answer: TrustAnswer, added: set[str]) -> str | None:
+    """Why ``answer`` does not prove that every root in ``added`` is trusted, or None."""
+    if missing := added - set(answer.pinned):
+        return f"the node did not pin {', '.join(f[:16] for f in sorted(missing))}"
+    for service, bundle in sorted(answer.bundles.items()):
+        if missing := added - set(bundle):
+            return f"{service}'s trust bundle lacks {', '.join(f[:16] for f in sorted(missing))}"
+    return None
