@@ -231,7 +231,7 @@ class Coordinator:
         added = self.trust.needed(fresh) if self.trust is not None else []
         in_flight = self._begin(fresh, current, actor, owner, added)
         if added:
-            in_flight = await self._trust_first(in_flight, nodes)
+            in_flight = await self._trust_first(in_flight, nodes, seam)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
         if not all(o.ok for o in staged):
             await self._abort_staged(in_flight, staged)
@@ -317,13 +317,13 @@ class Coordinator:
     # 2. trust the new roots everywhere first (phase a; control/trust.py)
 
     async def _trust_first(
-        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]
+        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord], seam: Seam
     ) -> RolloutRecord:
         assert self.trust is not None
         if self.progress is not None:
             self.progress.phase = "trusting"
         started = asyncio.get_running_loop().time()
-        staging = await self.trust.add(in_flight, nodes)
+        staging = await self.trust.add(in_flight, nodes, seam)
         log.info(
             "rollout %s: every node trusts %d new root(s) (%.3f s)",
             in_flight.rollout_id,

@@ -32,6 +32,7 @@ from cryptography import x509
 
 from clustercert import pki
 from clustercert.control.agents import Agents
+from clustercert.control.faults import Seam
 from clustercert.control.outcomes import NodeOutcome
 from clustercert.control.state import (
     ROLLOUT_KEY,
@@ -134,7 +135,9 @@ class TrustKeeper:
         added = roots_to_add(chains, pinned, self.anchors, self.internal_ca)
         return [_pem(added[f]) for f in sorted(added)]
 
-    async def add(self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]) -> RolloutRecord:
+    async def add(
+        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord], seam: Seam
+    ) -> RolloutRecord:
         """Phase a: pin ``in_flight.trust_added`` on every node, proven by each node's answer
         (pinned, and in every trust bundle it loaded); then record the larger set and move the
         rollout to ``staging`` in one commit. If a node fails, the recorded set is pinned
@@ -154,6 +157,7 @@ class TrustKeeper:
                 "no certificate was staged and no node changed",
                 nodes=[o.as_json() for o in outcomes],
             )
+        await seam("after_trust", "")
         staging = replace(in_flight, phase="staging")
         try:
             revision = self.state.store.commit(
