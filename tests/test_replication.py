@@ -20,38 +20,24 @@ from typing import Any
 import pytest
 import redis
 from certfactory import CA, Leaf, cert_pem
-from clusterkit import api, put, served_by_node, wait_until
+from clusterkit import (
+    api,
+    fingerprint,
+    leaf_for,
+    link_up,
+    prove_replication,
+    put,
+    redis_admin,
+    redis_tls,
+    served_by_node,
+    trusted_by,
+    wait_until,
+)
 from conftest import start_cluster
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
-from clustercert.demo import DemoCluster, DemoNode
+from clustercert.demo import DemoCluster
 
 pytestmark = pytest.mark.cluster
-
-
-def _admin(node: DemoNode) -> redis.Redis:
-    """The node's redis over its unix socket (what the agent uses; no TLS)."""
-    return redis.Redis(unix_socket_path=str(node.directory / "redis.sock"), socket_timeout=10)
-
-
-def _tls(cluster: DemoCluster, node: DemoNode) -> redis.Redis:
-    """A TLS client of ``node`` presenting the operator's client certificate."""
-    cert_file, key_file = cluster.redis_client
-    return redis.Redis(
-        host="127.0.0.1", port=node.redis_port, ssl=True, ssl_cert_reqs="none",
-        ssl_check_hostname=False, ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
-        socket_timeout=10,
-    )  # fmt: skip
-
-
-def _link_up(node: DemoNode) -> bool:
-    return bool(_admin(node).info("replication").get("master_link_status") == "up")
-
-
-def _leaf(ca: CA, name: str) -> Leaf:
-    eku = ["serverAuth"] if name == "proxy" else ["serverAuth", "clientAuth"]
-    return ca.issue("redis.example", sans=["redis.example", "localhost"], eku=eku)
 
 
 def _rotate(cluster: DemoCluster, name: str, leaf: Leaf) -> dict[str, Any]:
@@ -71,43 +57,13 @@ def _links(body: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def prove_replication(cluster: DemoCluster, marker: str) -> float:
-    """Drop every replica's link on the primary, wait until each replica is linked again, then
-    write ``marker`` on the primary and read it on every replica. Returns the relink time."""
-    primary, replicas = cluster.nodes[0], cluster.nodes[1:]
-    started = time.monotonic()
-    killed = _admin(primary).execute_command("CLIENT", "KILL", "TYPE", "replica")
-    assert killed == len(replicas)
-    for node in replicas:
-        wait_until(lambda n=node: _link_up(n), timeout=15, interval=0.01, what=f"{node.name} link")
-    relinked = time.monotonic() - started
-    print(f"  {len(replicas)} replicas relinked in {relinked:.3f} s after CLIENT KILL")
-    assert _tls(cluster, primary).set("proof", marker)
-    for node in replicas:
-        wait_until(
-            lambda n=node: _tls(cluster, n).get("proof") == marker.encode(),
-            timeout=10, interval=0.01, what=f"the write to reach {node.name}",
-        )  # fmt: skip
-    return relinked
-
-
-def _bundle(node: DemoNode) -> set[str]:
-    """The fingerprints of the CAs the node's redis trusts now (its tls-ca-cert-file)."""
-    path = Path(_admin(node).config_get("tls-ca-cert-file")["tls-ca-cert-file"])
-    return {_fingerprint(c) for c in x509.load_pem_x509_certificates(path.read_bytes())}
-
-
-def _fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
 def test_the_demo_database_replicates_over_mutual_tls(cluster: DemoCluster) -> None:
     primary, replicas = cluster.nodes[0], cluster.nodes[1:]
-    assert _admin(primary).info("replication")["role"] == "master"
+    assert redis_admin(primary).info("replication")["role"] == "master"
     for node in replicas:
-        assert _admin(node).info("replication")["role"] == "slave"
-        assert _admin(node).config_get("tls-replication") == {"tls-replication": "yes"}
-    assert _admin(primary).config_get("tls-auth-clients") == {"tls-auth-clients": "yes"}
+        assert redis_admin(node).info("replication")["role"] == "slave"
+        assert redis_admin(node).config_get("tls-replication") == {"tls-replication": "yes"}
+    assert redis_admin(primary).config_get("tls-auth-clients") == {"tls-auth-clients": "yes"}
     prove_replication(cluster, "initial")
 
 
@@ -123,7 +79,7 @@ def test_a_client_without_a_certificate_is_refused(cluster: DemoCluster) -> None
 def test_proxy_rotation_within_one_ca_relinks_every_replica(cluster: DemoCluster) -> None:
     ca = CA.new()
     for round_ in range(2):
-        leaf = _leaf(ca, "proxy")
+        leaf = leaf_for(ca, "proxy")
         body = _rotate(cluster, "proxy", leaf)
         assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
         links = _links(body)
@@ -136,11 +92,11 @@ def test_proxy_rotation_within_one_ca_relinks_every_replica(cluster: DemoCluster
 
 def test_proxy_rotation_to_a_new_ca_trusts_the_root_first(cluster: DemoCluster) -> None:
     ca = CA.new()
-    assert all(_fingerprint(ca.cert) not in _bundle(n) for n in cluster.nodes)
-    leaf = _leaf(ca, "proxy")
+    assert all(fingerprint(ca.cert) not in trusted_by(n) for n in cluster.nodes)
+    leaf = leaf_for(ca, "proxy")
     body = _rotate(cluster, "proxy", leaf)
     assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
-    assert all(_fingerprint(ca.cert) in _bundle(n) for n in cluster.nodes)
+    assert all(fingerprint(ca.cert) in trusted_by(n) for n in cluster.nodes)
     assert all(link["ok"] for node_links in _links(body).values() for link in node_links)
     prove_replication(cluster, "new-ca")
 
@@ -148,7 +104,7 @@ def test_proxy_rotation_to_a_new_ca_trusts_the_root_first(cluster: DemoCluster) 
 def test_data_internode_rotation_relinks_with_the_new_client_certificate(
     cluster: DemoCluster,
 ) -> None:
-    leaf = _leaf(CA.new(), "data_internode_encryption")
+    leaf = leaf_for(CA.new(), "data_internode_encryption")
     body = _rotate(cluster, "data_internode_encryption", leaf)
     links = _links(body)
     assert links[cluster.nodes[0].name] == []  # the primary has no outgoing link
@@ -157,7 +113,7 @@ def test_data_internode_rotation_relinks_with_the_new_client_certificate(
         assert link["ok"], link
         assert link["link"] == f"replication from 127.0.0.1:{cluster.nodes[0].redis_port}"
         print(f"  {node.name} relinked with its new client certificate in {link['seconds']} s")
-        configured = _admin(node).config_get("tls-client-cert-file")["tls-client-cert-file"]
+        configured = redis_admin(node).config_get("tls-client-cert-file")["tls-client-cert-file"]
         assert Path(configured).read_text().startswith(cert_pem(leaf.cert))
     prove_replication(cluster, "data-internode")
 
@@ -167,7 +123,7 @@ def test_a_data_internode_certificate_without_client_auth_is_refused(
 ) -> None:
     with api(cluster) as client:
         before = client.get("/v1/cluster/certificates/data_internode_encryption").json()
-    bundles = {n.name: _bundle(n) for n in cluster.nodes}
+    bundles = {n.name: trusted_by(n) for n in cluster.nodes}
     leaf = CA.new().issue("redis.example", sans=["redis.example"], eku=["serverAuth"])
     response = put(
         cluster,
@@ -180,7 +136,7 @@ def test_a_data_internode_certificate_without_client_auth_is_refused(
     with api(cluster) as client:
         after = client.get("/v1/cluster/certificates/data_internode_encryption").json()
     assert after["fingerprint_sha256"] == before["fingerprint_sha256"]
-    assert {n.name: _bundle(n) for n in cluster.nodes} == bundles
+    assert {n.name: trusted_by(n) for n in cluster.nodes} == bundles
 
 
 class _Load:
@@ -248,9 +204,9 @@ def test_rotations_under_client_load_fail_no_command(
     cafile, (first, second) = load_ca_file
     with _Load(cluster, cafile) as load:
         wait_until(lambda: load.commands > 20, timeout=30, what="the load to start")
-        _rotate(cluster, "proxy", _leaf(first, "proxy"))
-        _rotate(cluster, "data_internode_encryption", _leaf(second, "data_internode_encryption"))
-        _rotate(cluster, "proxy", _leaf(second, "proxy"))
+        _rotate(cluster, "proxy", leaf_for(first, "proxy"))
+        _rotate(cluster, "data_internode_encryption", leaf_for(second, "data_internode_encryption"))
+        _rotate(cluster, "proxy", leaf_for(second, "proxy"))
         prove_replication(cluster, "under-load")
     print(f"  load: {load.commands} commands, {len(load.failures)} failed")
     assert load.commands > 20
@@ -272,9 +228,9 @@ def test_a_replica_that_cannot_relink_is_reported_then_converges(faulty: DemoClu
     proof: a 409 names it and says why; the others commit. Once it points back, the reconciler
     brings it in sync and replication carries writes again."""
     lost = faulty.nodes[2]
-    _admin(lost).execute_command("REPLICAOF", "127.0.0.1", "1")
+    redis_admin(lost).execute_command("REPLICAOF", "127.0.0.1", "1")
     try:
-        leaf = _leaf(CA.new(), "data_internode_encryption")
+        leaf = leaf_for(CA.new(), "data_internode_encryption")
         response = put(
             faulty,
             {"name": "data_internode_encryption", "certificate": leaf.full_chain_pem,
@@ -288,7 +244,7 @@ def test_a_replica_that_cannot_relink_is_reported_then_converges(faulty: DemoClu
         assert "did not come back within 5 s" in failed[lost.name]["error"]
         assert "replicates from 127.0.0.1:1, not from the configured" in failed[lost.name]["error"]
     finally:
-        _admin(lost).execute_command("REPLICAOF", "127.0.0.1", str(faulty.nodes[0].redis_port))
+        redis_admin(lost).execute_command("REPLICAOF", "127.0.0.1", str(faulty.nodes[0].redis_port))
     faulty.wait_in_sync(60)
     prove_replication(faulty, "relinked")
 
@@ -300,7 +256,7 @@ def test_a_replica_killed_during_a_rotation_converges(faulty: DemoCluster) -> No
     pid = killed.redis_pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    leaf = _leaf(CA.new(), "proxy")
+    leaf = leaf_for(CA.new(), "proxy")
     response = put(
         faulty, {"name": "proxy", "certificate": leaf.full_chain_pem, "key": leaf.key_pem}
     )
@@ -308,7 +264,7 @@ def test_a_replica_killed_during_a_rotation_converges(faulty: DemoCluster) -> No
     faulty.wait_in_sync(60)
     assert set(served_by_node(faulty).values()) == {leaf.fingerprint}
     assert killed.redis_pid != pid
-    wait_until(lambda: _link_up(killed), timeout=15, what="the restarted replica to link")
+    wait_until(lambda: link_up(killed), timeout=15, what="the restarted replica to link")
     prove_replication(faulty, "after-kill")
 
 
@@ -317,9 +273,9 @@ def test_a_single_node_is_a_lone_primary(tmp_path_factory: pytest.TempPathFactor
     try:
         (node,) = lone.nodes
         assert lone.describe()["nodes"][0]["redis"]["role"] == "primary"
-        assert _admin(node).info("replication")["connected_slaves"] == 0
-        body = _rotate(lone, "proxy", _leaf(CA.new(), "proxy"))
+        assert redis_admin(node).info("replication")["connected_slaves"] == 0
+        body = _rotate(lone, "proxy", leaf_for(CA.new(), "proxy"))
         assert _links(body) == {node.name: []}  # no replica, nothing to relink
-        assert _tls(lone, node).set("lone", "1")
+        assert redis_tls(lone, node).set("lone", "1")
     finally:
         lone.stop()

@@ -211,10 +211,15 @@ class Agent:
         except ValueError as exc:
             raise MessageError(f"trust request: a root is not a PEM certificate: {exc}") from None
         async with self._lock:
+            before = self.pinned.load()
             self.pinned.save(roots)
             try:
                 bundles = await self._refresh_trust()
             except ReloadFailed as exc:
+                # Pinned means loaded: the status must not claim roots no bundle holds.
+                self.pinned.save(before)
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
                 raise StageRejected(f"the trust bundle was refused: {exc}") from exc
             return TrustAnswer(tuple(sorted(pki.fingerprint_sha256(r) for r in roots)), bundles)
 

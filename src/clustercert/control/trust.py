@@ -153,8 +153,8 @@ class TrustKeeper:
             self.state.end_rollout(in_flight)
             names = ", ".join(o.node.name for o in failed)
             raise NodesNotUpdated(
-                f"{len(failed)} of {len(nodes)} nodes could not trust the new root ({names}); "
-                "no certificate was staged and no node changed",
+                f"the update was aborted before staging: {len(failed)} of {len(nodes)} nodes "
+                f"could not trust the new root ({names}); no node changed",
                 nodes=[o.as_json() for o in outcomes],
             )
         await seam("after_trust", "")
