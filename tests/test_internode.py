@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from certfactory import CA
+from certfactory import CA, cert_pem
+from clusterkit import fingerprint
 
 from clustercert.agent.app import Agent, Identity, build_app
 from clustercert.agent.config import AgentConfig
@@ -297,3 +298,35 @@ def test_the_agent_answers_with_the_messages(tmp_path: Path) -> None:
     removed = _call(agent, "DELETE", "/internal/certificates/proxy")
     assert RemoveAnswer.from_json(removed.json()) == RemoveAnswer("proxy")
     assert agent.files.names() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"{not json", "the body is not JSON"),
+        (b'{"root": []}', "trust request: missing field 'roots'"),
+        (b'{"roots": "PEM"}', "trust request: roots must be a list of strings, got str"),
+        (b'{"roots": ["not a certificate"]}', "trust request: a root is not a PEM certificate"),
+    ],
+)
+def test_the_agent_refuses_a_bad_trust_request_and_keeps_its_pins(
+    tmp_path: Path, body: bytes, error: str
+) -> None:
+    agent = _agent(tmp_path)
+    root = CA.new().cert
+    pinned = _call(agent, "PUT", "/internal/trust", json=TrustRequest((cert_pem(root),)).to_json())
+    assert TrustAnswer.from_json(pinned.json()) == TrustAnswer((fingerprint(root),), {})
+    answer = _call(agent, "PUT", "/internal/trust", content=body)
+    assert answer.status_code == 422
+    assert error in answer.json()["error"]
+    status = StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json())
+    assert status.pinned == (fingerprint(root),)  # unchanged
+
+
+def test_an_empty_trust_request_unpins_every_root(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    pem = cert_pem(CA.new().cert)
+    _call(agent, "PUT", "/internal/trust", json=TrustRequest((pem,)).to_json())
+    answer = _call(agent, "PUT", "/internal/trust", json=TrustRequest(()).to_json())
+    assert TrustAnswer.from_json(answer.json()) == TrustAnswer((), {})
+    assert StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json()).pinned == ()

@@ -1,5 +1,7 @@
-"""In-process units: the agent's redis trust bundles (agent/trust.py) and the replication keys of
-the agent configuration. No process is started; the real-process proof is test_replication.py."""
+"""In-process units: the agent's redis trust bundles (agent/trust.py), which roots the control
+plane pins and retires (control/trust.py), and the replication keys of the agent configuration.
+No process is started; the real-process proofs are test_replication.py and
+test_trust_phases.py."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from pathlib import Path
 import pytest
 from certfactory import CA
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from clustercert.agent.config import load_agent_config
-from clustercert.agent.trust import TrustBundles, chain_roots
+from clustercert.agent.trust import PinnedRoots, TrustBundles, chain_roots
+from clustercert.control.trust import chain_root, roots_to_add, roots_to_retire
 from clustercert.errors import ConfigError
+from clustercert.validation import TrustStore
 
 
 def test_chain_roots_are_the_self_signed_members() -> None:
@@ -42,6 +47,42 @@ def test_old_bundles_are_pruned_but_never_the_current_one(tmp_path: Path) -> Non
     assert sorted(p.name for p in (tmp_path / "trust").iterdir()) == sorted(
         p.name for p in paths[-2:]
     )
+
+
+def test_pinned_roots_survive_a_restart_and_can_be_emptied(tmp_path: Path) -> None:
+    a = CA.new().cert
+    PinnedRoots(tmp_path).save([a, a])
+    assert PinnedRoots(tmp_path).load() == [a]
+    PinnedRoots(tmp_path).save([])
+    assert PinnedRoots(tmp_path).load() == []
+    assert PinnedRoots(tmp_path / "never-written").load() == []
+
+
+def _fp(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def test_the_root_of_a_chain_without_it_comes_from_the_anchors() -> None:
+    root = CA.new()
+    leaf = root.intermediate().issue("redis.example", sans=["redis.example"])
+    assert chain_root(leaf.full_chain_pem, TrustStore.of([])) == root.cert
+    assert chain_root(leaf.chain_pem, TrustStore.of([root.cert])) == root.cert
+    assert chain_root(leaf.chain_pem, TrustStore.of([])) is None
+    assert chain_root(leaf.chain_pem, TrustStore.of([CA.new().cert])) is None  # not its issuer
+
+
+def test_roots_to_add_skip_the_pinned_and_the_internal_ca() -> None:
+    internal, pinned, new = CA.new(), CA.new(), CA.new()
+    chains = [ca.issue("r", sans=["r"]).full_chain_pem for ca in (internal, pinned, new, new)]
+    added = roots_to_add(chains, {_fp(pinned.cert): pinned.cert}, TrustStore.of([]), internal.cert)
+    assert added == {_fp(new.cert): new.cert}
+
+
+def test_roots_to_retire_are_those_no_desired_chain_ends_in() -> None:
+    old, kept = CA.new(), CA.new()
+    pinned = {_fp(old.cert): old.cert, _fp(kept.cert): kept.cert}
+    desired = [kept.issue("r", sans=["r"]).chain_pem]  # without its root: found as an anchor
+    assert roots_to_retire(pinned, desired, TrustStore.of([kept.cert])) == {_fp(old.cert)}
 
 
 def _config(tmp_path: Path, service: str) -> Path:
