@@ -52,7 +52,7 @@ class NodeAgent(Protocol):
 
     async def remove(self, name: str) -> None: ...
 
-    async def trust(self, roots: Sequence[str]) -> TrustAnswer: ...
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer | None: ...
 
 
 class Agents(Protocol):
@@ -67,6 +67,10 @@ def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> 
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
+
+
+class _NoSuchCall(AgentUnavailable):
+    """The agent answered 404: it does not know the call (an older agent)."""
 
 
 class AgentClient:
@@ -115,7 +119,8 @@ class AgentClient:
             answer = {"error": response.text[:200]}
         if response.status_code != 200:
             error = answer.get("error") if isinstance(answer, dict) else None
-            raise AgentUnavailable(f"{self.node.name} refused {step}: {error or answer}")
+            refused = _NoSuchCall if response.status_code == 404 else AgentUnavailable
+            raise refused(f"{self.node.name} refused {step}: {error or answer}")
         try:
             return parse(answer)
         except MessageError as exc:
@@ -162,14 +167,19 @@ class AgentClient:
             RemoveAnswer.from_json,
         )
 
-    async def trust(self, roots: Sequence[str]) -> TrustAnswer:
-        return await self._call(
-            "trust",
-            "PUT",
-            "/internal/trust",
-            TrustAnswer.from_json,
-            TrustRequest(tuple(roots)).to_json(),
-        )
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer | None:
+        """Pin ``roots``; None from an agent that keeps no trust bundles (an older one, which
+        answers 404: its redis trusts what it was configured with)."""
+        try:
+            return await self._call(
+                "trust",
+                "PUT",
+                "/internal/trust",
+                TrustAnswer.from_json,
+                TrustRequest(tuple(roots)).to_json(),
+            )
+        except _NoSuchCall:
+            return None
 
     async def aclose(self) -> None:
         await self._transport.aclose()

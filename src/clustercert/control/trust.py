@@ -247,8 +247,11 @@ class TrustKeeper:
         return NodeOutcome(node, ok=error is None, step="trust", error=error)
 
 
-def _unproven(answer: TrustAnswer, added: set[str]) -> str | None:
-    """Why ``answer`` does not prove that every root in ``added`` is trusted, or None."""
+def _unproven(answer: TrustAnswer | None, added: set[str]) -> str | None:
+    """Why ``answer`` does not prove that every root in ``added`` is trusted, or None. An
+    agent without trust bundles (None: it does not know the call) has nothing to prove."""
+    if answer is None:
+        return None
     if missing := added - set(answer.pinned):
         return f"the node did not pin {', '.join(f[:16] for f in sorted(missing))}"
     for service, bundle in sorted(answer.bundles.items()):
