@@ -9,8 +9,10 @@ printed (run with ``-s``), never asserted.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +37,8 @@ from clusterkit import (
 )
 from conftest import start_cluster
 
-from clustercert.demo import DemoCluster
+from clustercert.clock import utc_now
+from clustercert.demo import DemoCluster, DemoNode, free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -279,3 +282,90 @@ def test_a_single_node_is_a_lone_primary(tmp_path_factory: pytest.TempPathFactor
         assert redis_tls(lone, node).set("lone", "1")
     finally:
         lone.stop()
+
+
+def _start_outside_source(directory: Path, server: Leaf, accepts_clients_of: CA) -> int:
+    """A redis-server outside the cluster (Replica Of's source): its own server certificate,
+    and it accepts only clients whose certificate chains to ``accepts_clients_of``."""
+    cert, key = server.write(directory, "source")
+    trusted = directory / "source-trusts.pem"
+    trusted.write_text(cert_pem(accepts_clients_of.cert))
+    port = free_port()
+    subprocess.run(
+        [
+            "redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(trusted), "--tls-auth-clients", "yes",
+            "--repl-diskless-sync-delay", "0",
+            "--unixsocket", str(directory / "source.sock"), "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--dir", str(directory),
+            "--pidfile", str(directory / "source.pid"), "--logfile", str(directory / "source.log"),
+            "--daemonize", "yes",
+        ],
+        check=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return port
+
+
+def _add_outside_replica(cluster: DemoCluster, source_port: int, source_ca: Path) -> DemoNode:
+    """A node whose redis replicates from the source outside the cluster, presenting
+    ``syncer``, and trusting the source's CA through ``extra_ca_file``."""
+    directory = cluster.directory / "nodes" / "node-ext"
+    directory.mkdir(parents=True)
+    node = DemoNode("node-ext", directory, free_port(), free_port())
+    with cluster.cluster.open_store() as store:
+        token = cluster.cluster.state(store).new_join_token(utc_now(), dt.timedelta(minutes=10))
+    node.config_file.write_text(
+        f'name = "node-ext"\ndata_dir = "{directory}"\nlisten = "127.0.0.1:{node.agent_port}"\n'
+        f'control_plane_url = "{cluster.api_url}"\nca_file = "{cluster.cluster.ca_file}"\n'
+        f'join_token = "{token}"\n\n[[services]]\nname = "redis"\ntype = "redis"\n'
+        'certificate = "proxy"\nclient_certificate = "syncer"\n'
+        f'replicaof = "127.0.0.1:{source_port}"\nextra_ca_file = "{source_ca}"\n'
+        f'socket = "{directory / "redis.sock"}"\naddress = "127.0.0.1:{node.redis_port}"\n'
+        "supervise = true\n"
+    )
+    cluster.nodes.append(node)
+    cluster.start_agent(node)
+    return node
+
+
+def test_syncer_is_the_client_certificate_towards_a_source_outside_the_cluster(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Replica Of: a node's redis replicates from a redis-server outside the cluster. It
+    presents `syncer`, trusts the source through `extra_ca_file`; a `syncer` rotation relinks
+    it, and one the source would not accept is a 409 that names the node and why."""
+    outside, accepted = CA.new(), CA.new()
+    server = outside.issue("source.example", sans=["localhost", "127.0.0.1"], eku=["serverAuth"])
+    source_port = _start_outside_source(tmp_path, server, accepted)
+    source_ca = tmp_path / "outside-ca.pem"
+    source_ca.write_text(cert_pem(outside.cert))
+    source = redis.Redis(unix_socket_path=str(tmp_path / "source.sock"), socket_timeout=10)
+    cluster = start_cluster(tmp_path_factory, 1)
+    try:
+        assert put(cluster, _syncer_body(accepted)).status_code == 200  # what the source accepts
+        node = _add_outside_replica(cluster, source_port, source_ca)
+        cluster.wait_in_sync(60)
+        wait_until(lambda: link_up(node), timeout=15, what="the link to the outside source")
+        assert source.set("from-outside", "1")
+        wait_until(lambda: redis_tls(cluster, node).get("from-outside") == b"1", timeout=10)
+
+        body = _rotate(cluster, "syncer", leaf_for(accepted, "syncer"))
+        (link,) = _links(body)["node-ext"]
+        assert link["ok"] and link["link"] == f"replication from 127.0.0.1:{source_port}"
+        assert _links(body)["node-1"] == []  # it replicates from nobody
+
+        response = put(cluster, _syncer_body(CA.new()))  # a CA the source does not trust
+        assert response.status_code == 409, response.text
+        failed = {n["name"]: n for n in response.json()["nodes"] if not n["ok"]}
+        assert list(failed) == ["node-ext"]
+        assert "did not come back within 5 s" in failed["node-ext"]["error"]
+        assert "does the primary trust this node's syncer" in failed["node-ext"]["error"]
+    finally:
+        cluster.stop()
+        source.shutdown(nosave=True)
+
+
+def _syncer_body(ca: CA) -> dict[str, str]:
+    leaf = leaf_for(ca, "syncer")
+    return {"name": "syncer", "certificate": leaf.full_chain_pem, "key": leaf.key_pem}
