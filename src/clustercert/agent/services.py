@@ -310,15 +310,14 @@ class RedisService(Service):
             return False
 
     async def start(self, current: dict[str, GenerationPaths]) -> None:
+        """Adopt a running redis-server (the agent has pointed it at its bundle already, see
+        Agent.start) or start one with the current files."""
         self.paths.update({n: p for n, p in current.items() if n in self.certificates()})
         if await self._answers():
             client_paths = self.paths.get(self.config.client_certificate or "")
             if client_paths is not None:
                 with contextlib.suppress(ReloadFailed):
                     await self.reload(self.config.client_certificate or "", client_paths)
-            if self.bundle is not None:
-                with contextlib.suppress(ReloadFailed):
-                    await self._config_set("tls-ca-cert-file", str(self.bundle))
         elif self.config.supervise and self.config.certificate in self.paths:
             await self._spawn()
 
