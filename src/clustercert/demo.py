@@ -6,8 +6,9 @@ every node serves the desired certificates, and writes ``DIR/cluster.json``.
 
 The redis-servers form one replicated database: node-1's is the primary, every other one
 replicates from it over TLS, and every TLS client (replicas included) must present a
-certificate (``tls-auth-clients yes``). The operator's own client certificate, issued by the
-internal CA, is in ``DIR/redis-client/``.
+certificate (``tls-auth-clients yes``). With ``redis="cluster"`` they form a Redis Cluster
+instead (every node a primary with its share of the slots, ``tls-cluster yes``). The
+operator's own client certificate, issued by the internal CA, is in ``DIR/redis-client/``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class DemoNode:
     redis_port: int
     metrics_port: int | None = None  # the agent's own HTTPS listener (metrics_exporter)
     replicaof: int | None = None  # the primary's redis TLS port; None: this is the primary
+    cluster_port: int | None = None  # Redis Cluster mode: the node's cluster bus port
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -103,6 +105,8 @@ class DemoNode:
         ]
         if self.replicaof is not None:
             lines.append(f'replicaof = "127.0.0.1:{self.replicaof}"')
+        if self.cluster_port is not None:
+            lines.append(f"cluster_port = {self.cluster_port}")
         if self.metrics_port is not None:
             lines += [
                 "",
@@ -118,6 +122,7 @@ class DemoNode:
 class DemoCluster:
     directory: Path
     nodes_count: int = 3
+    redis: str = "replicated"  # or "cluster": Redis Cluster over TLS (at least 3 nodes)
     api_port: int = 9443
     admin_password: str | None = None
     server_args: tuple[str, ...] = ()
@@ -176,6 +181,8 @@ class DemoCluster:
         for index in range(1, self.nodes_count + 1):
             self.add_node(f"node-{index}")
         self.wait_in_sync(wait)
+        if self.redis == "cluster":
+            self.form_redis_cluster(wait)
 
     @property
     def redis_client(self) -> tuple[Path, Path]:
@@ -208,7 +215,9 @@ class DemoCluster:
     def add_node(self, name: str) -> DemoNode:
         node_dir = self.directory / "nodes" / name
         node = DemoNode(name, node_dir, *self._ports(node_dir))
-        if self.nodes:  # the first node's redis is the primary; the others replicate from it
+        if self.redis == "cluster":
+            node.cluster_port = self._cluster_port(node_dir)
+        elif self.nodes:  # the first node's redis is the primary; the others replicate from it
             node.replicaof = self.nodes[0].redis_port
         token = None
         if not (node_dir / "identity" / "node.json").exists():
@@ -232,6 +241,38 @@ class DemoCluster:
             if "redis" in ports and "metrics" in ports:
                 return config.listen[1], ports["redis"], ports["metrics"]
         return free_port(), free_port(), free_port()
+
+    @staticmethod
+    def _cluster_port(node_dir: Path) -> int:
+        """The cluster bus port; kept across restarts (the other nodes' nodes.conf has it)."""
+        config_file = node_dir / "agent.toml"
+        if config_file.exists():
+            for service in load_agent_config(config_file).services:
+                if service.cluster_port is not None:
+                    return service.cluster_port
+        return free_port()
+
+    def form_redis_cluster(self, wait: float) -> None:
+        """Join the nodes' redis-servers into one Redis Cluster (once: a restarted demo's
+        nodes find each other again in their nodes.conf), then wait until every node says
+        ``cluster_state:ok``."""
+        if self.nodes_count < 3:
+            raise ConfigError("a Redis Cluster needs at least 3 nodes (--nodes 3)")
+        cert_file, key_file = self.redis_client
+        tls = ["--tls", "--cert", str(cert_file), "--key", str(key_file),
+               "--cacert", str(self.cluster.ca_file)]  # fmt: skip
+        if "cluster_known_nodes:1" in _cluster_info(self.nodes[0]).split():
+            subprocess.run(
+                ["redis-cli", *tls, "--cluster", "create",
+                 *(f"127.0.0.1:{n.redis_port}" for n in self.nodes), "--cluster-yes"],
+                capture_output=True, timeout=60, check=True, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in _cluster_info(n) for n in self.nodes):
+                return
+            time.sleep(0.1)
+        raise ConfigError(f"the Redis Cluster was not ok within {wait} s")
 
     def start_agent(self, node: DemoNode) -> None:
         node.process = self._spawn(
@@ -333,7 +374,15 @@ class DemoCluster:
                     os.kill(pid, signal.SIGTERM)
 
 
-def run_demo(directory: Path, nodes: int, port: int) -> None:
+def _cluster_info(node: DemoNode) -> str:
+    """``CLUSTER INFO`` of the node's redis, over its unix socket."""
+    return subprocess.run(
+        ["redis-cli", "-s", str(node.directory / "redis.sock"), "CLUSTER", "INFO"],
+        capture_output=True, text=True, timeout=10, check=True, stdin=subprocess.DEVNULL,
+    ).stdout  # fmt: skip
+
+
+def run_demo(directory: Path, nodes: int, port: int, redis: str = "replicated") -> None:
     """``clustercert demo``: start, print what to try, run until SIGINT/SIGTERM, stop all."""
     stopping = False
 
@@ -343,7 +392,7 @@ def run_demo(directory: Path, nodes: int, port: int) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    cluster = DemoCluster(directory, nodes_count=nodes, api_port=port)
+    cluster = DemoCluster(directory, nodes_count=nodes, api_port=port, redis=redis)
     # cluster.json promises that everything answers: a stale one must not outlive its cluster.
     (directory / "cluster.json").unlink(missing_ok=True)
     try:

@@ -45,6 +45,7 @@ class ServiceConfig:
     # data_internode_encryption inside the cluster, syncer from a source outside it.
     client_certificate: str | None = None
     replicaof: tuple[str, int] | None = None  # redis: the primary it replicates from
+    cluster_port: int | None = None  # redis: a Redis Cluster node; its cluster bus port (TLS)
     extra_ca_file: Path | None = None  # redis: more CAs for its trust bundle (operator's)
     # redis: how long a replication link may take to come back after a commit; keep it below
     # the control plane's --agent-timeout (10 s), which bounds the whole commit call.
@@ -105,6 +106,16 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     replicaof = raw.get("replicaof")
     if replicaof is not None and (kind != "redis" or not isinstance(replicaof, str)):
         raise ConfigError(f"{where}replicaof: a redis service's primary, HOST:PORT")
+    cluster_port = raw.get("cluster_port")
+    if cluster_port is not None and (
+        kind != "redis" or not isinstance(cluster_port, int) or not 0 < cluster_port < 65536
+    ):
+        raise ConfigError(f"{where}cluster_port: a redis service's cluster bus port, 1-65535")
+    if cluster_port is not None and replicaof is not None:
+        raise ConfigError(
+            f"{where}replicaof: a Redis Cluster node (cluster_port) gets its primary from the "
+            "cluster, not from replicaof"
+        )
     extra_ca = raw.get("extra_ca_file")
     if extra_ca is not None and not Path(str(extra_ca)).is_file():
         raise ConfigError(f"{where}extra_ca_file: {extra_ca} is not a file")
@@ -124,6 +135,7 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
         socket=Path(socket) if socket else None,
         client_certificate=client_cert,
         replicaof=split_address(replicaof, where + "replicaof") if replicaof else None,
+        cluster_port=cluster_port,
         extra_ca_file=Path(str(extra_ca)) if extra_ca else None,
         link_timeout=float(raw.get("link_timeout", 5.0)),
         supervise=bool(raw.get("supervise", False)),

@@ -198,6 +198,8 @@ class RedisService(Service):
         primary, wait until ``master_link_status:up``. A primary proves its server certificate
         to its replicas: drop every replica connection, wait until as many replicas are online
         again, then a fresh write acknowledged by each of them (``WAIT``)."""
+        if self.config.cluster_port is not None:
+            return await self._relink_cluster_bus(certificate)
         if self.config.replicaof is not None and certificate == self.config.client_certificate:
             return [await self._relink_to_primary(certificate)]
         if self.config.replicaof is None and certificate == self.config.certificate:
@@ -300,6 +302,60 @@ class RedisService(Service):
         seconds = loop.time() - started
         return [LinkProof(self.name, certificate, link, error is None, seconds, error)]
 
+    async def _cluster_peers(self) -> list[str]:
+        """The ids of the other nodes this Redis Cluster node knows and talks to."""
+        text = (await self._command("CLUSTER", "NODES")).decode()
+        peers = []
+        for line in text.splitlines():
+            node_id, _address, flags, *_ = line.split()
+            if not {"myself", "noaddr", "handshake"} & set(flags.split(",")):
+                peers.append(node_id)
+        return peers
+
+    async def _bus_links(self) -> set[tuple[str, str]]:
+        """(direction, node id) of every cluster bus link up now (CLUSTER LINKS, redis 7)."""
+        links = await self._client().execute_command("CLUSTER", "LINKS")  # type: ignore[no-untyped-call]
+        return {(k[b"direction"].decode(), k[b"node"].decode()) for k in links}
+
+    async def _relink_cluster_bus(self, certificate: str) -> list[LinkProof]:
+        """Drop the cluster bus links this node opened (``DEBUG CLUSTERLINK KILL to``, which
+        needs ``enable-debug-command local``) and wait until one is back to every peer: each
+        peer accepted this node's client certificate and this node trusted each peer's server
+        certificate. Only the links this node opened: killing a link a peer opened races with
+        that peer closing it, which crashes redis 7.0 (a NULL link), and only this node closes
+        its own. A peer proves this node's server certificate when it relinks in turn."""
+        try:
+            peers = await self._cluster_peers()
+            opened = {node for direction, node in await self._bus_links() if direction == "to"}
+        except (ReloadFailed, RedisError, OSError) as exc:
+            return [LinkProof(self.name, certificate, "cluster bus", False, 0.0, str(exc))]
+        if not peers:
+            return []
+        link = f"cluster bus to {len(peers)} node(s)"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            for peer in sorted(opened & set(peers)):
+                await self._command("DEBUG", "CLUSTERLINK", "KILL", "to", peer)
+        except ReloadFailed as exc:
+            return [LinkProof(self.name, certificate, link, False, 0.0, str(exc))]
+        wanted = {("to", peer) for peer in peers}
+
+        async def back() -> bool:
+            return wanted <= await self._bus_links()
+
+        error = None
+        if not await self._until(back, started + self.config.link_timeout):
+            down = sorted({peer[:8] for _, peer in wanted - await self._bus_links()})
+            error = (
+                f"the cluster bus links to {', '.join(down)} did not come back within "
+                f"{self.config.link_timeout:g} s after a forced reconnect; do those nodes trust "
+                f"this node's {certificate} certificate, and this node theirs? See "
+                f"{self.data_dir / 'redis.log'}"
+            )
+        seconds = loop.time() - started
+        return [LinkProof(self.name, certificate, link, error is None, seconds, error)]
+
     async def _answers(self) -> bool:
         if not self.socket.exists():
             return False
@@ -351,6 +407,15 @@ class RedisService(Service):
             args += ["--tls-client-key-file", str(client.key)]
         if self.config.replicaof is not None:
             args += ["--replicaof", self.config.replicaof[0], str(self.config.replicaof[1])]
+        if self.config.cluster_port is not None:
+            args += [
+                "--cluster-enabled", "yes",
+                "--tls-cluster", "yes",
+                "--cluster-port", str(self.config.cluster_port),
+                "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+                # DEBUG CLUSTERLINK KILL proves the bus links (local connections only).
+                "--enable-debug-command", "local",
+            ]  # fmt: skip
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         for _ in range(200):
             if await self._answers():
