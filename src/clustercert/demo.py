@@ -415,9 +415,12 @@ def _instructions(cluster: DemoCluster, path: Path) -> str:
         for n in info["nodes"]
     )
     client = info["redis_client"]
+    cluster_mode = cluster.redis == "cluster"
     redis_cli = (
-        f"redis-cli --tls --cert {client['cert_file']} --key {client['key_file']} "
-        f"--cacert {client['ca_file']} -p {info['nodes'][0]['redis']['tls_port']}"
+        f"redis-cli {'-c ' if cluster_mode else ''}--tls --cert {client['cert_file']} "
+        f"--key {client['key_file']} --cacert {client['ca_file']} "
+        f"-p {info['nodes'][0]['redis']['tls_port']} "
+        + ("CLUSTER INFO" if cluster_mode else "INFO replication")
     )
     return f"""
 clustercert demo is running.
@@ -430,7 +433,7 @@ clustercert demo is running.
 {redis_lines}
 
   redis (every client presents a certificate; this one is yours):
-    {redis_cli} INFO replication
+    {redis_cli}
 
 Try:
   export CLUSTERCERT_URL={info["api_url"]} CLUSTERCERT_USER={info["username"]} \\
