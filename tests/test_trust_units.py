@@ -119,6 +119,9 @@ def test_a_replica_names_its_primary(tmp_path: Path) -> None:
         ("replicaof = 6380\n", r"services\[0\]\.replicaof: a redis service's primary"),
         ('extra_ca_file = "/nonexistent/ca.pem"\n',
          r"services\[0\]\.extra_ca_file: /nonexistent/ca.pem is not a file"),
+        ("cluster_port = 0\n", r"services\[0\]\.cluster_port: a redis service's cluster bus port"),
+        ('cluster_port = 16380\nreplicaof = "10.0.0.1:6380"\n',
+         r"services\[0\]\.replicaof: a Redis Cluster node \(cluster_port\) gets its primary"),
     ],
 )  # fmt: skip
 def test_bad_replication_keys_name_the_key(tmp_path: Path, extra: str, message: str) -> None:
