@@ -79,16 +79,20 @@ class PinnedRoots:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "pinned.pem"
+        self._loaded: list[x509.Certificate] | None = None  # this object is the only writer
 
     def load(self) -> list[x509.Certificate]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        return x509.load_pem_x509_certificates(data) if data.strip() else []
+        if self._loaded is None:
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            self._loaded = x509.load_pem_x509_certificates(data) if data.strip() else []
+        return list(self._loaded)
 
     def save(self, roots: Iterable[x509.Certificate]) -> None:
         unique = {pki.fingerprint_sha256(c): c for c in roots}
         content = pki.certificates_to_pem(unique[f] for f in sorted(unique)).encode()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomically(self.path, content, 0o644)
+        self._loaded = [unique[f] for f in sorted(unique)]

@@ -178,7 +178,7 @@ class Reconciler:
         in_sync = len(due) == len(nodes) and all(results)
         if in_sync and self.coordinator.trust is not None:
             # Phase c of a rollout that could not retire (a node lagged), now that all caught up.
-            await self.coordinator.trust.retire(nodes)
+            await self.coordinator.trust.retire(nodes, desired if due else None)
         return in_sync
 
     def wake(self, node_id: int) -> None:

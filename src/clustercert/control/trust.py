@@ -121,6 +121,15 @@ class TrustKeeper:
         self.pool = pool
         self.anchors = anchors
         self.internal_ca = internal_ca
+        self._fingerprints: tuple[int, frozenset[str]] = (-1, frozenset())
+
+    def recorded(self) -> tuple[TrustRecord, frozenset[str]]:
+        """The recorded pins and their fingerprints (parsed once per store revision: the
+        reconciler compares every node's pins with them on every pass)."""
+        record = self.state.trust()
+        if self._fingerprints[0] != record.revision:
+            self._fingerprints = (record.revision, frozenset(_parse(record.roots)))
+        return record, self._fingerprints[1]
 
     # --- phase a ----------------------------------------------------------------------
 
@@ -191,13 +200,19 @@ class TrustKeeper:
                     return False
         return True
 
-    async def retire(self, nodes: Sequence[NodeRecord]) -> list[str]:
+    async def retire(
+        self, nodes: Sequence[NodeRecord], certificates: Sequence[CertRecord] | None = None
+    ) -> list[str]:
         """Phase c: unpin every root no desired certificate chains to, once every node has
         proved the desired generations (otherwise nothing: a lagging node may still present
         a certificate from an old root). Records the smaller set, then pins it everywhere.
-        Returns the fingerprints retired."""
-        desired = [r for r in self.state.certificates() if r.name in PEER_TRUSTED]
-        record = self.state.trust()
+        ``certificates``: the desired ones, when the caller has read them. Returns the
+        fingerprints retired."""
+        record, fingerprints = self.recorded()
+        if not fingerprints:
+            return []
+        every = self.state.certificates() if certificates is None else certificates
+        desired = [r for r in every if r.name in PEER_TRUSTED]
         pinned = _parse(record.roots)
         retiring = roots_to_retire(pinned, [r.certificate for r in desired], self.anchors)
         if not retiring or not self._settled(nodes, desired):
@@ -222,9 +237,10 @@ class TrustKeeper:
         during a phase, or joined since). True when the node holds the recorded set."""
         if status.pinned is None:
             return True  # an agent without trust bundles
-        roots = self.state.trust().roots
-        if set(status.pinned) == set(_parse(roots)):
+        record, fingerprints = self.recorded()
+        if set(status.pinned) == fingerprints:
             return True
+        roots = record.roots
         (outcome,) = await self._pin([node], roots, set())
         if outcome.ok:
             log.info("trust: %s now pins the recorded %d root(s)", node.name, len(roots))
