@@ -126,6 +126,13 @@ def test_a_new_root_is_pinned_everywhere_before_anything_is_staged(state: Cluste
         assert agent.calls == ["trust 2", "stage", "commit", "trust 1"]
         assert agent.pinned == {_fp(second)}
     assert state.rollout_in_flight() is None
+    trust_events = [e for e in state.events() if e["action"] in ("trust", "retire")]
+    assert [(e["action"], e["roots"], e["who"]) for e in trust_events] == [
+        ("retire", [_fp(first)], ACTOR),  # newest first
+        ("trust", [_fp(second)], ACTOR),
+        ("trust", [_fp(first)], ACTOR),
+    ]
+    assert all(n["ok"] for e in trust_events for n in e["nodes"])
 
 
 def test_the_same_root_again_has_no_trust_phase(state: ClusterState) -> None:

@@ -253,7 +253,7 @@ class Coordinator:
         self._record(records, current, actor, outcomes, proofs)
         self.state.end_rollout(decided)
         if self.trust is not None and all(o.ok for o in outcomes):
-            await self._retire(nodes)
+            await self._retire(nodes, actor)
         return outcomes
 
     # 1. plan: which records need a new generation, and the rollout record that says so
@@ -464,12 +464,12 @@ class Coordinator:
 
     # 7. record: the proofs, the audit events; 8. retire roots nothing chains to (phase c)
 
-    async def _retire(self, nodes: Sequence[NodeRecord]) -> None:
+    async def _retire(self, nodes: Sequence[NodeRecord], actor: str) -> None:
         assert self.trust is not None
         if self.progress is not None:
             self.progress.phase = "retiring"
         started = asyncio.get_running_loop().time()
-        retired = await self.trust.retire(nodes)
+        retired = await self.trust.retire(nodes, actor=actor)
         if retired:
             log.info(
                 "retired %d root(s) in %.3f s",

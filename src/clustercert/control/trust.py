@@ -24,14 +24,17 @@ by a rollout that could not retire them (a node lagged).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from cryptography import x509
 
 from clustercert import pki
+from clustercert.clock import utc_now
 from clustercert.control.agents import Agents
+from clustercert.control.audit import TrustEvent
 from clustercert.control.faults import Seam
 from clustercert.control.outcomes import NodeOutcome
 from clustercert.control.state import (
@@ -116,7 +119,9 @@ class TrustKeeper:
         pool: Agents,
         anchors: TrustStore,
         internal_ca: x509.Certificate,
+        clock: Callable[[], dt.datetime] = utc_now,
     ) -> None:
+        self.clock = clock
         self.state = state
         self.pool = pool
         self.anchors = anchors
@@ -168,6 +173,10 @@ class TrustKeeper:
             )
         await seam("after_trust", "")
         staging = replace(in_flight, phase="staging")
+        self.state.add_event(
+            TrustEvent(self.clock(), in_flight.actor, "trust", sorted(added),
+                       [o.summary() for o in outcomes])
+        )  # fmt: skip
         try:
             revision = self.state.store.commit(
                 [
@@ -201,7 +210,10 @@ class TrustKeeper:
         return True
 
     async def retire(
-        self, nodes: Sequence[NodeRecord], certificates: Sequence[CertRecord] | None = None
+        self,
+        nodes: Sequence[NodeRecord],
+        certificates: Sequence[CertRecord] | None = None,
+        actor: str = "reconciler",
     ) -> list[str]:
         """Phase c: unpin every root no desired certificate chains to, once every node has
         proved the desired generations (otherwise nothing: a lagging node may still present
@@ -222,6 +234,10 @@ class TrustKeeper:
             TRUST_KEY, self.state.encode_trust(TrustRecord(kept)), expect_revision=record.revision
         )
         outcomes = await self._pin(nodes, kept, set())
+        self.state.add_event(
+            TrustEvent(self.clock(), actor, "retire", sorted(retiring),
+                       [o.summary() for o in outcomes])
+        )  # fmt: skip
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
             "trust: retired %s (nothing chains to it any more)%s",
