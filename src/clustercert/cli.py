@@ -92,6 +92,11 @@ def _listen(value: str) -> tuple[str, int]:
     "--lock-wait", default=30.0, show_default=True, help="Seconds an update waits for the lock."
 )
 @click.option("--reconcile-interval", default=1.0, show_default=True)
+@click.option(
+    "--console-listen", default="127.0.0.1:8443", show_default=True,
+    help="HOST:PORT of the web console (served with the `cm` certificate).",
+)  # fmt: skip
+@click.option("--no-console", is_flag=True, help="Do not serve the web console.")
 def server(
     directory: Path,
     listen: str,
@@ -99,8 +104,10 @@ def server(
     agent_timeout: float,
     lock_wait: float,
     reconcile_interval: float,
+    console_listen: str,
+    no_console: bool,
 ) -> None:
-    """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
+    """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
     from clustercert.control.directory import ClusterDirectory
     from clustercert.control.server import ServerSettings, serve
 
@@ -113,6 +120,7 @@ def server(
         agent_timeout=agent_timeout,
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
+        console=None if no_console else _listen(console_listen),
     )
     asyncio.run(serve(ClusterDirectory(directory), settings))
 
