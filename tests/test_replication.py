@@ -123,23 +123,33 @@ def test_data_internode_rotation_relinks_with_the_new_client_certificate(
     prove_replication(cluster, "data-internode")
 
 
-def test_a_data_internode_certificate_without_client_auth_is_refused(
-    cluster: DemoCluster,
+@pytest.mark.parametrize(
+    ("knobs", "error_code", "says"),
+    [
+        ({"eku": ["serverAuth"]}, "missing_extended_key_usage", "clientAuth"),
+        # A primary's OpenSSL would refuse it as a client: no digitalSignature.
+        ({"key_usage": ["keyEncipherment"]}, "key_usage_mismatch", "digitalSignature"),
+    ],
+    ids=["no-client-auth", "no-digital-signature"],
+)
+def test_a_data_internode_certificate_a_primary_would_refuse_is_refused_first(
+    cluster: DemoCluster, knobs: dict[str, Any], error_code: str, says: str
 ) -> None:
     with api(cluster) as client:
         before = client.get("/v1/cluster/certificates/data_internode_encryption").json()
     bundles = {n.name: trusted_by(n) for n in cluster.nodes}
-    leaf = CA.new().issue("redis.example", sans=["redis.example"], eku=["serverAuth"])
+    leaf = CA.new().issue("redis.example", sans=["redis.example"], **knobs)
     response = put(
         cluster,
         {"name": "data_internode_encryption", "certificate": leaf.full_chain_pem,
          "key": leaf.key_pem},
     )  # fmt: skip
     assert response.status_code == 400, response.text
-    assert response.json()["error_code"] == "missing_extended_key_usage"
-    assert "clientAuth" in response.json()["description"]
+    assert response.json()["error_code"] == error_code
+    assert says in response.json()["description"]
     with api(cluster) as client:
         after = client.get("/v1/cluster/certificates/data_internode_encryption").json()
+    assert after["generation"] == before["generation"]
     assert after["fingerprint_sha256"] == before["fingerprint_sha256"]
     assert {n.name: trusted_by(n) for n in cluster.nodes} == bundles
 
