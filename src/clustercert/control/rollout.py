@@ -250,10 +250,8 @@ class Coordinator:
         outcomes = list(
             await asyncio.gather(*(self._commit_node(n, records, seam, proofs) for n in nodes))
         )
-        self._record(records, current, actor, outcomes, proofs)
+        await self._record(records, current, actor, outcomes, proofs, nodes)
         self.state.end_rollout(decided)
-        if self.trust is not None and all(o.ok for o in outcomes):
-            await self._retire(nodes, actor)
         return outcomes
 
     # 1. plan: which records need a new generation, and the rollout record that says so
@@ -477,15 +475,20 @@ class Coordinator:
                 asyncio.get_running_loop().time() - started,
             )
 
-    def _record(
+    async def _record(
         self,
         records: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
         actor: str,
         outcomes: Sequence[NodeOutcome],
         proofs: Proofs,
+        nodes: Sequence[NodeRecord],
     ) -> None:
+        """Record the proofs; retire roots once every node proved the new certificates (it
+        reads those proofs); then the update's audit event, so that it is the newest."""
         self.state.record_applied_many(proofs)
+        if self.trust is not None and all(o.ok for o in outcomes):
+            await self._retire(nodes, actor)
         self.on_committed(records)
         self._audit(records, current, actor, outcomes)
 
