@@ -107,7 +107,9 @@ class HollowNode:
             request.key,
         )
         if existing is not None and not same and self.current.get(target.name) == target.generation:
-            raise Refused(409, f"{target.name} generation {target.generation} is current and differs")
+            raise Refused(
+                409, f"{target.name} generation {target.generation} is current and differs"
+            )
         if not same:
             try:
                 fingerprint = leaf_fingerprint(request.certificate)
@@ -201,9 +203,7 @@ class _Joined:
     identity: Identity
 
 
-async def _join(
-    spec: dict[str, Any], entry: dict[str, str], gate: asyncio.Semaphore
-) -> _Joined:
+async def _join(spec: dict[str, Any], entry: dict[str, str], gate: asyncio.Semaphore) -> _Joined:
     """Bind a port, then join through the agent's own join flow with that URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -367,7 +367,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--sizes", default="100,300,1000", help="node counts, ascending")
     parser.add_argument("--reps", type=int, default=5, help="timed rotations per size")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
@@ -377,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited: N kept-alive sockets
     sizes = sorted(int(s) for s in args.sizes.split(","))
     started = time.monotonic()

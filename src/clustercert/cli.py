@@ -5,7 +5,6 @@ Errors from the one tree (:mod:`clustercert.errors`) become exit codes in one pl
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -108,6 +107,7 @@ def server(
     no_console: bool,
 ) -> None:
     """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
+    from clustercert import eventloop
     from clustercert.control.directory import ClusterDirectory
     from clustercert.control.server import ServerSettings, serve
 
@@ -122,7 +122,7 @@ def server(
         reconcile_interval=reconcile_interval,
         console=None if no_console else _listen(console_listen),
     )
-    asyncio.run(serve(ClusterDirectory(directory), settings))
+    eventloop.run(serve(ClusterDirectory(directory), settings))
 
 
 @cli.command("join-token")

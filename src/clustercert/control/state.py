@@ -185,6 +185,11 @@ class ClusterState:
         entry = self.store.get("certs/" + name)
         return entry.revision if entry else 0
 
+    def desired_revisions(self) -> tuple[tuple[str, int], ...]:
+        """A cheap change check for :meth:`certificates`: each name with its store revision
+        (nothing is decoded or unsealed)."""
+        return tuple((e.key, e.revision) for e in self.store.list("certs/"))
+
     def certificates(self) -> list[CertRecord]:
         return [self._decode_cert(e.value, e.revision) for e in self.store.list("certs/")]
 
@@ -208,6 +213,12 @@ class ClusterState:
         records = [NodeRecord(**json.loads(e.value)) for e in self.store.list("nodes/")]
         return sorted(records, key=lambda n: n.node_id)
 
+    def membership_revision(self) -> int:
+        """A cheap change check for :meth:`nodes`: the store revision of the record that hands
+        out node ids (it moves whenever a node joins for the first time)."""
+        entry = self.store.get("meta/cluster")
+        return entry.revision if entry else 0
+
     def node(self, node_id: int) -> NodeRecord | None:
         entry = self.store.get(f"nodes/{node_id}")
         return NodeRecord(**json.loads(entry.value)) if entry else None
@@ -229,6 +240,14 @@ class ClusterState:
             e.key[len(prefix) :]: AppliedRecord(**json.loads(e.value))
             for e in self.store.list(prefix)
         }
+
+    def applied_everywhere(self) -> dict[int, dict[str, AppliedRecord]]:
+        """What every node last proved, in one store read: node id -> name -> proof."""
+        proofs: dict[int, dict[str, AppliedRecord]] = {}
+        for entry in self.store.list("applied/"):
+            node_id, _, name = entry.key[len("applied/") :].partition("/")
+            proofs.setdefault(int(node_id), {})[name] = AppliedRecord(**json.loads(entry.value))
+        return proofs
 
     def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:
         self.store.put(f"applied/{node_id}/{name}", json.dumps(asdict(record)))
