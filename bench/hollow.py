@@ -26,6 +26,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import secrets
 import signal
 import socket
 import ssl
@@ -33,11 +34,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from clustercert.agent.app import Identity, internode_server_context, join
 from clustercert.agent.config import AgentConfig
 from clustercert.internode import (
+    MAX_WATCH_SECONDS,
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
@@ -87,6 +89,7 @@ class HollowNode:
     node_id: int = 0
     generations: dict[str, dict[int, _Generation]] = field(default_factory=dict)
     current: dict[str, int] = field(default_factory=dict)
+    boot_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def status(self) -> StatusAnswer:
         certificates = {}
@@ -97,7 +100,12 @@ class HollowNode:
                 fingerprint=held[generation].fingerprint if generation is not None else None,
                 staged=tuple(sorted(g for g in held if g != generation)),
             )
-        return StatusAnswer(self.node_id, self.name, certificates)
+        return StatusAnswer(self.node_id, self.name, certificates, None, self.boot_id)
+
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        if boot_id == self.boot_id:
+            await asyncio.sleep(min(wait, MAX_WATCH_SECONDS))
+        return self.status()
 
     def stage(self, target: Target, request: StageRequest) -> StageAnswer:
         held = self.generations.setdefault(target.name, {})
@@ -145,6 +153,9 @@ class HollowNode:
         parts = url.path.strip("/").split("/")
         try:
             if parts == ["internal", "status"] and method == "GET":
+                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                if "wait" in query:
+                    return (await self.watch(query.get("boot"), float(query["wait"]))).to_json()
                 return self.status().to_json()
             if parts[:2] != ["internal", "certificates"] or len(parts) not in (3, 4, 5):
                 raise Refused(404, f"no route {method} {url.path}")

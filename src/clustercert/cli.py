@@ -96,6 +96,12 @@ def _listen(value: str) -> tuple[str, int]:
     help="HOST:PORT of the web console (served with the `cm` certificate).",
 )  # fmt: skip
 @click.option("--no-console", is_flag=True, help="Do not serve the web console.")
+@click.option(
+    "--watch-resync",
+    default=120.0,
+    show_default=True,
+    help="Seconds before the status of a node known to be in sync is read again.",
+)
 def server(
     directory: Path,
     listen: str,
@@ -105,6 +111,7 @@ def server(
     reconcile_interval: float,
     console_listen: str,
     no_console: bool,
+    watch_resync: float,
 ) -> None:
     """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
     from clustercert import eventloop
@@ -121,6 +128,7 @@ def server(
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
         console=None if no_console else _listen(console_listen),
+        watch_resync=watch_resync,
     )
     eventloop.run(serve(ClusterDirectory(directory), settings))
 

@@ -5,13 +5,21 @@ an internal-CA clientAuth certificate, may call): status (generations on disk, a
 served), stage (check the pair, write it durably), commit (switch services, verify), abort
 (remove a staged generation), remove (every file of an optional name). Requests are parsed into
 those messages at the edge; one that does not match is refused with 422 and the reason.
+
+A status request with ``wait`` is the control plane's watch (a long-poll, see
+:mod:`clustercert.internode`): the agent holds it until the wait ends, answers at once if the
+caller knew another incarnation (``boot``), and refuses it (503) as soon as the agent stops, so
+that a stopping agent closes its connections and the control plane learns it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import secrets
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +31,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from clustercert import pki
+from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.metrics import MetricsListener
 from clustercert.agent.services import CommandService, RedisService, Service
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.internode import (
+    MAX_WATCH_SECONDS,
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
@@ -120,6 +129,8 @@ class Agent:
         self.services: list[Service] = [self._service(s) for s in config.services]
         self._lock = asyncio.Lock()
         self._fingerprints: dict[tuple[str, int], str] = {}
+        self.boot_id = secrets.token_hex(8)  # this incarnation (StatusAnswer.boot_id)
+        self.stopping = asyncio.Event()  # set when the agent begins to stop: watches end
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -190,7 +201,19 @@ class Agent:
             self.config.name,
             certificates,
             redis_pids[0] if redis_pids else None,
+            self.boot_id,
         )
+
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        """The control plane's long-poll: the status once ``wait`` seconds (at most
+        MAX_WATCH_SECONDS) have passed, at once when ``boot_id`` is not this incarnation's.
+        Raises AgentStopping as soon as the agent begins to stop."""
+        if boot_id == self.boot_id:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), min(wait, MAX_WATCH_SECONDS))
+        if self.stopping.is_set():
+            raise AgentStopping("the agent is stopping")
+        return await self.status(probe=False)
 
     async def stage(self, name: str, generation: int, body: StageRequest) -> StageAnswer:
         """Write the pair durably as ``generation`` once it loads into a TLS context (checked
@@ -235,6 +258,10 @@ class StageRejected(Exception):
     """The node refuses a stage or commit request; the message says why."""
 
 
+class AgentStopping(Exception):
+    """The agent is stopping: it answers no watch (503)."""
+
+
 def _loads_together(paths: GenerationPaths) -> None:
     """Raise StageRejected unless the certificate and key load into one TLS server context."""
     if paths.key is None:
@@ -258,7 +285,16 @@ def build_app(agent: Agent) -> Starlette:
         return JSONResponse(message.to_json())
 
     async def status(request: Request) -> JSONResponse:
-        probe = request.query_params.get("probe", "false").lower() in ("true", "1")
+        query = request.query_params
+        if "wait" in query:
+            try:
+                wait = float(query["wait"])
+            except ValueError:
+                raise MessageError(
+                    f"wait must be a number of seconds, got {query['wait']!r}"
+                ) from None
+            return answer(await agent.watch(query.get("boot"), wait))
+        probe = query.get("probe", "false").lower() in ("true", "1")
         return answer(await agent.status(probe))
 
     async def stage(request: Request) -> JSONResponse:
@@ -286,6 +322,9 @@ def build_app(agent: Agent) -> Starlette:
     async def exists(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=409)
 
+    async def stopping(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+
     return Starlette(
         routes=[
             Route("/internal/status", status, methods=["GET"]),
@@ -298,6 +337,7 @@ def build_app(agent: Agent) -> Starlette:
             StageRejected: rejected,
             MessageError: rejected,
             FileExistsError: exists,
+            AgentStopping: stopping,
         },
     )
 
@@ -312,6 +352,19 @@ def internode_server_context(identity: Identity) -> ssl.SSLContext:
     )
 
 
+class _AgentServer(uvicorn.Server):
+    """uvicorn waits for every open request before it stops; the agent's watches would hold it
+    for minutes, so they are told to end first."""
+
+    def __init__(self, config: uvicorn.Config, agent: Agent) -> None:
+        super().__init__(config)
+        self.agent = agent
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.agent.stopping.set()
+        await super().shutdown(sockets)
+
+
 async def _serve(config: AgentConfig) -> None:
     identity_dir = config.data_dir / "identity"
     identity = Identity.load(identity_dir)
@@ -320,7 +373,7 @@ async def _serve(config: AgentConfig) -> None:
     agent = Agent(config, identity)
     await agent.start()
     context = internode_server_context(identity)
-    server = uvicorn.Server(
+    server = _AgentServer(
         uvicorn.Config(
             build_app(agent),
             host=config.listen[0],
@@ -328,7 +381,8 @@ async def _serve(config: AgentConfig) -> None:
             ssl_context_factory=lambda _config, _default: context,
             log_level="warning",
             timeout_keep_alive=75,
-        )
+        ),
+        agent,
     )
     log.info("agent %s listening on %s", config.name, config.advertise_url)
     try:
@@ -339,4 +393,4 @@ async def _serve(config: AgentConfig) -> None:
 
 def run_agent(config: AgentConfig) -> None:
     """Run until SIGINT/SIGTERM; then stop what the agent supervises."""
-    asyncio.run(_serve(config))
+    eventloop.run(_serve(config))

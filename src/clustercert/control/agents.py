@@ -9,6 +9,7 @@ the step and the cause; so does an answer that is not the expected
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,12 @@ class NodeAgent(Protocol):
 
     async def status(self, probe: bool = False) -> StatusAnswer: ...
 
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        """The node's status after about ``wait`` seconds, sooner if its agent is not the
+        incarnation ``boot_id`` (a long-poll). Raises AgentUnavailable when the agent stops or
+        the connection drops meanwhile."""
+        ...
+
     async def stage(
         self, name: str, generation: int, certificate: str, key: str | None
     ) -> None: ...
@@ -65,16 +72,34 @@ def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> 
     return ctx
 
 
+# A watch keeps a connection idle for minutes: the kernel's keepalive probes notice a peer that
+# vanished without closing it (its host lost power, a partition) within about a minute.
+_KEEPALIVE = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+]
+
+
 class AgentClient:
-    def __init__(self, node: NodeRecord, context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(
+        self,
+        node: NodeRecord,
+        context: ssl.SSLContext,
+        timeout: float,
+        on_unavailable: Callable[[int], None] | None = None,
+    ) -> None:
         self.node = node
         self.timeout = timeout
+        self._on_unavailable = on_unavailable
         # The transport alone (httpx's public transport API): the client layers above it
         # (cookies, auth, redirects, event hooks) cost a third of the control plane's CPU
         # per call and serve no purpose between control plane and agents.
         self._transport = httpx.AsyncHTTPTransport(
             verify=context,
             limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60),
+            socket_options=_KEEPALIVE,
         )
         self._timeouts = httpx.Timeout(timeout).as_dict()
 
@@ -85,10 +110,26 @@ class AgentClient:
         path: str,
         parse: Callable[[object], Answer],
         body: dict[str, Any] | None = None,
+        wait: float = 0.0,
     ) -> Answer:
+        """One call; ``wait``: seconds the agent may hold the answer back (a watch), on top of
+        the usual timeout. Any failure is reported to ``on_unavailable`` before it is raised."""
+        timeouts = self._timeouts
+        if wait:
+            timeouts = httpx.Timeout(self.timeout, read=self.timeout + wait).as_dict()
         request = httpx.Request(
-            method, self.node.agent_url + path, json=body, extensions={"timeout": self._timeouts}
+            method, self.node.agent_url + path, json=body, extensions={"timeout": timeouts}
         )
+        try:
+            return await self._exchange(step, request, parse)
+        except AgentUnavailable:
+            if self._on_unavailable is not None:
+                self._on_unavailable(self.node.node_id)
+            raise
+
+    async def _exchange(
+        self, step: str, request: httpx.Request, parse: Callable[[object], Answer]
+    ) -> Answer:
         try:
             response = await self._transport.handle_async_request(request)
             try:
@@ -123,6 +164,12 @@ class AgentClient:
             "GET",
             f"/internal/status?probe={str(probe).lower()}",
             StatusAnswer.from_json,
+        )
+
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        query = f"wait={wait:.1f}" + (f"&boot={boot_id}" if boot_id else "")
+        return await self._call(
+            "watch", "GET", f"/internal/status?{query}", StatusAnswer.from_json, wait=wait
         )
 
     async def stage(self, name: str, generation: int, certificate: str, key: str | None) -> None:
@@ -163,11 +210,21 @@ class AgentClient:
 
 
 class AgentPool:
-    """One :class:`AgentClient` per node, reused across rollouts (keep-alive)."""
+    """One :class:`AgentClient` per node, reused across rollouts (keep-alive).
 
-    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
+    ``on_unavailable(node_id)`` is told of every call that fails (unreachable, refused, a
+    malformed answer), whoever made it: the reconciler then no longer takes that node to be
+    in sync (docs/decisions.md, "Node status without polling")."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        timeout: float,
+        on_unavailable: Callable[[int], None] | None = None,
+    ) -> None:
         self.context = context
         self.timeout = timeout
+        self.on_unavailable = on_unavailable
         self._clients: dict[int, AgentClient] = {}
 
     async def client(self, node: NodeRecord) -> AgentClient:
@@ -176,9 +233,13 @@ class AgentPool:
             return existing
         if existing is not None:
             await existing.aclose()
-        client = AgentClient(node, self.context, self.timeout)
+        client = AgentClient(node, self.context, self.timeout, self._unavailable)
         self._clients[node.node_id] = client
         return client
+
+    def _unavailable(self, node_id: int) -> None:
+        if self.on_unavailable is not None:
+            self.on_unavailable(node_id)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
