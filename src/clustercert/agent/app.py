@@ -27,6 +27,7 @@ from pathlib import Path
 import uvicorn
 from cryptography import x509
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -225,7 +226,7 @@ class Agent:
     async def commit(self, name: str, generation: int) -> CommitAnswer:
         async with self._lock:
             try:
-                paths = self.files.activate(name, generation)
+                paths = self.files.activate(name, generation, prune=False)
             except FileNotFoundError as exc:
                 raise StageRejected(str(exc)) from exc
             expected = self._fingerprint(name, paths)
@@ -241,6 +242,12 @@ class Agent:
                 ),
             )  # fmt: skip
             return CommitAnswer(name, generation, expected, ok, tuple(results))
+
+    async def prune(self, name: str) -> None:
+        """Delete the generations of ``name`` older than the previous one: run after a commit
+        has answered, so that the rollout does not wait for it."""
+        async with self._lock:
+            self.files.prune(name)
 
     async def abort(self, name: str, generation: int) -> AbortAnswer:
         async with self._lock:
@@ -307,7 +314,8 @@ def build_app(agent: Agent) -> Starlette:
 
     async def commit(request: Request) -> JSONResponse:
         where = target(request)
-        return answer(await agent.commit(where.name, where.generation))
+        committed = await agent.commit(where.name, where.generation)
+        return JSONResponse(committed.to_json(), background=BackgroundTask(agent.prune, where.name))
 
     async def abort(request: Request) -> JSONResponse:
         where = target(request)

@@ -1,7 +1,8 @@
 """The control plane's client for node agents: mutual TLS, kept-alive connections, one per node.
 
-httpx errors never leave this module: they become :class:`AgentUnavailable` naming the node,
-the step and the cause; so does an answer that is not the expected
+The calls go over :mod:`.http1` (kept-alive HTTP/1.1 on the event loop's TLS). Its errors never
+leave this module: they become :class:`AgentUnavailable` naming the node, the step and the
+cause; so does an answer that is not the expected
 :mod:`clustercert.internode` message. The coordinator and the reconciler depend only on the
 :class:`Agents` and :class:`NodeAgent` protocols, which :class:`AgentPool` implements over HTTPS
 (and an in-process fake implements in tests).
@@ -9,14 +10,14 @@ the step and the cause; so does an answer that is not the expected
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import json
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import httpx
-
+from clustercert.control.http1 import Connections, ProtocolError
 from clustercert.control.state import NodeRecord
 from clustercert.errors import AgentUnavailable
 from clustercert.internode import (
@@ -72,16 +73,6 @@ def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> 
     return ctx
 
 
-# A watch keeps a connection idle for minutes: the kernel's keepalive probes notice a peer that
-# vanished without closing it (its host lost power, a partition) within about a minute.
-_KEEPALIVE = [
-    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
-]
-
-
 class AgentClient:
     def __init__(
         self,
@@ -93,15 +84,7 @@ class AgentClient:
         self.node = node
         self.timeout = timeout
         self._on_unavailable = on_unavailable
-        # The transport alone (httpx's public transport API): the client layers above it
-        # (cookies, auth, redirects, event hooks) cost a third of the control plane's CPU
-        # per call and serve no purpose between control plane and agents.
-        self._transport = httpx.AsyncHTTPTransport(
-            verify=context,
-            limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60),
-            socket_options=_KEEPALIVE,
-        )
-        self._timeouts = httpx.Timeout(timeout).as_dict()
+        self._connections = Connections(node.agent_url, context, keepalive_expiry=60)
 
     async def _call(
         self,
@@ -114,43 +97,42 @@ class AgentClient:
     ) -> Answer:
         """One call; ``wait``: seconds the agent may hold the answer back (a watch), on top of
         the usual timeout. Any failure is reported to ``on_unavailable`` before it is raised."""
-        timeouts = self._timeouts
-        if wait:
-            timeouts = httpx.Timeout(self.timeout, read=self.timeout + wait).as_dict()
-        request = httpx.Request(
-            method, self.node.agent_url + path, json=body, extensions={"timeout": timeouts}
-        )
         try:
-            return await self._exchange(step, request, parse)
+            return await self._exchange(step, method, path, parse, body, wait)
         except AgentUnavailable:
             if self._on_unavailable is not None:
                 self._on_unavailable(self.node.node_id)
             raise
 
     async def _exchange(
-        self, step: str, request: httpx.Request, parse: Callable[[object], Answer]
+        self,
+        step: str,
+        method: str,
+        path: str,
+        parse: Callable[[object], Answer],
+        body: dict[str, Any] | None,
+        wait: float,
     ) -> Answer:
+        data = json.dumps(body).encode() if body is not None else b""
         try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException as exc:
+            response = await self._connections.request(
+                method, path, data, connect_timeout=self.timeout, read_timeout=self.timeout + wait
+            )
+        except TimeoutError as exc:
             raise AgentUnavailable(
                 f"{self.node.name} ({self.node.agent_url}) did not answer {step} within "
                 f"{self.timeout} s"
             ) from exc
-        except httpx.HTTPError as exc:
+        except (OSError, EOFError, ValueError, ProtocolError, asyncio.LimitOverrunError) as exc:
             raise AgentUnavailable(
                 f"{self.node.name} ({self.node.agent_url}) unreachable during {step}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         try:
-            answer: object = response.json()
+            answer: object = json.loads(response.body)
         except ValueError:
-            answer = {"error": response.text[:200]}
-        if response.status_code != 200:
+            answer = {"error": response.body[:200].decode(errors="replace")}
+        if response.status != 200:
             error = answer.get("error") if isinstance(answer, dict) else None
             raise AgentUnavailable(f"{self.node.name} refused {step}: {error or answer}")
         try:
@@ -206,7 +188,7 @@ class AgentClient:
         )
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._connections.aclose()
 
 
 class AgentPool:
