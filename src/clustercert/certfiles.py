@@ -6,9 +6,9 @@ Layout under the agent's data directory::
     certs/<name>/<generation>/key.pem    (0600, absent for names without a key)
     certs/<name>/current                 (the generation services use, one line)
 
-A generation directory is built under a temporary name, checked there (the agent loads the
-pair into a TLS context), and only then renamed into place: a generation on disk is complete
-and its certificate and key match, or it is absent. Removal is the same in reverse: the
+A generation directory is built under a temporary name, checked there (the agent checks that
+the pair parses and matches), and only then renamed into place: a generation on disk is
+complete and its certificate and key match, or it is absent. Removal is the same in reverse: the
 directory is renamed out of the way (one atomic step) before it is deleted. Files a service
 reads are never overwritten. Leftovers of a crash mid-write or mid-delete (names starting with
 a dot) are swept when the files are opened. Directories are 0700.
