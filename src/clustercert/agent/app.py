@@ -226,15 +226,23 @@ class Agent:
 
     async def commit(self, name: str, generation: int) -> CommitAnswer:
         async with self._lock:
-            try:
-                paths = self.files.activate(name, generation, prune=False)
-            except FileNotFoundError as exc:
-                raise StageRejected(str(exc)) from exc
+            paths = self.files.paths(name, generation)
+            if paths is None:
+                raise StageRejected(f"{name} generation {generation} is not staged")
             expected = self._fingerprint(name, paths)
-            results: list[ServiceProof] = []
-            for service in self.services:
-                if name in service.certificates():
-                    results.append(await service.apply(name, paths, expected))
+            # The durable switch of `current` (two fsyncs, in a worker thread) and the reloads
+            # overlap; both end before the answer, and nobody records the node's proof before
+            # the answer, so a crash in between leaves the node to the reconciler.
+            switched = asyncio.create_task(
+                asyncio.to_thread(self.files.activate, name, generation, prune=False)
+            )
+            try:
+                results: list[ServiceProof] = []
+                for service in self.services:
+                    if name in service.certificates():
+                        results.append(await service.apply(name, paths, expected))
+            finally:
+                await switched
             ok = all(r.ok for r in results)
             log.info(
                 "commit %s generation %d: %s",
