@@ -50,10 +50,9 @@ __all__ = ["main"]
 _PER_PROCESS = 250  # hollow nodes per process (one event loop each; see docs/benchmarks.md)
 _PROJECT_TO = 10_000
 _SETTLE_S = 5.0
-# Watches are answered after 15-30 s (a quarter of the default): an idle window of 30 s then
-# sees each node's watch answered about once and a half, so idle CPU includes their cost and
-# overstates what the default (120 s) costs.
-_RESYNC = "30"
+_RESYNC_DEFAULT = 120.0  # the server's --watch-resync: each watch answers after 60-120 s
+# The cost of one watch answer is measured apart, with this many nodes answering every 2-4 s:
+_WATCH_PROBE_NODES, _WATCH_PROBE_RESYNC, _WATCH_PROBE_SECONDS = 100, 4.0, 15.0
 
 
 def _log(message: str) -> None:
@@ -75,7 +74,8 @@ class SizeFigures:
     sync_s: float
     latency: Summary
     cp_cpu_ms_per_node: float
-    idle_cpu_pct: float
+    idle_base_pct: float  # measured: before any watch is due
+    idle_cpu_pct: float  # idle_base_pct + the watches' share at the default resync
     rss_mb: float
     peak_rss_mb: float
     hollow_cpu_ms_per_node: float
@@ -86,6 +86,7 @@ class SizeFigures:
             "nodes": self.nodes, "store": self.store, "join_s": round(self.join_s, 1),
             "sync_s": round(self.sync_s, 1), "latency": self.latency.as_json(),
             "cp_cpu_ms_per_node": round(self.cp_cpu_ms_per_node, 3),
+            "idle_base_pct": round(self.idle_base_pct, 2),
             "idle_cpu_pct": round(self.idle_cpu_pct, 2), "rss_mb": round(self.rss_mb, 1),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "hollow_cpu_ms_per_node": round(self.hollow_cpu_ms_per_node, 3),
@@ -224,11 +225,13 @@ def _wait_in_sync(client: httpx.Client, nodes: int, timeout: float) -> float:
 
 def measure(
     cluster: BenchCluster, hollow: HollowFleet, store: str, reps: int, idle_seconds: float,
-    join_s: float, sync_s: float,
+    join_s: float, sync_s: float, watch_ms: float,
 ) -> SizeFigures:  # fmt: skip
     """One warm-up rotation (it opens the kept-alive connections), a few seconds for the
-    reconciler to see it, the idle CPU over ``idle_seconds`` (no rotation running: only the
-    control plane's background work, watches answering among it), then ``reps`` rotations."""
+    reconciler to see it, the idle CPU over ``idle_seconds`` (no rotation running; the watches
+    armed at the first sync are not due yet, so this is the base), then ``reps`` rotations.
+    The idle figure adds the watches' steady share at the default resync: N answers every 90 s
+    on average, ``watch_ms`` each (:func:`measure_watch_cost`)."""
     pid, n = cluster.server_pid, hollow.nodes
     issuer = new_hierarchy("p256")
     leaves = [issuer.issue() for _ in range(reps + 1)]
@@ -236,7 +239,8 @@ def measure(
     time.sleep(_SETTLE_S)
     before = procstat.cpu_seconds(pid)
     time.sleep(idle_seconds)
-    idle_pct = 100 * (procstat.cpu_seconds(pid) - before) / idle_seconds
+    idle_base = 100 * (procstat.cpu_seconds(pid) - before) / idle_seconds
+    watch_share = 100 * n / (0.75 * _RESYNC_DEFAULT) * watch_ms / 1000
     samples, cp_cpu, hollow_cpu = [], 0.0, 0.0
     machine_before = procstat.machine_busy_seconds()
     ours = [pid, *hollow.pids()]
@@ -260,7 +264,8 @@ def measure(
         sync_s=sync_s,
         latency=summarize(samples),
         cp_cpu_ms_per_node=1000 * cp_cpu / reps / n,
-        idle_cpu_pct=idle_pct,
+        idle_base_pct=idle_base,
+        idle_cpu_pct=idle_base + watch_share,
         rss_mb=_rss_mb(pid),
         peak_rss_mb=procstat.peak_rss_mb(pid),
         hollow_cpu_ms_per_node=1000 * hollow_cpu / reps / n,
@@ -268,8 +273,25 @@ def measure(
     )
 
 
+def measure_watch_cost(parent: Path) -> float:
+    """Control-plane CPU per watch answer, in ms: a short run in which every watch answers
+    every 2-4 s, so nothing else the idle control plane does weighs."""
+    resync = ("--watch-resync", str(_WATCH_PROBE_RESYNC))
+    with control_plane("sqlite", parent, resync) as (cluster, hollow):
+        hollow.grow(_WATCH_PROBE_NODES)
+        _wait_in_sync(cluster.client, _WATCH_PROBE_NODES, timeout=120)
+        time.sleep(_SETTLE_S)
+        before = procstat.cpu_seconds(cluster.server_pid)
+        time.sleep(_WATCH_PROBE_SECONDS)
+        cpu = procstat.cpu_seconds(cluster.server_pid) - before
+    answers = _WATCH_PROBE_NODES / (0.75 * _WATCH_PROBE_RESYNC) * _WATCH_PROBE_SECONDS
+    return 1000 * cpu / answers
+
+
 @contextlib.contextmanager
-def control_plane(store: str, parent: Path) -> Iterator[tuple[BenchCluster, HollowFleet]]:
+def control_plane(
+    store: str, parent: Path, server_args: tuple[str, ...] = ()
+) -> Iterator[tuple[BenchCluster, HollowFleet]]:
     """A control plane with no nodes (SQLite, or etcd started here), and its hollow fleet;
     everything stopped and removed on the way out."""
     directory = Path(tempfile.mkdtemp(prefix=f"scale-{store}-", dir=parent))
@@ -280,7 +302,7 @@ def control_plane(store: str, parent: Path) -> Iterator[tuple[BenchCluster, Holl
         api_port=free_port(),
         admin_password=secrets.token_urlsafe(16),
         store_url=etcd.url if etcd else None,
-        server_args=("--watch-resync", _RESYNC),
+        server_args=server_args,
     )
     hollow = HollowFleet(demo, directory / "hollow")
     hollow.work_dir.mkdir(parents=True)
@@ -296,9 +318,13 @@ def control_plane(store: str, parent: Path) -> Iterator[tuple[BenchCluster, Holl
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run(sizes: Sequence[int], reps: int, idle_seconds: float, etcd: bool) -> list[SizeFigures]:
+def run(
+    sizes: Sequence[int], reps: int, idle_seconds: float, etcd: bool
+) -> tuple[list[SizeFigures], float]:
     figures = []
     parent = Path(tempfile.gettempdir())
+    watch_ms = measure_watch_cost(parent)
+    _log(f"one watch answer costs the control plane {watch_ms:.2f} ms")
     runs = [("sqlite", list(sizes))] + ([("etcd", [max(sizes)])] if etcd else [])
     for store, steps in runs:
         with control_plane(store, parent) as (cluster, hollow):
@@ -306,13 +332,13 @@ def run(sizes: Sequence[int], reps: int, idle_seconds: float, etcd: bool) -> lis
                 join_s = hollow.grow(n)
                 sync_s = _wait_in_sync(cluster.client, n, timeout=600)
                 _log(f"{store} N={n}: joined in {join_s:.0f} s, in sync {sync_s:.0f} s later")
-                size = measure(cluster, hollow, store, reps, idle_seconds, join_s, sync_s)
+                size = measure(cluster, hollow, store, reps, idle_seconds, join_s, sync_s, watch_ms)
                 _log(f"{store} N={n}: p50 {size.latency.p50:.0f} ms, p95 "
                      f"{size.latency.p95:.0f} ms, control plane {size.cp_cpu_ms_per_node:.2f} "
                      f"ms/node/rotation, idle {size.idle_cpu_pct:.1f} % of a core, RSS "
                      f"{size.rss_mb:.0f} MiB")  # fmt: skip
                 figures.append(size)
-    return figures
+    return figures, watch_ms
 
 
 def project(figures: Sequence[SizeFigures], nodes: int) -> dict[str, float]:
@@ -330,25 +356,32 @@ def project(figures: Sequence[SizeFigures], nodes: int) -> dict[str, float]:
     }
 
 
-def render_markdown(figures: Sequence[SizeFigures], wall_s: float, reps: int, idle_s: float) -> str:
+def render_markdown(
+    figures: Sequence[SizeFigures], wall_s: float, reps: int, idle_s: float, watch_ms: float
+) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"### `make bench-scale` — {stamp}",
         "",
         f"Command: `make bench-scale` (`.venv/bin/python -m bench.scale`), {wall_s:.0f} s in "
-        f"all; {reps} timed rotations per size after one warm-up; idle measured between them over "
-        f"{idle_s:.0f} s, with watches answered every 15-30 s (`--watch-resync {_RESYNC}`; the "
-        "default, 120 s, costs a quarter of that share). Hollow nodes (a load generator, not "
-        "agents) share the 2 cores with the control plane.",
+        f"all; {reps} timed rotations per size after one warm-up. Hollow nodes (a load "
+        "generator, not agents) share the 2 cores with the control plane. *Idle*: the control "
+        f"plane's CPU over {idle_s:.0f} s with no rotation running, measured before any watch "
+        "was due (*base*), plus the watches' steady share at the default `--watch-resync` "
+        f"(120 s: each node's watch answers every 60-120 s, 90 s on average) at {watch_ms:.2f} ms "
+        f"per answer, measured in the same run ({_WATCH_PROBE_NODES} nodes answering every "
+        f"{_WATCH_PROBE_RESYNC / 2:.0f}-{_WATCH_PROBE_RESYNC:.0f} s for "
+        f"{_WATCH_PROBE_SECONDS:.0f} s).",
         "",
-        "| N | store | p50 | p95 | control-plane CPU / node / rotation | idle control plane "
+        "| N | store | p50 | p95 | control-plane CPU / node / rotation | idle (base) "
         "| RSS (peak) | hollow CPU / node / rotation | joins | first sync | other load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in figures:
         lines.append(
             f"| {f.nodes} | {f.store} | {f.latency.p50:.0f} ms | {f.latency.p95:.0f} ms | "
-            f"{f.cp_cpu_ms_per_node:.2f} ms | {f.idle_cpu_pct:.1f} % of a core | "
+            f"{f.cp_cpu_ms_per_node:.2f} ms | {f.idle_cpu_pct:.1f} % of a core "
+            f"({f.idle_base_pct:.1f} %) | "
             f"{f.rss_mb:.0f} MiB ({f.peak_rss_mb:.0f}) | {f.hollow_cpu_ms_per_node:.2f} ms | "
             f"{f.join_s:.0f} s | {f.sync_s:.0f} s | {f.other_load_pct:.0f} % |"
         )
@@ -384,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--sizes", default="100,300,1000", help="node counts, ascending")
     parser.add_argument("--reps", type=int, default=5, help="timed rotations per size")
-    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--no-etcd", action="store_true", help="skip the etcd run")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--no-doc", action="store_true", help="do not touch the document")
@@ -395,8 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited: N kept-alive sockets
     sizes = sorted(int(s) for s in args.sizes.split(","))
     started = time.monotonic()
-    figures = run(sizes, args.reps, args.idle_seconds, etcd=not args.no_etcd)
-    markdown = render_markdown(figures, time.monotonic() - started, args.reps, args.idle_seconds)
+    figures, watch_ms = run(sizes, args.reps, args.idle_seconds, etcd=not args.no_etcd)
+    markdown = render_markdown(
+        figures, time.monotonic() - started, args.reps, args.idle_seconds, watch_ms
+    )
     if args.json:
         args.json.write_text(json.dumps([f.as_json() for f in figures], indent=2) + "\n")
     print(markdown)
