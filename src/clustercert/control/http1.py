@@ -133,6 +133,10 @@ class Connections:
         try:
             return await self._exchange(connection, head + body, read_timeout)
         except _Stale as exc:
+            # On a new connection this is the answer: e.g. the agent refused our certificate
+            # (TLS 1.3 reports it on the first read), or it closed without answering.
+            if isinstance(exc.__cause__, OSError):
+                raise exc.__cause__ from None
             raise ConnectionResetError("the agent closed the connection without answering") from exc
 
     async def _exchange(self, connection: _Connection, data: bytes, timeout: float) -> Response:
