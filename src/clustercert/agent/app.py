@@ -283,7 +283,8 @@ def _pair_matches(paths: GenerationPaths) -> None:
     whose public half is the leaf's.
 
     Parsed with cryptography (its own parsers, then OpenSSL key objects): 0.05 ms, where
-    loading the pair into an OpenSSL 3.0 TLS context cost 1.2 ms of every rotation
+    loading the pair into an OpenSSL 3.0 TLS context cost 1.2 ms of every rotation; the
+    control plane already ran a TLS handshake with this pair before staging it
     (docs/decisions.md, "A leaner commit on the agent"). RSA keys skip the primality check:
     the control plane ran it when it validated the upload, and matching the leaf's public key
     is what proves the pair here. The service's own load, proven by handshake, comes at commit.
