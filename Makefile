@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := redis-server openssl etcd-server curl chromium
 
-.PHONY: install demo test test-fast lint typecheck pytest bench bench-quick clean fuzz soak
+.PHONY: install demo test test-fast lint typecheck pytest bench bench-quick bench-scale clean fuzz soak
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench.run --quick
+
+# The control plane with 100, 300 and 1,000 hollow nodes (bench/hollow.py, a load generator).
+bench-scale: install
+	$(PY) -m bench.scale
 
 # Schemathesis against the API's OpenAPI document on a real cluster, far past the suite's sample.
 fuzz: install

@@ -273,3 +273,31 @@ def test_the_agent_answers_with_the_messages(tmp_path: Path) -> None:
     removed = _call(agent, "DELETE", "/internal/certificates/proxy")
     assert RemoveAnswer.from_json(removed.json()) == RemoveAnswer("proxy")
     assert agent.files.names() == []
+
+
+@pytest.mark.parametrize(
+    ("key_of", "error"),
+    [
+        ("other", "the key does not match the certificate"),
+        ("garbage", "the pair does not load"),
+    ],
+)
+def test_the_agent_refuses_a_pair_that_does_not_match(
+    tmp_path: Path, key_of: str, error: str
+) -> None:
+    agent = _agent(tmp_path)
+    leaf = CA.new().issue("node-1.cluster.local")
+    other = CA.new().issue("node-1.cluster.local")
+    key = other.key_pem if key_of == "other" else "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END"
+    answer = _call(
+        agent,
+        "PUT",
+        "/internal/certificates/proxy/1",
+        json=StageRequest(leaf.full_chain_pem, key).to_json(),
+    )
+    assert answer.status_code == 422
+    assert error in answer.json()["error"]
+    status = StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json())
+    # Nothing landed: no generation current, none staged, no leftover on disk.
+    assert status.certificates == {"proxy": CertificateStatus(None, None, ())}
+    assert [p.name for p in (agent.files.root / "proxy").iterdir()] == []

@@ -13,6 +13,7 @@ The calls (only the control plane's internal-CA identity may make them, over mut
 call                                                      request body     answer
 ========================================================  ===============  =================
 ``GET    /internal/status[?probe=true]``                  none             StatusAnswer
+``GET    /internal/status?wait=SECONDS[&boot=ID]``        none             StatusAnswer
 ``PUT    /internal/certificates/{name}/{generation}``     StageRequest     StageAnswer
 ``POST   /internal/certificates/{name}/{generation}/commit``  none         CommitAnswer
 ``DELETE /internal/certificates/{name}/{generation}``     none             AbortAnswer
@@ -21,6 +22,11 @@ call                                                      request body     answe
 
 Commit, abort and remove requests carry no body: the path names what they act on
 (:class:`Target`; a remove request only a :func:`certificate_name`).
+
+A status request with ``wait`` is a watch (a long-poll, docs/decisions.md "Node status without
+polling"): the agent answers at once when ``boot`` is not its own boot id (it restarted since
+the caller last saw it), otherwise when ``wait`` seconds have passed (at most
+:data:`MAX_WATCH_SECONDS`); while it stops, it refuses the watch (503).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 from clustercert.names import NAMES
 
 __all__ = [
+    "MAX_WATCH_SECONDS",
     "AbortAnswer",
     "CertificateStatus",
     "CommitAnswer",
@@ -45,6 +52,9 @@ __all__ = [
     "Target",
     "certificate_name",
 ]
+
+
+MAX_WATCH_SECONDS = 900.0  # the longest an agent holds a watch before it answers
 
 
 class MessageError(ValueError):
@@ -361,17 +371,22 @@ class CertificateStatus:
 
 @dataclass(frozen=True)
 class StatusAnswer:
-    """What a node holds, per certificate name (:class:`CertificateStatus`), and the pid of
-    the redis-server it supervises, if any (informational: absent from older answers)."""
+    """What a node holds, per certificate name (:class:`CertificateStatus`), the pid of the
+    redis-server it supervises, if any (informational), and the agent's boot id: a random id
+    the agent picks when it starts, so the control plane tells a restarted agent from the one
+    it watched. Both are absent from older answers."""
 
     node_id: int
     name: str
     certificates: Mapping[str, CertificateStatus]
     redis_pid: int | None = None
+    boot_id: str | None = None
 
     @classmethod
     def from_json(cls, data: object) -> StatusAnswer:
-        fields = _Fields("status answer", data, ("node_id", "name", "certificates"), ("redis_pid",))
+        fields = _Fields(
+            "status answer", data, ("node_id", "name", "certificates"), ("redis_pid", "boot_id")
+        )
         return cls(
             fields.number("node_id"),
             fields.text("name"),
@@ -380,12 +395,16 @@ class StatusAnswer:
                 for name, entry in fields.mapping("certificates").items()
             },
             fields.optional_number("redis_pid"),
+            fields.optional_text("boot_id"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
             "node_id": self.node_id,
             "name": self.name,
             "certificates": {n: c.to_json() for n, c in self.certificates.items()},
             "redis_pid": self.redis_pid,
         }
+        if self.boot_id is not None:
+            answer["boot_id"] = self.boot_id
+        return answer

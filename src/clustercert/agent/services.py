@@ -116,13 +116,24 @@ class RedisService(Service):
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         if paths.key is None:
             raise ReloadFailed(f"{certificate} has no key; redis needs one")
-        if certificate == self.config.certificate and not await self._answers():
-            if self.config.supervise:
+        if certificate == self.config.certificate:
+            # CONFIG SET first, without a PING before it: one round trip less on every commit.
+            # Only when it fails is it worth asking whether redis answers at all.
+            answering = self.socket.exists()
+            if answering:
+                try:
+                    await self._config_set(
+                        "tls-cert-file", str(paths.cert), "tls-key-file", str(paths.key)
+                    )
+                except ReloadFailed:
+                    if await self._answers():
+                        raise  # redis runs and refuses these files
+                    answering = False
+            if not answering:
+                if not self.config.supervise:
+                    raise ReloadFailed(f"redis does not answer on {self.socket}")
                 await self._spawn(paths)
                 return
-            raise ReloadFailed(f"redis does not answer on {self.socket}")
-        if certificate == self.config.certificate:
-            await self._config_set("tls-cert-file", str(paths.cert), "tls-key-file", str(paths.key))
         if certificate == self.config.client_certificate:
             await self._config_set(
                 "tls-client-cert-file", str(paths.cert), "tls-client-key-file", str(paths.key)

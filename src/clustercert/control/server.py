@@ -50,6 +50,9 @@ class ServerSettings:
     reconcile_interval: float = 1.0
     reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
     console: tuple[str, int] | None = ("127.0.0.1", 8443)  # the web console's HOST, PORT; None: off
+    # How long a watch on a node known in sync is held before its status is read again: the
+    # resync of a node that nothing else reported on (docs/decisions.md).
+    watch_resync: float = 120.0
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
 
@@ -279,7 +282,9 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             coordinator,
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
+            resync=settings.watch_resync,
         )
+        pool.on_unavailable = reconciler.suspect
         control = ControlPlane(
             state=state,
             coordinator=coordinator,

@@ -227,6 +227,12 @@ class ClusterState:
         return entry.revision if entry else 0
 
     @_in_thread
+    def desired_revisions(self) -> tuple[tuple[str, int], ...]:
+        """A cheap change check for :meth:`certificates`: each name with its store revision
+        (nothing is decoded or unsealed)."""
+        return tuple((e.key, e.revision) for e in self.store.list("certs/"))
+
+    @_in_thread
     def certificates(self) -> list[CertRecord]:
         return [self._decode_cert(e.value, e.revision) for e in self.store.list("certs/")]
 
@@ -255,6 +261,13 @@ class ClusterState:
     def _nodes(self) -> list[NodeRecord]:
         records = [NodeRecord(**json.loads(e.value)) for e in self.store.list("nodes/")]
         return sorted(records, key=lambda n: n.node_id)
+
+    @_in_thread
+    def membership_revision(self) -> int:
+        """A cheap change check for :meth:`nodes`: the store revision of the record that hands
+        out node ids (it moves whenever a node joins for the first time)."""
+        entry = self.store.get("meta/cluster")
+        return entry.revision if entry else 0
 
     @_in_thread
     def node(self, node_id: int) -> NodeRecord | None:
