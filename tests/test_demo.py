@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from clusterkit import served_fingerprint, wait_until
 
 from clustercert.demo import CONSOLE_PORT, free_port
+
+pytestmark = pytest.mark.cluster  # runs `clustercert demo` itself
 
 
 def _alive(pid: int) -> bool:

@@ -5,8 +5,8 @@ field is rejected with an error naming the message and the field.
 
 The last tests drive the agent's HTTP edge in-process (httpx's ASGI transport: no TLS, no
 services) to show a bad request is refused there with 422 and nothing lands on disk; the
-real-process suites (test_update_cert.py, test_security_internode.py) cover the same edge over
-mutual TLS.
+real-process suites (control/test_update_cert.py, agent/test_internode_auth.py) cover the same
+edge over mutual TLS.
 """
 
 from __future__ import annotations
@@ -330,3 +330,31 @@ def test_an_empty_trust_request_unpins_every_root(tmp_path: Path) -> None:
     answer = _call(agent, "PUT", "/internal/trust", json=TrustRequest(()).to_json())
     assert TrustAnswer.from_json(answer.json()) == TrustAnswer((), {})
     assert StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json()).pinned == ()
+
+
+@pytest.mark.parametrize(
+    ("key_of", "error"),
+    [
+        ("other", "the key does not match the certificate"),
+        ("garbage", "the pair does not load"),
+    ],
+)
+def test_the_agent_refuses_a_pair_that_does_not_match(
+    tmp_path: Path, key_of: str, error: str
+) -> None:
+    agent = _agent(tmp_path)
+    leaf = CA.new().issue("node-1.cluster.local")
+    other = CA.new().issue("node-1.cluster.local")
+    key = other.key_pem if key_of == "other" else "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END"
+    answer = _call(
+        agent,
+        "PUT",
+        "/internal/certificates/proxy/1",
+        json=StageRequest(leaf.full_chain_pem, key).to_json(),
+    )
+    assert answer.status_code == 422
+    assert error in answer.json()["error"]
+    status = StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json())
+    # Nothing landed: no generation current, none staged, no leftover on disk.
+    assert status.certificates == {"proxy": CertificateStatus(None, None, ())}
+    assert [p.name for p in (agent.files.root / "proxy").iterdir()] == []

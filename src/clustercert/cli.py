@@ -5,7 +5,6 @@ Errors from the one tree (:mod:`clustercert.errors`) become exit codes in one pl
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -97,6 +96,12 @@ def _listen(value: str) -> tuple[str, int]:
     help="HOST:PORT of the web console (served with the `cm` certificate).",
 )  # fmt: skip
 @click.option("--no-console", is_flag=True, help="Do not serve the web console.")
+@click.option(
+    "--watch-resync",
+    default=120.0,
+    show_default=True,
+    help="Seconds before the status of a node known to be in sync is read again.",
+)
 def server(
     directory: Path,
     listen: str,
@@ -106,8 +111,10 @@ def server(
     reconcile_interval: float,
     console_listen: str,
     no_console: bool,
+    watch_resync: float,
 ) -> None:
     """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
+    from clustercert import eventloop
     from clustercert.control.directory import ClusterDirectory
     from clustercert.control.server import ServerSettings, serve
 
@@ -121,8 +128,9 @@ def server(
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
         console=None if no_console else _listen(console_listen),
+        watch_resync=watch_resync,
     )
-    asyncio.run(serve(ClusterDirectory(directory), settings))
+    eventloop.run(serve(ClusterDirectory(directory), settings))
 
 
 @cli.command("join-token")
@@ -132,9 +140,7 @@ def join_token(directory: Path, ttl: int) -> None:
     """Print a one-time token with which one node joins."""
     from clustercert.control.directory import ClusterDirectory
 
-    cluster = ClusterDirectory(directory)
-    with cluster.open_store() as store:
-        token = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
+    token = ClusterDirectory(directory).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
     click.echo(token)
 
 

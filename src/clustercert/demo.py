@@ -242,10 +242,7 @@ class DemoCluster:
             node.replicaof = self.nodes[0].redis_port
         token = None
         if not (node_dir / "identity" / "node.json").exists():
-            with self.cluster.open_store() as store:
-                token = self.cluster.state(store).new_join_token(
-                    utc_now(), dt.timedelta(minutes=10)
-                )
+            token = self.cluster.new_join_token(utc_now(), dt.timedelta(minutes=10))
         node.write_config(self.api_url, self.cluster.ca_file, token)
         self.nodes.append(node)
         self.start_agent(node)

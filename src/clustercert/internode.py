@@ -13,6 +13,7 @@ The calls (only the control plane's internal-CA identity may make them, over mut
 call                                                      request body     answer
 ========================================================  ===============  =================
 ``GET    /internal/status[?probe=true]``                  none             StatusAnswer
+``GET    /internal/status?wait=SECONDS[&boot=ID]``        none             StatusAnswer
 ``PUT    /internal/certificates/{name}/{generation}``     StageRequest     StageAnswer
 ``POST   /internal/certificates/{name}/{generation}/commit``  none         CommitAnswer
 ``DELETE /internal/certificates/{name}/{generation}``     none             AbortAnswer
@@ -22,6 +23,11 @@ call                                                      request body     answe
 
 Commit, abort and remove requests carry no body: the path names what they act on
 (:class:`Target`; a remove request only a :func:`certificate_name`).
+
+A status request with ``wait`` is a watch (a long-poll, docs/decisions.md "Node status without
+polling"): the agent answers at once when ``boot`` is not its own boot id (it restarted since
+the caller last saw it), otherwise when ``wait`` seconds have passed (at most
+:data:`MAX_WATCH_SECONDS`); while it stops, it refuses the watch (503).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 from clustercert.names import NAMES
 
 __all__ = [
+    "MAX_WATCH_SECONDS",
     "AbortAnswer",
     "CertificateStatus",
     "CommitAnswer",
@@ -49,6 +56,9 @@ __all__ = [
     "TrustRequest",
     "certificate_name",
 ]
+
+
+MAX_WATCH_SECONDS = 900.0  # the longest an agent holds a watch before it answers
 
 
 class MessageError(ValueError):
@@ -428,8 +438,10 @@ class CertificateStatus:
 
 @dataclass(frozen=True)
 class StatusAnswer:
-    """What a node holds, per certificate name (:class:`CertificateStatus`), and the pid of
-    the redis-server it supervises, if any (informational: absent from older answers)."""
+    """What a node holds, per certificate name (:class:`CertificateStatus`), the pid of the
+    redis-server it supervises, if any (informational), and the agent's boot id: a random id
+    the agent picks when it starts, so the control plane tells a restarted agent from the one
+    it watched. Both are absent from older answers."""
 
     node_id: int
     name: str
@@ -438,11 +450,15 @@ class StatusAnswer:
     # SHA-256 fingerprints of the roots pinned on the node (PUT /internal/trust); None from an
     # agent that does not report them.
     pinned: tuple[str, ...] | None = None
+    boot_id: str | None = None
 
     @classmethod
     def from_json(cls, data: object) -> StatusAnswer:
         fields = _Fields(
-            "status answer", data, ("node_id", "name", "certificates"), ("redis_pid", "pinned")
+            "status answer",
+            data,
+            ("node_id", "name", "certificates"),
+            ("redis_pid", "pinned", "boot_id"),
         )
         return cls(
             fields.number("node_id"),
@@ -453,16 +469,19 @@ class StatusAnswer:
             },
             fields.optional_number("redis_pid"),
             fields.texts("pinned") if "pinned" in fields.data else None,
+            fields.optional_text("boot_id"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
             "node_id": self.node_id,
             "name": self.name,
             "certificates": {n: c.to_json() for n, c in self.certificates.items()},
             "redis_pid": self.redis_pid,
             **({"pinned": list(self.pinned)} if self.pinned is not None else {}),
+            **({"boot_id": self.boot_id} if self.boot_id is not None else {}),
         }
+        return answer
 
 
 @dataclass(frozen=True)

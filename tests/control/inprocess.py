@@ -62,11 +62,11 @@ class InProcess:
         """What a rejected request must leave as it was: certificates, users, nodes, events."""
         return {
             "certificates": {
-                r.name: (r.generation, r.fingerprint) for r in self.state.certificates()
+                r.name: (r.generation, r.fingerprint) for r in run(self.state.certificates())
             },
-            "users": sorted(u.email for u in self.state.users()),
-            "nodes": self.state.nodes(),
-            "events": len(self.state.events()),
+            "users": sorted(u.email for u in run(self.state.users())),
+            "nodes": run(self.state.nodes()),
+            "events": len(run(self.state.events())),
         }
 
     @contextlib.asynccontextmanager
@@ -90,7 +90,7 @@ def in_process(path: Path) -> Iterator[InProcess]:
     try:
         state = directory.state(store)
         for email, role in ((VIEWER[0], "cluster_viewer"), (MANAGER[0], "user_manager")):
-            state.create_user(email, role, role, hash_password(PASSWORD))
+            run(state.create_user(email, role, role, hash_password(PASSWORD)))
         ca = directory.ca()
         coordinator = Coordinator(state, AgentPool(ssl.create_default_context(), 2.0))
         yield InProcess(

@@ -44,7 +44,7 @@ def keys(response: httpx.Response) -> list[str]:
 def test_get_certificates_shows_keys_to_admins_only(api: InProcess) -> None:
     admin = request(api, "GET", "/v1/cluster/certificates").json()
     viewer = request(api, "GET", "/v1/cluster/certificates", auth=VIEWER).json()
-    names = {r.name for r in api.state.certificates()}
+    names = {r.name for r in run(api.state.certificates())}
     assert set(admin) == {f"{n}_cert" for n in names} | {f"{n}_key" for n in names}
     assert set(viewer) == {f"{n}_cert" for n in names}
     assert all(value.startswith("-----BEGIN ") for value in admin.values())
@@ -56,7 +56,7 @@ def test_get_one_certificate_and_the_unknown_or_unset_ones(api: InProcess) -> No
         "name", "generation", "source", "subject", "issuer", "fingerprint_sha256", "not_after",
         "updated_at", "updated_by", "nodes",
     ]  # fmt: skip
-    record = api.state.certificate("api")
+    record = run(api.state.certificate("api"))
     assert record is not None
     body = answer.json()
     assert (body["generation"], body["fingerprint_sha256"], body["nodes"]) == (
@@ -100,12 +100,12 @@ def test_update_cert_with_no_nodes_answers_the_rollout_shape(api: InProcess) -> 
     assert list(again.json()["certificates"][0]) == SUMMARY
     # Idempotent: the same upload is the same generation (DESIGN §6).
     assert again.json()["certificates"][0]["generation"] == single.json()["generation"]
-    record = api.state.certificate("proxy")
+    record = run(api.state.certificate("proxy"))
     assert record is not None and record.fingerprint == fingerprint
 
 
 def test_rotate_answers_without_warnings(api: InProcess) -> None:
-    before = api.state.certificate("syncer")
+    before = run(api.state.certificate("syncer"))
     answer = request(api, "POST", "/v1/cluster/certificates/rotate", {"name": "syncer"})
     assert keys(answer) == ["certificates", "nodes"]
     (item,) = answer.json()["certificates"]
@@ -130,7 +130,7 @@ def test_nodes_rollout_and_events_with_no_nodes(api: InProcess) -> None:
     assert progress.json() == {"in_progress": False}
     events = request(api, "GET", "/v1/cluster/certificates/events?limit=1", auth=VIEWER)
     assert keys(events) == ["total", "events"]
-    assert events.json()["total"] == len(api.state.events())
+    assert events.json()["total"] == len(run(api.state.events()))
     assert len(events.json()["events"]) == min(1, events.json()["total"])
 
 

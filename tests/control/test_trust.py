@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+from asyncio import run
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ def state(tmp_path: Path) -> Iterator[ClusterState]:
     cluster = ClusterState(open_store(f"sqlite://{tmp_path}/store.db"), KeySealer(os.urandom(32)))
     cluster.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
     for index, name in enumerate(NODES):
-        cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC))
+        run(cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC)))
     yield cluster
     cluster.store.close()
 
@@ -125,8 +126,8 @@ def test_a_new_root_is_pinned_everywhere_before_anything_is_staged(state: Cluste
         # a: both roots (the one in use stays until nobody uses it), b, then c retires `first`.
         assert agent.calls == ["trust 2", "stage", "commit", "trust 1"]
         assert agent.pinned == {_fp(second)}
-    assert state.rollout_in_flight() is None
-    trust_events = [e for e in state.events() if e["action"] in ("trust", "retire")]
+    assert run(state.rollout_in_flight()) is None
+    trust_events = [e for e in run(state.events()) if e["action"] in ("trust", "retire")]
     assert [(e["action"], e["roots"], e["who"]) for e in trust_events] == [
         ("retire", [_fp(first)], ACTOR),  # newest first
         ("trust", [_fp(second)], ACTOR),
@@ -162,9 +163,9 @@ def test_a_node_that_refuses_the_root_stops_everything_before_staging(
         assert "stage" not in agent.calls
         assert agent.calls[-1] == "trust 0"  # the recorded (empty) set pinned again
         assert agent.pinned == set()
-    assert state.trust().roots == []
-    assert state.rollout_in_flight() is None
-    assert state.certificate("proxy") is None
+    assert run(state.trust()).roots == []
+    assert run(state.rollout_in_flight()) is None
+    assert run(state.certificate("proxy")) is None
 
 
 def test_a_rollout_left_in_its_trust_phase_is_aborted_and_the_pins_restored(
@@ -173,15 +174,15 @@ def test_a_rollout_left_in_its_trust_phase_is_aborted_and_the_pins_restored(
     agents = TrustingAgents()
     for agent in agents.by_name.values():
         agent.pinned = {"left-over"}  # a dead control plane pinned a root it never recorded
-    state.begin_rollout(
+    run(state.begin_rollout(
         RolloutRecord(
             rollout_id="r1", phase="trusting", generations={"proxy": 1},
             fingerprints={"proxy": "ab" * 32}, previous={"proxy": None}, actor=ACTOR,
             owner="gone", started_at="2026-01-01T00:00:00Z", trust_added=[INTERNAL.cert_pem],
         )
-    )  # fmt: skip
+    ))  # fmt: skip
     asyncio.run(_coordinator(state, agents).resolve_in_flight())
     for agent in agents.by_name.values():
         assert agent.calls == ["abort", "trust 0"]
         assert agent.pinned == set()
-    assert state.rollout_in_flight() is None
+    assert run(state.rollout_in_flight()) is None

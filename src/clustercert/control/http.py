@@ -76,7 +76,7 @@ def requires(permission: str) -> Callable[[Request], Awaitable[User]]:
     # async: FastAPI would run a plain function in a thread, per request, for nothing.
     async def caller(request: Request) -> User:
         cp = await control_plane(request)
-        user = cp.authenticator.authenticate_scope(request.scope)
+        user = await cp.authenticator.authenticate_scope(request.scope)
         user.require(permission)
         return user
 

@@ -33,7 +33,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from clustercert.clock import iso, utc_now
 from clustercert.control.agents import Agents
@@ -42,17 +42,16 @@ from clustercert.control.faults import FaultPlan, Seam, no_seam, seam_for
 from clustercert.control.lock import cluster_lock
 from clustercert.control.outcomes import NodeOutcome, Progress
 from clustercert.control.state import (
-    ROLLOUT_KEY,
     AppliedRecord,
     CertRecord,
     ClusterState,
     NodeRecord,
     RolloutRecord,
+    proves,
 )
 from clustercert.control.trust import TrustKeeper
 from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
 from clustercert.internode import CommitAnswer, ServiceProof
-from clustercert.store import Put
 
 # NodeOutcome is re-exported for the API module, which imports it from here.
 __all__ = ["Coordinator", "NodeOutcome"]
@@ -85,6 +84,11 @@ class Coordinator:
         self.fault = fault
         self.progress: Progress | None = None
 
+    def progress_answer(self) -> dict[str, Any]:
+        """The rollout this control plane is running, node by node (``in_progress`` false when
+        none is): what ``GET /v1/cluster/certificates/rollout`` and the console answer."""
+        return self.progress.as_json() if self.progress is not None else {"in_progress": False}
+
     # --- the entry points -----------------------------------------------------------------
 
     async def roll_out(self, proposed: Sequence[CertRecord], actor: str) -> list[NodeOutcome]:
@@ -100,8 +104,8 @@ class Coordinator:
         async with cluster_lock(self.state, self.lock_wait) as owner:
             await self.resolve_in_flight()
             await seam("after_validation", "")
-            nodes = self.state.nodes()
-            fresh, resumed, current = self._plan(proposed)
+            nodes = await self.state.nodes()
+            fresh, resumed, current = await self._plan(proposed)
             self.progress = Progress([r.name for r in proposed], {n.name: "waiting" for n in nodes})
             try:
                 if fresh:
@@ -127,8 +131,8 @@ class Coordinator:
         they are reported with NodesNotUpdated (409)."""
         async with cluster_lock(self.state, self.lock_wait):
             await self.resolve_in_flight()
-            nodes = self.state.nodes()
-            self.state.delete_certificate(record)
+            nodes = await self.state.nodes()
+            await self.state.delete_certificate(record)
 
             async def remove_on(node: NodeRecord) -> NodeOutcome:
                 client = await self.pool.client(node)
@@ -139,7 +143,7 @@ class Coordinator:
                 return NodeOutcome(node, step="remove")
 
             outcomes = await asyncio.gather(*(remove_on(n) for n in nodes))
-            self.state.add_event(
+            await self.state.add_event(
                 CertificateEvent(
                     self.clock(),
                     actor,
@@ -171,7 +175,7 @@ class Coordinator:
         abort an undecided one on every node, roll a decided one forward to every node that
         has not proved it, write its audit event, forget it. Call with the cluster lock held.
         Nodes that do not answer are left to the reconciler (undecided files: ``_tidy``)."""
-        record = self.state.rollout_in_flight()
+        record = await self.state.rollout_in_flight()
         if record is None:
             return
         decided = record.phase == "decided"
@@ -188,22 +192,27 @@ class Coordinator:
             else "stopped before its decision: aborting it on every node",
         )
         if decided:
-            desired = {r.name: r for r in self.state.certificates()}
+            desired = {r.name: r for r in await self.state.certificates()}
             records = [
                 desired[name]
                 for name, generation in sorted(record.generations.items())
                 if name in desired and desired[name].generation == generation
             ]
-            nodes = self.state.nodes()
-            outcomes = list(await asyncio.gather(*(self._catch_up(n, records) for n in nodes)))
+            nodes = await self.state.nodes()
+            applied = await self.state.applied_by_node()
+            outcomes = list(
+                await asyncio.gather(
+                    *(self._catch_up(n, records, applied.get(n.node_id, {})) for n in nodes)
+                )
+            )
             if records:
                 self.on_committed(records)
         else:
-            outcomes = await self._abort_everywhere(record, self.state.nodes())
+            outcomes = await self._abort_everywhere(record, await self.state.nodes())
             if trusting and self.trust is not None:
                 # Stopped while pinning a new root: pin the recorded set again.
-                await self.trust.restore(self.state.nodes())
-        self._audit_in_flight(record, outcomes)
+                await self.trust.restore(await self.state.nodes())
+        await self._audit_in_flight(record, outcomes)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
             "rollout %s %s%s",
@@ -211,7 +220,7 @@ class Coordinator:
             "rolled forward" if decided else "aborted",
             f"; the reconciler goes on with {', '.join(lagging)}" if lagging else " everywhere",
         )
-        self.state.end_rollout(record)
+        await self.state.end_rollout(record)
 
     # --- the protocol, step by step -------------------------------------------------------
 
@@ -228,19 +237,19 @@ class Coordinator:
         """Stage, decide, commit ``fresh`` (new generations); ``resumed`` (already desired,
         same content) ride along without a new decision. Called with the lock held."""
         records = [*fresh, *resumed]
-        added = self.trust.needed(fresh) if self.trust is not None else []
-        in_flight = self._begin(fresh, current, actor, owner, added)
+        added = await self.trust.needed(fresh) if self.trust is not None else []
+        in_flight = await self._begin(fresh, current, actor, owner, added)
         if added:
             in_flight = await self._trust_first(in_flight, nodes, seam)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
         if not all(o.ok for o in staged):
             await self._abort_staged(in_flight, staged)
         try:
-            decided = self._decide(fresh, actor, in_flight)
+            decided = await self._decide(fresh, actor, in_flight)
         except UpdateInProgress:
             await self._abort_everywhere(in_flight, nodes)
             with contextlib.suppress(StoreConflict):
-                self.state.end_rollout(in_flight)
+                await self.state.end_rollout(in_flight)
             raise
         log.info("rollout %s decided: %s", decided.rollout_id, _names(fresh))
         if self.progress is not None:
@@ -251,23 +260,23 @@ class Coordinator:
             await asyncio.gather(*(self._commit_node(n, records, seam, proofs) for n in nodes))
         )
         await self._record(records, current, actor, outcomes, proofs, nodes)
-        self.state.end_rollout(decided)
+        await self.state.end_rollout(decided)
         return outcomes
 
     # 1. plan: which records need a new generation, and the rollout record that says so
 
-    def _plan(
+    async def _plan(
         self, proposed: Sequence[CertRecord]
     ) -> tuple[list[CertRecord], list[CertRecord], dict[str, CertRecord | None]]:
         """Split ``proposed`` into fresh records (numbered with their new generation) and
         resumed ones (already desired with the same content: a retry); also return what each
         name's desired record was before."""
-        used = self.state.generations_used()
+        used = await self.state.generations_used()
         fresh: list[CertRecord] = []
         resumed: list[CertRecord] = []
         current: dict[str, CertRecord | None] = {}
         for item in proposed:
-            existing = self.state.certificate(item.name)
+            existing = await self.state.certificate(item.name)
             current[item.name] = existing
             if (
                 existing is not None
@@ -284,7 +293,7 @@ class Coordinator:
             fresh.append(replace(item, generation=generation, revision=revision))
         return fresh, resumed, current
 
-    def _begin(
+    async def _begin(
         self,
         fresh: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
@@ -306,7 +315,7 @@ class Coordinator:
             trust_added=trust_added,
         )
         try:
-            return self.state.begin_rollout(record)
+            return await self.state.begin_rollout(record)
         except StoreConflict as exc:
             raise UpdateInProgress(
                 f"another rollout is recorded in flight ({exc.description}); retry"
@@ -352,7 +361,7 @@ class Coordinator:
     async def _abort_staged(self, in_flight: RolloutRecord, staged: list[NodeOutcome]) -> NoReturn:
         """Some node failed to stage: abort on every node, forget the rollout, raise 409."""
         await self._abort_everywhere(in_flight, [o.node for o in staged])
-        self.state.end_rollout(in_flight)
+        await self.state.end_rollout(in_flight)
         failed = [o.node.name for o in staged if not o.ok]
         for outcome in staged:
             if outcome.ok:
@@ -384,30 +393,16 @@ class Coordinator:
 
     # 4. decide
 
-    def _decide(
+    async def _decide(
         self, records: Sequence[CertRecord], actor: str, in_flight: RolloutRecord
     ) -> RolloutRecord:
         """The decision: ONE atomic store commit makes every new generation desired and marks
         the rollout ``decided``. Before it, a crash means abort; after it, roll forward."""
         now = iso(self.clock())
         decided = replace(in_flight, phase="decided")
-        ops = [
-            Put(
-                "certs/" + r.name,
-                self.state.encode_cert(replace(r, updated_at=now, updated_by=actor)),
-                expect_revision=r.revision,
-            )
-            for r in records
-        ]
-        ops.append(
-            Put(
-                ROLLOUT_KEY,
-                self.state.encode_rollout(decided),
-                expect_revision=in_flight.revision,
-            )
-        )
+        desired = [replace(r, updated_at=now, updated_by=actor) for r in records]
         try:
-            revision = self.state.store.commit(ops)
+            revision = await self.state.commit_decision(desired, decided, in_flight.revision)
         except StoreConflict as exc:
             raise UpdateInProgress(
                 f"the certificate changed while this update was staged ({exc.description}); retry"
@@ -438,7 +433,7 @@ class Coordinator:
             outcome.results.append(answer)
             proof = self._verify(record, answer)
             if proofs is None:
-                self.state.record_applied(node.node_id, record.name, proof)
+                await self.state.record_applied(node.node_id, record.name, proof)
             else:
                 proofs.append((node.node_id, record.name, proof))
             if not proof.ok:
@@ -486,13 +481,13 @@ class Coordinator:
     ) -> None:
         """Record the proofs; retire roots once every node proved the new certificates (it
         reads those proofs); then the update's audit event, so that it is the newest."""
-        self.state.record_applied_many(proofs)
+        await self.state.record_applied_many(proofs)
         if self.trust is not None and all(o.ok for o in outcomes):
             await self._retire(nodes, actor)
         self.on_committed(records)
-        self._audit(records, current, actor, outcomes)
+        await self._audit(records, current, actor, outcomes)
 
-    def _audit(
+    async def _audit(
         self,
         records: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
@@ -502,7 +497,7 @@ class Coordinator:
     ) -> None:
         for record in records:
             old = current.get(record.name)
-            self.state.add_event(
+            await self.state.add_event(
                 CertificateEvent(
                     self.clock(),
                     actor,
@@ -515,12 +510,14 @@ class Coordinator:
                 )
             )
 
-    def _audit_in_flight(self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]) -> None:
+    async def _audit_in_flight(
+        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]
+    ) -> None:
         """The event of a rollout finished by :meth:`resolve_in_flight`: ``update`` when it
         was rolled forward, ``abort`` when it was not decided."""
         decided = record.phase == "decided"
         for name, generation in sorted(record.generations.items()):
-            self.state.add_event(
+            await self.state.add_event(
                 CertificateEvent(
                     self.clock(),
                     record.actor,
@@ -541,20 +538,30 @@ class Coordinator:
     ) -> list[NodeOutcome]:
         """A retry of what the store already desires: push it to the nodes that have not
         proved it; a no-op when none lags."""
-        lagging_anywhere = any(not self._applied_ok(n, r) for n in nodes for r in records)
-        outcomes = list(await asyncio.gather(*(self._catch_up(n, records) for n in nodes)))
+        applied = await self.state.applied_by_node()
+        lagging_anywhere = any(
+            not proves(applied.get(n.node_id, {}).get(r.name), r.generation)
+            for n in nodes
+            for r in records
+        )
+        outcomes = list(
+            await asyncio.gather(
+                *(self._catch_up(n, records, applied.get(n.node_id, {})) for n in nodes)
+            )
+        )
         if lagging_anywhere:
             self.on_committed(records)
-            self._audit(records, {}, actor, outcomes, action="retry")
+            await self._audit(records, {}, actor, outcomes, action="retry")
         return outcomes
 
-    async def _catch_up(self, node: NodeRecord, records: Sequence[CertRecord]) -> NodeOutcome:
-        """Push to ``node`` the ``records`` it has not proved; when it proved them all, its
-        outcome reports what it proved."""
-        lagging = [r for r in records if not self._applied_ok(node, r)]
+    async def _catch_up(
+        self, node: NodeRecord, records: Sequence[CertRecord], applied: dict[str, AppliedRecord]
+    ) -> NodeOutcome:
+        """Push to ``node`` the ``records`` it has not proved (``applied``: what it proved);
+        when it proved them all, its outcome reports what it proved."""
+        lagging = [r for r in records if not proves(applied.get(r.name), r.generation)]
         if lagging:
             return await self.push(node, lagging)
-        applied = self.state.applied(node.node_id)
         results = [
             CommitAnswer(
                 r.name,
@@ -567,10 +574,6 @@ class Coordinator:
             if (entry := applied.get(r.name)) is not None
         ]
         return NodeOutcome(node, results=results)
-
-    def _applied_ok(self, node: NodeRecord, record: CertRecord) -> bool:
-        applied = self.state.applied(node.node_id).get(record.name)
-        return applied is not None and applied.ok and applied.generation == record.generation
 
     def _mark(self, node: NodeRecord, state: str) -> None:
         if self.progress is not None and node.name in self.progress.nodes:

@@ -51,6 +51,9 @@ class ServerSettings:
     reconcile_interval: float = 1.0
     reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
     console: tuple[str, int] | None = ("127.0.0.1", 8443)  # the web console's HOST, PORT; None: off
+    # How long a watch on a node known in sync is held before its status is read again: the
+    # resync of a node that nothing else reported on (docs/decisions.md).
+    watch_resync: float = 120.0
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
 
@@ -66,20 +69,16 @@ class CertificateListener:
         self,
         directory: ClusterDirectory,
         state: ClusterState,
-        name: str,
+        record: CertRecord,
         port: int,
         *,
         request_client_cert: bool = False,
         client_ca_pem: str | None = None,
     ) -> None:
-        self.name = name
+        """Serve ``record`` (read with :func:`required_certificate`) on ``port``."""
+        self.name = name = record.name
         self.files = CertificateFiles(directory.run_dir / f"{name}-{port}")
         self.state = state
-        record = state.certificate(name)
-        if record is None or record.key is None:
-            raise ConfigError(
-                f"the store holds no `{name}` certificate; was the cluster initialised?"
-            )
         paths = self._write(record)
         assert paths.key is not None
         self.context = ReloadableServerContext(
@@ -91,17 +90,17 @@ class CertificateListener:
         self.generation = record.generation
         self._seen = {name: record.revision}
 
-    def refresh(self) -> None:
+    async def refresh(self) -> None:
         """Follow the store: another control plane may have changed what this listener serves
         (a rollout through this process calls on_committed). Runs every second: the record is
         read (and its key unsealed) only when its revision moved."""
-        if self._moved(self.name):
-            record = self.state.certificate(self.name)
+        if await self._moved(self.name):
+            record = await self.state.certificate(self.name)
             if record is not None:
                 self.on_committed([record])
 
-    def _moved(self, name: str) -> bool:
-        revision = self.state.revision(name)
+    async def _moved(self, name: str) -> bool:
+        revision = await self.state.revision(name)
         moved = revision != self._seen.get(name)
         self._seen[name] = revision
         return moved
@@ -124,22 +123,29 @@ class ApiListener(CertificateListener):
     """The API listener (the `api` name), and the CAs it trusts for client-certificate login
     (the `mtls_trusted_ca` bundle, if set)."""
 
-    def __init__(self, directory: ClusterDirectory, state: ClusterState, port: int) -> None:
+    def __init__(
+        self,
+        directory: ClusterDirectory,
+        state: ClusterState,
+        api: CertRecord,
+        port: int,
+        trusted_cas: CertRecord | None,
+    ) -> None:
         super().__init__(
             directory,
             state,
-            "api",
+            api,
             port,
             request_client_cert=True,
-            client_ca_pem=_trusted_client_cas(state),
+            client_ca_pem=trusted_cas.certificate if trusted_cas else None,
         )
-        self._seen["mtls_trusted_ca"] = state.revision("mtls_trusted_ca")
+        self._seen["mtls_trusted_ca"] = trusted_cas.revision if trusted_cas else 0
 
-    def refresh(self) -> None:
+    async def refresh(self) -> None:
         """Also follow ``mtls_trusted_ca`` (a DELETE removes it without a rollout)."""
-        super().refresh()
-        if self._moved("mtls_trusted_ca"):
-            self._trust(_trusted_client_cas(self.state))
+        await super().refresh()
+        if await self._moved("mtls_trusted_ca"):
+            self._trust(await _trusted_client_cas(self.state))
 
     def _trust(self, bundle: str | None) -> None:
         if bundle != self.context.client_ca_pem:
@@ -178,10 +184,18 @@ def api_config(
     )
 
 
-def _trusted_client_cas(state: ClusterState) -> str | None:
+async def required_certificate(state: ClusterState, name: str) -> CertRecord:
+    """The stored ``name`` with its key, which a listener needs to start."""
+    record = await state.certificate(name)
+    if record is None or record.key is None:
+        raise ConfigError(f"the store holds no `{name}` certificate; was the cluster initialised?")
+    return record
+
+
+async def _trusted_client_cas(state: ClusterState) -> str | None:
     """The mtls_trusted_ca bundle as stored now: certificate login follows a change at once,
     on connections already open too (new handshakes follow within the refresh interval)."""
-    record = state.certificate("mtls_trusted_ca")
+    record = await state.certificate("mtls_trusted_ca")
     return record.certificate if record else None
 
 
@@ -191,7 +205,7 @@ async def _follow_store(listeners: Sequence[CertificateListener], interval: floa
         await asyncio.sleep(max(interval, 0.2))
         for listener in listeners:
             try:
-                listener.refresh()
+                await listener.refresh()
             except Exception:
                 log.exception(
                     "could not refresh the %s listener from the store; retrying", listener.name
@@ -234,11 +248,19 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     try:
         state = directory.state(store)
         ca = directory.ca()
-        listener = ApiListener(directory, state, settings.port)
+        listener = ApiListener(
+            directory,
+            state,
+            await required_certificate(state, "api"),
+            settings.port,
+            await state.certificate("mtls_trusted_ca"),
+        )
         listeners: list[CertificateListener] = [listener]
         if settings.console is not None:
             console_socket = _bind_console(*settings.console)
-            console_listener = CertificateListener(directory, state, "cm", settings.console[1])
+            console_listener = CertificateListener(
+                directory, state, await required_certificate(state, "cm"), settings.console[1]
+            )
             listeners.append(console_listener)
         pool = AgentPool(
             internode_client_context(
@@ -263,7 +285,9 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             coordinator,
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
+            resync=settings.watch_resync,
         )
+        pool.on_unavailable = reconciler.suspect
         control = ControlPlane(
             state=state,
             coordinator=coordinator,

@@ -19,13 +19,15 @@ Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from clustercert.clock import iso
 from clustercert.control.audit import AuditEvent
@@ -45,11 +47,37 @@ __all__ = [
     "RolloutRecord",
     "TrustRecord",
     "User",
+    "proves",
+    "run_blocking",
 ]
 
 ROLLOUT_KEY = "rollouts/current"
 GENERATIONS_KEY = "rollouts/generations"
 TRUST_KEY = "trust/roots"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _in_thread(
+    method: Callable[Concatenate[ClusterState, _P], _R],
+) -> Callable[Concatenate[ClusterState, _P], Coroutine[Any, Any, _R]]:
+    """Run a blocking store method in a worker thread: the event loop never waits on SQLite's
+    fsync or an etcd round trip (docs/decisions.md, "The store off the event loop")."""
+
+    async def off_loop(self: ClusterState, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await asyncio.to_thread(method, self, *args, **kwargs)
+
+    off_loop.__name__, off_loop.__doc__ = method.__name__, method.__doc__
+    return off_loop
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, _R]) -> _R:
+    """Run a :class:`ClusterState` coroutine from synchronous code (commands, the demo). It
+    runs on its own thread and loop, so it works even where the calling thread already runs
+    an event loop (e.g. a test driving Playwright's sync API)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blocking") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 @dataclass(frozen=True)
@@ -121,6 +149,12 @@ class AppliedRecord:
     at: str = ""
 
 
+def proves(applied: AppliedRecord | None, generation: int) -> bool:
+    """Whether a node's proof (``applied``, None when it proved nothing) shows it serves
+    ``generation``: the one "in sync" rule of the API, the console and the rollout."""
+    return applied is not None and applied.ok and applied.generation == generation
+
+
 @dataclass(frozen=True)
 class RolloutRecord:
     """A rollout in flight (DESIGN §6): written before the first node stages, turned to phase
@@ -150,7 +184,11 @@ class TrustRecord:
 
 
 class ClusterState:
-    """Typed access to the control plane's records. Thread-safe as the store is."""
+    """Typed access to the control plane's records.
+
+    Every method that reads or writes the store is a coroutine that does its store I/O in a
+    worker thread (one thread hop per call, however many store calls it makes); the pure
+    encoders are plain methods. Thread-safe as the store is."""
 
     def __init__(self, store: Store, sealer: KeySealer) -> None:
         self.store = store
@@ -158,6 +196,7 @@ class ClusterState:
 
     # --- cluster ------------------------------------------------------------------------
 
+    @_in_thread
     def cluster_name(self) -> str:
         entry = self.store.get("meta/cluster")
         return str(json.loads(entry.value)["name"]) if entry else "cluster.local"
@@ -191,18 +230,28 @@ class ClusterState:
         raw["key_sealed"] = self.sealer.seal(key, "certs/" + record.name) if key else None
         return json.dumps(raw)
 
+    @_in_thread
     def certificate(self, name: str) -> CertRecord | None:
         entry = self.store.get("certs/" + name)
         return self._decode_cert(entry.value, entry.revision) if entry else None
 
+    @_in_thread
     def revision(self, name: str) -> int:
         """The store revision of certificate ``name`` (0 when unset): a cheap change check."""
         entry = self.store.get("certs/" + name)
         return entry.revision if entry else 0
 
+    @_in_thread
+    def desired_revisions(self) -> tuple[tuple[str, int], ...]:
+        """A cheap change check for :meth:`certificates`: each name with its store revision
+        (nothing is decoded or unsealed)."""
+        return tuple((e.key, e.revision) for e in self.store.list("certs/"))
+
+    @_in_thread
     def certificates(self) -> list[CertRecord]:
         return [self._decode_cert(e.value, e.revision) for e in self.store.list("certs/")]
 
+    @_in_thread
     def put_certificate(self, record: CertRecord) -> CertRecord:
         """Compare-and-set against ``record.revision`` (0: must not exist)."""
         revision = self.store.put(
@@ -210,6 +259,7 @@ class ClusterState:
         )
         return replace(record, revision=revision)
 
+    @_in_thread
     def delete_certificate(self, record: CertRecord) -> None:
         ops: list[Put | Delete] = [Delete("certs/" + record.name, record.revision)]
         ops += [
@@ -219,16 +269,29 @@ class ClusterState:
 
     # --- nodes --------------------------------------------------------------------------
 
+    @_in_thread
     def nodes(self) -> list[NodeRecord]:
+        return self._nodes()
+
+    def _nodes(self) -> list[NodeRecord]:
         records = [NodeRecord(**json.loads(e.value)) for e in self.store.list("nodes/")]
         return sorted(records, key=lambda n: n.node_id)
 
+    @_in_thread
+    def membership_revision(self) -> int:
+        """A cheap change check for :meth:`nodes`: the store revision of the record that hands
+        out node ids (it moves whenever a node joins for the first time)."""
+        entry = self.store.get("meta/cluster")
+        return entry.revision if entry else 0
+
+    @_in_thread
     def node(self, node_id: int) -> NodeRecord | None:
         entry = self.store.get(f"nodes/{node_id}")
         return NodeRecord(**json.loads(entry.value)) if entry else None
 
+    @_in_thread
     def add_node(self, name: str, agent_url: str, now: dt.datetime) -> NodeRecord:
-        for existing in self.nodes():
+        for existing in self._nodes():
             if existing.name == name:
                 # A node that joins again (e.g. its disk was wiped) keeps its id.
                 record = replace(existing, agent_url=agent_url)
@@ -238,6 +301,7 @@ class ClusterState:
         self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)), expect_revision=0)
         return record
 
+    @_in_thread
     def applied(self, node_id: int) -> dict[str, AppliedRecord]:
         prefix = f"applied/{node_id}/"
         return {
@@ -245,9 +309,20 @@ class ClusterState:
             for e in self.store.list(prefix)
         }
 
+    @_in_thread
+    def applied_by_node(self) -> dict[int, dict[str, AppliedRecord]]:
+        """What every node last proved, from one listing: node id -> name -> proof."""
+        everything: dict[int, dict[str, AppliedRecord]] = {}
+        for entry in self.store.list("applied/"):
+            node_id, _, name = entry.key[len("applied/") :].partition("/")
+            everything.setdefault(int(node_id), {})[name] = AppliedRecord(**json.loads(entry.value))
+        return everything
+
+    @_in_thread
     def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:
         self.store.put(f"applied/{node_id}/{name}", json.dumps(asdict(record)))
 
+    @_in_thread
     def record_applied_many(self, entries: Sequence[tuple[int, str, AppliedRecord]]) -> None:
         """Record what many nodes proved, in as few store commits as possible (each commit
         atomic; at most 100 keys per commit, below etcd's default --max-txn-ops of 128)."""
@@ -257,13 +332,19 @@ class ClusterState:
 
     # --- users --------------------------------------------------------------------------
 
+    @_in_thread
     def user(self, email: str) -> User | None:
         entry = self.store.get("users/" + email.lower())
         return User(**json.loads(entry.value)) if entry else None
 
+    @_in_thread
     def users(self) -> list[User]:
+        return self._users()
+
+    def _users(self) -> list[User]:
         return [User(**json.loads(e.value)) for e in self.store.list("users/")]
 
+    @_in_thread
     def create_user(
         self,
         email: str,
@@ -286,9 +367,11 @@ class ClusterState:
             raise UserExists(f"a user with the email {user.email} already exists") from None
         return user
 
+    @_in_thread
     def user_by_uid(self, uid: int) -> User | None:
-        return next((u for u in self.users() if u.uid == uid), None)
+        return next((u for u in self._users() if u.uid == uid), None)
 
+    @_in_thread
     def certificate_user(self, subject: str) -> User | None:
         """The one ``certificate`` user whose subject line is ``subject`` (RFC 4514 form), or
         None (also when, against the API's checks, several match: ambiguity never logs in)."""
@@ -296,11 +379,12 @@ class ClusterState:
         # login compares strings instead of parsing every user's subject on every request.
         matches = [
             u
-            for u in self.users()
+            for u in self._users()
             if u.auth_method == "certificate" and u.certificate_subject_line == subject
         ]
         return matches[0] if len(matches) == 1 else None
 
+    @_in_thread
     def delete_user(self, uid: int) -> User | None:
         """Delete the user ``uid``; return it, or None when there is none. Atomic: deleting an
         admin commits together with an unchanged rewrite (compare-and-set) of another admin, so
@@ -330,6 +414,7 @@ class ClusterState:
 
     # --- join tokens --------------------------------------------------------------------
 
+    @_in_thread
     def new_join_token(self, now: dt.datetime, ttl: dt.timedelta) -> str:
         token = secrets.token_urlsafe(32)
         digest = hashlib.sha256(token.encode()).hexdigest()
@@ -340,6 +425,7 @@ class ClusterState:
         )
         return token
 
+    @_in_thread
     def consume_join_token(self, token: str, now: dt.datetime) -> bool:
         """True once for a valid, unexpired token; it is deleted atomically (CAS)."""
         digest = hashlib.sha256(token.encode()).hexdigest()
@@ -354,16 +440,19 @@ class ClusterState:
 
     # --- events -------------------------------------------------------------------------
 
+    @_in_thread
     def add_event(self, event: AuditEvent) -> None:
         sequence = self._next_id("next_event")
         self.store.put(f"events/{sequence:012d}", json.dumps({"id": sequence, **event.to_json()}))
 
+    @_in_thread
     def events(self) -> list[dict[str, Any]]:
         """Every event, newest first."""
         return [json.loads(e.value) for e in reversed(self.store.list("events/"))]
 
     # --- the rollout in flight ----------------------------------------------------------
 
+    @_in_thread
     def rollout_in_flight(self) -> RolloutRecord | None:
         """The rollout a control plane started and has not finished, if any."""
         entry = self.store.get(ROLLOUT_KEY)
@@ -371,6 +460,7 @@ class ClusterState:
             return None
         return RolloutRecord(**json.loads(entry.value), revision=entry.revision)
 
+    @_in_thread
     def trust(self) -> TrustRecord:
         """The pinned roots (an empty record at revision 0 before the first is written)."""
         entry = self.store.get(TRUST_KEY)
@@ -382,11 +472,32 @@ class ClusterState:
     def encode_trust(record: TrustRecord) -> str:
         return json.dumps({"roots": record.roots})
 
+    @_in_thread
+    def put_trust(self, roots: list[str], expect_revision: int) -> None:
+        """Record ``roots`` as the pinned set (compare-and-set; StoreConflict if it moved)."""
+        self.store.put(
+            TRUST_KEY, self.encode_trust(TrustRecord(roots)), expect_revision=expect_revision
+        )
+
+    @_in_thread
+    def commit_trusted(
+        self, roots: list[str], trust_revision: int, staging: RolloutRecord, rollout_revision: int
+    ) -> int:
+        """The end of trust phase a, in ONE atomic commit: ``roots`` become the pinned set and
+        the rollout moves on to ``staging``. StoreConflict, nothing written, if either moved."""
+        return self.store.commit(
+            [
+                Put(TRUST_KEY, self.encode_trust(TrustRecord(roots)), trust_revision),
+                Put(ROLLOUT_KEY, self.encode_rollout(staging), rollout_revision),
+            ]
+        )
+
     def encode_rollout(self, record: RolloutRecord) -> str:
         raw = asdict(record)
         raw.pop("revision")
         return json.dumps(raw)
 
+    @_in_thread
     def generations_used(self) -> dict[str, int]:
         """Per name, the highest generation any rollout ever staged, decided or not. A new
         generation is above it, so one generation number never names two certificates (a
@@ -394,6 +505,7 @@ class ClusterState:
         entry = self.store.get(GENERATIONS_KEY)
         return {str(k): int(v) for k, v in json.loads(entry.value).items()} if entry else {}
 
+    @_in_thread
     def begin_rollout(self, record: RolloutRecord) -> RolloutRecord:
         """Record ``record`` as in flight and its generations as used, in one atomic commit.
         Raises StoreConflict (nothing written) when another rollout is recorded (it must be
@@ -414,6 +526,39 @@ class ClusterState:
         )
         return replace(record, revision=revision)
 
+    @_in_thread
+    def commit_decision(
+        self, records: Sequence[CertRecord], decided: RolloutRecord, expect_revision: int
+    ) -> int:
+        """The rollout's decision in ONE atomic store commit: every record of ``records``
+        becomes desired (compare-and-set at its own revision) and the in-flight record becomes
+        ``decided`` (compare-and-set at ``expect_revision``). Returns the commit's revision;
+        raises StoreConflict with nothing written when anything moved meanwhile."""
+        ops = [
+            Put("certs/" + r.name, self.encode_cert(r), expect_revision=r.revision) for r in records
+        ]
+        ops.append(Put(ROLLOUT_KEY, self.encode_rollout(decided), expect_revision=expect_revision))
+        return self.store.commit(ops)
+
+    @_in_thread
     def end_rollout(self, record: RolloutRecord) -> None:
         """Forget ``record`` (compare-and-delete at its revision; StoreConflict if it changed)."""
         self.store.delete(ROLLOUT_KEY, expect_revision=record.revision)
+
+    # --- the cluster lock (a lease: see control/lock.py) --------------------------------
+
+    @_in_thread
+    def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        return self.store.try_lock(name, owner, ttl)
+
+    @_in_thread
+    def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
+        return self.store.refresh_lock(name, owner, ttl)
+
+    @_in_thread
+    def lock_holder(self, name: str) -> str | None:
+        return self.store.lock_holder(name)
+
+    @_in_thread
+    def unlock(self, name: str, owner: str) -> None:
+        self.store.unlock(name, owner)

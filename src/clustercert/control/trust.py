@@ -38,17 +38,15 @@ from clustercert.control.audit import TrustEvent
 from clustercert.control.faults import Seam
 from clustercert.control.outcomes import NodeOutcome
 from clustercert.control.state import (
-    ROLLOUT_KEY,
-    TRUST_KEY,
     CertRecord,
     ClusterState,
     NodeRecord,
     RolloutRecord,
     TrustRecord,
+    proves,
 )
 from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
 from clustercert.internode import StatusAnswer, TrustAnswer
-from clustercert.store import Put
 from clustercert.validation import TrustStore
 
 __all__ = ["PEER_TRUSTED", "TrustKeeper", "chain_root", "roots_to_add", "roots_to_retire"]
@@ -128,24 +126,24 @@ class TrustKeeper:
         self.internal_ca = internal_ca
         self._fingerprints: tuple[int, frozenset[str]] = (-1, frozenset())
 
-    def recorded(self) -> tuple[TrustRecord, frozenset[str]]:
+    async def recorded(self) -> tuple[TrustRecord, frozenset[str]]:
         """The recorded pins and their fingerprints (parsed once per store revision: the
         reconciler compares every node's pins with them on every pass)."""
-        record = self.state.trust()
+        record = await self.state.trust()
         if self._fingerprints[0] != record.revision:
             self._fingerprints = (record.revision, frozenset(_parse(record.roots)))
         return record, self._fingerprints[1]
 
     # --- phase a ----------------------------------------------------------------------
 
-    def needed(self, fresh: Sequence[CertRecord]) -> list[str]:
+    async def needed(self, fresh: Sequence[CertRecord]) -> list[str]:
         """The roots (PEM) to pin before ``fresh`` may be staged: those of the new
         certificates, and of the desired ones they replace (a node that switches first must
         still trust the peers that have not), that are not pinned yet."""
         names = {r.name for r in fresh}
-        desired = [r for r in self.state.certificates() if r.name in names]
+        desired = [r for r in await self.state.certificates() if r.name in names]
         chains = [r.certificate for r in (*fresh, *desired) if r.name in PEER_TRUSTED]
-        pinned = _parse(self.state.trust().roots)
+        pinned = _parse((await self.state.trust()).roots)
         added = roots_to_add(chains, pinned, self.anchors, self.internal_ca)
         return [_pem(added[f]) for f in sorted(added)]
 
@@ -157,14 +155,14 @@ class TrustKeeper:
         rollout to ``staging`` in one commit. If a node fails, the recorded set is pinned
         again everywhere (adding a root never broke a link; taking back an unused one does
         not either), the rollout is forgotten, and NodesNotUpdated (409) names the node."""
-        record = self.state.trust()
+        record = await self.state.trust()
         roots = [*record.roots, *in_flight.trust_added]
         added = set(_parse(in_flight.trust_added))
         outcomes = await self._pin(nodes, roots, added)
         failed = [o for o in outcomes if not o.ok]
         if failed:
             await self._pin(nodes, record.roots, set())
-            self.state.end_rollout(in_flight)
+            await self.state.end_rollout(in_flight)
             names = ", ".join(o.node.name for o in failed)
             raise NodesNotUpdated(
                 f"the update was aborted before staging: {len(failed)} of {len(nodes)} nodes "
@@ -173,19 +171,14 @@ class TrustKeeper:
             )
         await seam("after_trust", "")
         staging = replace(in_flight, phase="staging")
-        self.state.add_event(
+        await self.state.add_event(
             TrustEvent(self.clock(), in_flight.actor, "trust", sorted(added),
                        [o.summary() for o in outcomes])
         )  # fmt: skip
         try:
-            revision = self.state.store.commit(
-                [
-                    Put(TRUST_KEY, self.state.encode_trust(TrustRecord(roots)),
-                        expect_revision=record.revision),
-                    Put(ROLLOUT_KEY, self.state.encode_rollout(staging),
-                        expect_revision=in_flight.revision),
-                ]
-            )  # fmt: skip
+            revision = await self.state.commit_trusted(
+                roots, record.revision, staging, in_flight.revision
+            )
         except StoreConflict as exc:
             raise UpdateInProgress(
                 f"the trusted roots changed during this update ({exc.description}); retry"
@@ -195,19 +188,18 @@ class TrustKeeper:
     async def restore(self, nodes: Sequence[NodeRecord]) -> None:
         """After a rollout stopped in phase a: pin the recorded set on every node again.
         A node that does not answer is brought to it by the reconciler."""
-        await self._pin(nodes, self.state.trust().roots, set())
+        await self._pin(nodes, (await self.state.trust()).roots, set())
 
     # --- phase c ----------------------------------------------------------------------
 
-    def _settled(self, nodes: Sequence[NodeRecord], desired: Sequence[CertRecord]) -> bool:
+    async def _settled(self, nodes: Sequence[NodeRecord], desired: Sequence[CertRecord]) -> bool:
         """Every node proved the desired generation of every name peers present."""
-        for node in nodes:
-            applied = self.state.applied(node.node_id)
-            for record in desired:
-                entry = applied.get(record.name)
-                if entry is None or not entry.ok or entry.generation != record.generation:
-                    return False
-        return True
+        proofs = await self.state.applied_by_node()
+        return all(
+            proves(proofs.get(node.node_id, {}).get(record.name), record.generation)
+            for node in nodes
+            for record in desired
+        )
 
     async def retire(
         self,
@@ -220,21 +212,19 @@ class TrustKeeper:
         a certificate from an old root). Records the smaller set, then pins it everywhere.
         ``certificates``: the desired ones, when the caller has read them. Returns the
         fingerprints retired."""
-        record, fingerprints = self.recorded()
+        record, fingerprints = await self.recorded()
         if not fingerprints:
             return []
-        every = self.state.certificates() if certificates is None else certificates
+        every = await self.state.certificates() if certificates is None else certificates
         desired = [r for r in every if r.name in PEER_TRUSTED]
         pinned = _parse(record.roots)
         retiring = roots_to_retire(pinned, [r.certificate for r in desired], self.anchors)
-        if not retiring or not self._settled(nodes, desired):
+        if not retiring or not await self._settled(nodes, desired):
             return []
         kept = [_pem(pinned[f]) for f in sorted(pinned) if f not in retiring]
-        self.state.store.put(
-            TRUST_KEY, self.state.encode_trust(TrustRecord(kept)), expect_revision=record.revision
-        )
+        await self.state.put_trust(kept, record.revision)
         outcomes = await self._pin(nodes, kept, set())
-        self.state.add_event(
+        await self.state.add_event(
             TrustEvent(self.clock(), actor, "retire", sorted(retiring),
                        [o.summary() for o in outcomes])
         )  # fmt: skip
@@ -253,7 +243,7 @@ class TrustKeeper:
         during a phase, or joined since). True when the node holds the recorded set."""
         if status.pinned is None:
             return True  # an agent without trust bundles
-        record, fingerprints = self.recorded()
+        record, fingerprints = await self.recorded()
         if set(status.pinned) == fingerprints:
             return True
         roots = record.roots

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from clustercert import pki
 from clustercert.clock import parse_iso
-from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, NodeRecord
+from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, NodeRecord, proves
 from clustercert.names import NAMES, CertificateName
 
 __all__ = [
@@ -50,12 +50,11 @@ class Badge:
 
 
 def _badge(node: NodeRecord, applied: AppliedRecord | None, desired: int) -> Badge:
+    if proves(applied, desired):
+        return Badge(node.name, "in-sync", desired)
     if applied is None:
         return Badge(node.name, "lagging", None)
-    if not applied.ok:
-        return Badge(node.name, "failed", applied.generation)
-    state = "in-sync" if applied.generation == desired else "lagging"
-    return Badge(node.name, state, applied.generation)
+    return Badge(node.name, "lagging" if applied.ok else "failed", applied.generation)
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,15 @@ def _row(
     )
 
 
+async def _nodes_and_proofs(
+    state: ClusterState,
+) -> tuple[list[NodeRecord], dict[int, dict[str, AppliedRecord]]]:
+    """Every node in name order, and what each last proved (every node has an entry)."""
+    nodes = _by_name(await state.nodes())
+    proofs = await state.applied_by_node()
+    return nodes, {n.node_id: proofs.get(n.node_id, {}) for n in nodes}
+
+
 def _by_name(nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
     """Nodes in natural name order (node-2 before node-10): badges are read by name."""
     return sorted(
@@ -121,11 +129,10 @@ def _by_name(nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
     )
 
 
-def certificate_rows(state: ClusterState, now: dt.datetime) -> list[CertificateRow]:
+async def certificate_rows(state: ClusterState, now: dt.datetime) -> list[CertificateRow]:
     """One row per certificate name (DESIGN §3 order), set or not."""
-    records = {r.name: r for r in state.certificates()}
-    nodes = _by_name(state.nodes())
-    applied = {n.node_id: state.applied(n.node_id) for n in nodes}
+    records = {r.name: r for r in await state.certificates()}
+    nodes, applied = await _nodes_and_proofs(state)
     return [_row(row, records.get(row.name), nodes, applied, now) for row in NAMES.values()]
 
 
@@ -180,16 +187,15 @@ class CertificateDetail:
     events: Sequence[dict[str, Any]]
 
 
-def certificate_detail(
+async def certificate_detail(
     state: ClusterState, name: str, now: dt.datetime, *, events: int = 50
 ) -> CertificateDetail:
     """The details page of ``name`` (a name of :data:`NAMES`): chain, per-node proof, and the
     ``events`` newest history entries of that name."""
-    record = state.certificate(name)
-    nodes = _by_name(state.nodes())
-    applied = {n.node_id: state.applied(n.node_id) for n in nodes}
+    record = await state.certificate(name)
+    nodes, applied = await _nodes_and_proofs(state)
     row = _row(NAMES[name], record, nodes, applied, now)
-    history = [e for e in state.events() if e.get("name") == name][:events]
+    history = [e for e in await state.events() if e.get("name") == name][:events]
     if record is None:
         return CertificateDetail(row, "", "", (), (), history)
     proofs = []
@@ -226,17 +232,18 @@ class NodeRow:
         return all(b.state == "in-sync" for _, b in self.badges)
 
 
-def node_rows(state: ClusterState) -> list[NodeRow]:
+async def node_rows(state: ClusterState) -> list[NodeRow]:
     """Every node with its state for every set certificate (the logic of ``GET /v1/nodes``'s
     ``in_sync``: each desired generation proved, ok)."""
-    desired = {r.name: r.generation for r in state.certificates()}
-    rows = []
-    for node in _by_name(state.nodes()):
-        applied = state.applied(node.node_id)
-        rows.append(
-            NodeRow(
-                node,
-                [(name, _badge(node, applied.get(name), g)) for name, g in desired.items()],
-            )
+    desired = {r.name: r.generation for r in await state.certificates()}
+    nodes, applied = await _nodes_and_proofs(state)
+    return [
+        NodeRow(
+            node,
+            [
+                (name, _badge(node, applied[node.node_id].get(name), g))
+                for name, g in desired.items()
+            ],
         )
-    return rows
+        for node in nodes
+    ]

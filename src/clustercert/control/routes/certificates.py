@@ -7,7 +7,6 @@ each certificate. The rollout answers are dumped once by :func:`rollout_answer`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from clustercert.clock import iso
 from clustercert.control.answers import (
     CertificateAnswer,
     CertificateDetail,
@@ -45,10 +43,9 @@ from clustercert.control.http import (
 from clustercert.control.plane import ControlPlane
 from clustercert.control.rollout import NodeOutcome
 from clustercert.control.routes.nodes import agent_host
-from clustercert.control.state import CertRecord, User
+from clustercert.control.state import CertRecord, proves
 from clustercert.errors import (
     CertificateNotFound,
-    ClusterCertError,
     InvalidSchema,
     NotRotatable,
     RequiredCertificate,
@@ -89,7 +86,7 @@ class RotateBody(StrictModel):
 async def update_cert(request: Request, cp: Plane, user: Updater) -> JSONResponse:
     item = parse_model(CertificateItem, await read_json(request))
     validated = _validate_items(cp, [item], batch=False)
-    stored, outcomes = await _roll_out(cp, validated, user)
+    stored, outcomes = await cp.replace(validated, user)
     summary = _summary(validated[0], stored[0])
     return rollout_answer(CertificateAnswer(**dict(summary), nodes=_nodes(outcomes)))
 
@@ -109,7 +106,7 @@ async def put_certificates(request: Request, cp: Plane, user: Updater) -> JSONRe
     if len(set(names)) != len(names):
         raise InvalidSchema("certificates: each name may appear once")
     validated = _validate_items(cp, body.certificates, batch=True)
-    stored, outcomes = await _roll_out(cp, validated, user)
+    stored, outcomes = await cp.replace(validated, user)
     return rollout_answer(
         CertificatesAnswer(
             certificates=[_summary(v, s) for v, s in zip(validated, stored, strict=True)],
@@ -149,7 +146,7 @@ async def delete_certificate(name: str, cp: Plane, user: Updater) -> JSONRespons
             f"{name} is required by the cluster and cannot be deleted; replace it with "
             "PUT /v1/cluster/update_cert or re-issue it with POST .../certificates/rotate"
         )
-    record = cp.state.certificate(name)
+    record = await cp.state.certificate(name)
     if record is None:
         raise CertificateNotFound(f"{name} is not set")
     outcomes = await cp.coordinator.remove(record, user.email)
@@ -168,16 +165,16 @@ async def rotate(request: Request, cp: Plane, user: Updater) -> JSONResponse:
     ):
         data = await read_json(request)
     body = parse_model(RotateBody, data)
-    records = [cp.state.certificate(n) for n in _rotation_names(cp, body.name)]
+    records = [await cp.state.certificate(n) for n in await _rotation_names(cp, body.name)]
     current = [r for r in records if r is not None]
     now = cp.clock()
-    sans = (*DEFAULT_SANS, *sorted({agent_host(n.agent_url) for n in cp.state.nodes()}))
+    sans = (*DEFAULT_SANS, *sorted({agent_host(n.agent_url) for n in await cp.state.nodes()}))
     fresh = [
-        issue_internal(cp.ca, r.name, cp.state.cluster_name(), sans, now, 0, user.email)
+        issue_internal(cp.ca, r.name, await cp.state.cluster_name(), sans, now, 0, user.email)
         for r in current
     ]
-    outcomes = await _timed_roll_out(cp, fresh, user)
-    stored = [cp.state.certificate(r.name) or r for r in fresh]
+    outcomes = await cp.roll_out(fresh, user)
+    stored = [await cp.state.certificate(r.name) or r for r in fresh]
     return rollout_answer(
         RotateAnswer(
             certificates=[
@@ -193,7 +190,7 @@ async def rotate(request: Request, cp: Plane, user: Updater) -> JSONResponse:
 @router.get("/v1/cluster/certificates", responses=answers(dict[str, str], 401, 403))
 async def get_certificates(cp: Plane, user: Viewer) -> dict[str, str]:
     answer: dict[str, str] = {}
-    for record in cp.state.certificates():
+    for record in await cp.state.certificates():
         answer[f"{record.name}_cert"] = record.certificate
         if record.key is not None and user.role == "admin":
             answer[f"{record.name}_key"] = record.key
@@ -202,7 +199,7 @@ async def get_certificates(cp: Plane, user: Viewer) -> dict[str, str]:
 
 @router.get("/v1/cluster/certificates/events", responses=answers(EventsAnswer, 400, 401, 403))
 async def events(cp: Plane, user: Viewer, limit: int = 50, offset: int = 0) -> EventsAnswer:
-    everything = cp.state.events()
+    everything = await cp.state.events()
     limit = max(1, min(limit, 500))
     return EventsAnswer(total=len(everything), events=everything[offset : offset + limit])
 
@@ -211,26 +208,26 @@ async def events(cp: Plane, user: Viewer, limit: int = 50, offset: int = 0) -> E
 async def rollout_progress(cp: Plane, user: Viewer) -> dict[str, Any]:
     """The rollout this control plane is running, node by node (``in_progress`` false when
     none is)."""
-    progress = cp.coordinator.progress
-    return progress.as_json() if progress is not None else {"in_progress": False}
+    return cp.coordinator.progress_answer()
 
 
 @router.get("/v1/cluster/certificates/{name}", responses=answers(CertificateDetail, 401, 403, 404))
 async def get_certificate(name: str, cp: Plane, user: Viewer) -> CertificateDetail:
     if name not in NAMES:
         raise CertificateNotFound(f"{name!r} is not a certificate name")
-    record = cp.state.certificate(name)
+    record = await cp.state.certificate(name)
     if record is None:
         raise CertificateNotFound(f"{name} is not set")
     nodes = []
-    for node in cp.state.nodes():
-        applied = cp.state.applied(node.node_id).get(name)
+    proofs = await cp.state.applied_by_node()
+    for node in await cp.state.nodes():
+        applied = proofs.get(node.node_id, {}).get(name)
         nodes.append(
             NodeServed(
                 node_id=node.node_id,
                 name=node.name,
                 generation=applied.generation if applied else None,
-                in_sync=bool(applied and applied.ok and applied.generation == record.generation),
+                in_sync=proves(applied, record.generation),
                 fingerprint=applied.fingerprint if applied else None,
                 services=applied.services if applied else [],
                 verified_at=applied.at if applied else None,
@@ -285,55 +282,19 @@ def _validate_items(
     return validate_all(uploads, at=cp.clock(), trust=cp.trust)
 
 
-def _proposed(validated: ValidatedCertificate, user: User) -> CertRecord:
-    return CertRecord(
-        name=validated.name,
-        generation=0,
-        certificate=validated.chain_pem,
-        key=validated.key_pem,
-        fingerprint=validated.fingerprint_sha256,
-        not_after=iso(validated.not_after),
-        source="user",
-        updated_at="",
-        updated_by=user.email,
-    )
-
-
-async def _roll_out(
-    cp: ControlPlane, validated: list[ValidatedCertificate], user: User
-) -> tuple[list[CertRecord], list[NodeOutcome]]:
-    records = [_proposed(v, user) for v in validated]
-    outcomes = await _timed_roll_out(cp, records, user)
-    stored = [cp.state.certificate(r.name) or r for r in records]
-    return stored, outcomes
-
-
-async def _timed_roll_out(
-    cp: ControlPlane, records: list[CertRecord], user: User
-) -> list[NodeOutcome]:
-    started = time.monotonic()
-    try:
-        outcomes = await cp.coordinator.roll_out(records, user.email)
-    except ClusterCertError as exc:
-        cp.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
-        raise
-    cp.metrics.observe_rollout("ok", time.monotonic() - started)
-    return outcomes
-
-
-def _rotation_names(cp: ControlPlane, name: str | None) -> list[str]:
+async def _rotation_names(cp: ControlPlane, name: str | None) -> list[str]:
     """The names a rotate request re-issues: one, or every autogenerated one the internal CA
     still owns (user-provided certificates are the operator's to replace)."""
     if name is None:
         return [
             r.name
-            for r in cp.state.certificates()
+            for r in await cp.state.certificates()
             if NAMES[r.name].autogenerated and r.source == "internal"
         ]
     row = lookup(name)
     if not row.autogenerated:
         raise NotRotatable(f"{name} is not autogenerated; upload a new one with update_cert")
-    record = cp.state.certificate(name)
+    record = await cp.state.certificate(name)
     if record is not None and record.source != "internal":
         raise NotRotatable(
             f"{name} is currently user-provided (set by {record.updated_by}); rotation would "

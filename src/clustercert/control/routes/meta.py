@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(cp: Plane, user: Viewer) -> Response:
-    return Response(cp.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(await cp.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/openapi.json", include_in_schema=False)

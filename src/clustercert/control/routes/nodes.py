@@ -10,7 +10,7 @@ from clustercert.control.answers import JoinAnswer, NodeAnswer, answers, request
 from clustercert.control.audit import NodeEvent
 from clustercert.control.http import Plane, StrictModel, Viewer, parse_model, read_json
 from clustercert.control.plane import ControlPlane
-from clustercert.control.state import NodeRecord
+from clustercert.control.state import AppliedRecord, NodeRecord, proves
 from clustercert.errors import InvalidSchema, NotFound, Unauthorized
 
 __all__ = ["JoinBody", "agent_host", "router"]
@@ -27,16 +27,18 @@ class JoinBody(StrictModel):
 
 @router.get("/v1/nodes", responses=answers(list[NodeAnswer], 401, 403))
 async def nodes(cp: Plane, user: Viewer) -> list[NodeAnswer]:
-    desired = _desired_generations(cp)
-    return [_node_answer(cp, n, desired) for n in cp.state.nodes()]
+    desired = await _desired_generations(cp)
+    applied = await cp.state.applied_by_node()
+    return [_node_answer(n, desired, applied.get(n.node_id, {})) for n in await cp.state.nodes()]
 
 
 @router.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
 async def node(node_id: int, cp: Plane, user: Viewer) -> NodeAnswer:
-    record = cp.state.node(node_id)
+    record = await cp.state.node(node_id)
     if record is None:
         raise NotFound(f"no node with id {node_id}")
-    return _node_answer(cp, record, _desired_generations(cp))
+    desired = await _desired_generations(cp)
+    return _node_answer(record, desired, await cp.state.applied(record.node_id))
 
 
 @router.post(
@@ -47,7 +49,7 @@ async def node(node_id: int, cp: Plane, user: Viewer) -> NodeAnswer:
 async def join(request: Request, cp: Plane) -> JoinAnswer:
     body = parse_model(JoinBody, await read_json(request))
     now = cp.clock()
-    if not cp.state.consume_join_token(body.token, now):
+    if not await cp.state.consume_join_token(body.token, now):
         raise Unauthorized("the join token is unknown, already used or expired")
     host = agent_host(body.agent_url)
     try:
@@ -56,9 +58,9 @@ async def join(request: Request, cp: Plane) -> JoinAnswer:
         )
     except ValueError as exc:
         raise InvalidSchema(f"csr: {exc}") from None
-    node = cp.state.add_node(body.name, body.agent_url, now)
+    node = await cp.state.add_node(body.name, body.agent_url, now)
     cp.reconciler.wake(node.node_id)
-    cp.state.add_event(
+    await cp.state.add_event(
         NodeEvent(now, f"node:{body.name}", "join", node_id=node.node_id, agent_url=body.agent_url)
     )
     return JoinAnswer(node_id=node.node_id, certificate=certificate, ca_certificate=cp.ca.cert_pem)
@@ -69,16 +71,15 @@ def agent_host(url: str) -> str:
     return url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
-def _desired_generations(cp: ControlPlane) -> dict[str, int]:
-    return {r.name: r.generation for r in cp.state.certificates()}
+async def _desired_generations(cp: ControlPlane) -> dict[str, int]:
+    return {r.name: r.generation for r in await cp.state.certificates()}
 
 
-def _node_answer(cp: ControlPlane, node: NodeRecord, desired: dict[str, int]) -> NodeAnswer:
-    applied = cp.state.applied(node.node_id)
-    in_sync = all(
-        (a := applied.get(name)) is not None and a.ok and a.generation == generation
-        for name, generation in desired.items()
-    )
+def _node_answer(
+    node: NodeRecord, desired: dict[str, int], applied: dict[str, AppliedRecord]
+) -> NodeAnswer:
+    """A node as the API shows it (``applied``: what it last proved)."""
+    in_sync = all(proves(applied.get(name), g) for name, g in desired.items())
     return NodeAnswer(
         uid=node.node_id,
         name=node.name,

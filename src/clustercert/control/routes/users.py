@@ -89,7 +89,7 @@ async def create_user(request: Request, cp: Plane, actor: Manager) -> UserBody:
                 f"certificate_subject_line: not an RFC 2253 distinguished name ({exc}), "
                 'e.g. "CN=alice,OU=ops,O=Example,C=US"'
             ) from None
-        if cp.state.certificate_user(subject) is not None:
+        if await cp.state.certificate_user(subject) is not None:
             raise UserExists(f"a user already logs in with the subject {subject!r}")
         password_hash = ""
     else:
@@ -98,7 +98,7 @@ async def create_user(request: Request, cp: Plane, actor: Manager) -> UserBody:
         if body.password is None:
             raise InvalidSchema("password: required (at least 8 characters)")
         password_hash = await asyncio.to_thread(hash_password, body.password)
-    user = cp.state.create_user(
+    user = await cp.state.create_user(
         body.email,
         body.name,
         body.role,
@@ -106,7 +106,7 @@ async def create_user(request: Request, cp: Plane, actor: Manager) -> UserBody:
         auth_method=body.auth_method,
         certificate_subject_line=subject,
     )
-    _audit(cp, actor, "user_create", user)
+    await _audit(cp, actor, "user_create", user)
     return UserBody.of(user)
 
 
@@ -114,7 +114,7 @@ async def create_user(request: Request, cp: Plane, actor: Manager) -> UserBody:
     "/v1/users", responses=answers(list[UserBody], 401, 403), response_model_exclude_none=True
 )
 async def list_users(cp: Plane, actor: Manager) -> list[UserBody]:
-    return [UserBody.of(u) for u in sorted(cp.state.users(), key=lambda u: u.uid)]
+    return [UserBody.of(u) for u in sorted(await cp.state.users(), key=lambda u: u.uid)]
 
 
 @router.get(
@@ -123,7 +123,7 @@ async def list_users(cp: Plane, actor: Manager) -> list[UserBody]:
     response_model_exclude_none=True,
 )
 async def get_user(uid: int, cp: Plane, actor: Manager) -> UserBody:
-    user = cp.state.user_by_uid(uid)
+    user = await cp.state.user_by_uid(uid)
     if user is None:
         raise NotFound(f"no user with uid {uid}")
     return UserBody.of(user)
@@ -135,16 +135,16 @@ async def get_user(uid: int, cp: Plane, actor: Manager) -> UserBody:
     response_model_exclude_none=True,
 )
 async def delete_user(uid: int, cp: Plane, actor: Manager) -> UserBody:
-    user = cp.state.user_by_uid(uid)
+    user = await cp.state.user_by_uid(uid)
     if user is None:
         raise NotFound(f"no user with uid {uid}")
     _may_touch(actor, user.role, "delete")
     if user.uid == actor.uid:
         raise UndeletableUser(f"{actor.email} cannot delete the user it is logged in as")
-    deleted = cp.state.delete_user(uid)
+    deleted = await cp.state.delete_user(uid)
     if deleted is None:
         raise NotFound(f"no user with uid {uid}")
-    _audit(cp, actor, "user_delete", deleted)
+    await _audit(cp, actor, "user_delete", deleted)
     return UserBody.of(deleted)
 
 
@@ -155,8 +155,8 @@ def _may_touch(actor: User, role: str, what: str) -> None:
         )
 
 
-def _audit(cp: ControlPlane, actor: User, action: str, user: User) -> None:
-    cp.state.add_event(
+async def _audit(cp: ControlPlane, actor: User, action: str, user: User) -> None:
+    await cp.state.add_event(
         UserEvent(utc_now(), actor.email, action, uid=user.uid, email=user.email,
                   role=user.role, auth_method=user.auth_method)
     )  # fmt: skip

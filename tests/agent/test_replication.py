@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import threading
 import time
+from asyncio import run
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,7 +341,9 @@ def _add_outside_replica(cluster: DemoCluster, source_port: int, source_ca: Path
     directory.mkdir(parents=True)
     node = DemoNode("node-ext", directory, free_port(), free_port())
     with cluster.cluster.open_store() as store:
-        token = cluster.cluster.state(store).new_join_token(utc_now(), dt.timedelta(minutes=10))
+        token = run(
+            cluster.cluster.state(store).new_join_token(utc_now(), dt.timedelta(minutes=10))
+        )
     node.config_file.write_text(
         f'name = "node-ext"\ndata_dir = "{directory}"\nlisten = "127.0.0.1:{node.agent_port}"\n'
         f'control_plane_url = "{cluster.api_url}"\nca_file = "{cluster.cluster.ca_file}"\n'
