@@ -100,7 +100,7 @@ class HollowNode:
                 fingerprint=held[generation].fingerprint if generation is not None else None,
                 staged=tuple(sorted(g for g in held if g != generation)),
             )
-        return StatusAnswer(self.node_id, self.name, certificates, None, self.boot_id)
+        return StatusAnswer(self.node_id, self.name, certificates, None, boot_id=self.boot_id)
 
     async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
         if boot_id == self.boot_id:

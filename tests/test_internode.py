@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from certfactory import CA
+from certfactory import CA, cert_pem
+from clusterkit import fingerprint
 
 from clustercert.agent.app import Agent, Identity, build_app
 from clustercert.agent.config import AgentConfig
@@ -26,6 +27,7 @@ from clustercert.internode import (
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
+    LinkProof,
     MessageError,
     RemoveAnswer,
     ServedFingerprint,
@@ -34,6 +36,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
     certificate_name,
 )
 
@@ -47,6 +51,27 @@ MESSAGES: list[Any] = [
     ServiceProof("nginx", "api", False, None, "still serves the old certificate"),
     CommitAnswer("proxy", 3, FP, True, (PROOF,)),
     CommitAnswer("mtls_trusted_ca", 2, FP, True, ()),
+    LinkProof("redis", "proxy", "2 replica(s) of this primary", True, 0.036),
+    CommitAnswer(
+        "data_internode_encryption",
+        3,
+        FP,
+        False,
+        (PROOF,),
+        (
+            LinkProof(
+                "redis",
+                "data_internode_encryption",
+                "replication from 127.0.0.1:1",
+                False,
+                5.0,
+                "did not come back",
+            ),
+        ),
+    ),
+    TrustRequest(("-----BEGIN CERTIFICATE-----\n",)),
+    TrustAnswer((FP,), {"redis": (FP, "cd" * 32)}),
+    StatusAnswer(3, "node-3", {}, None, (FP,)),
     AbortAnswer("proxy", 4),
     RemoveAnswer("ldap_client"),
     ServedFingerprint("redis", None),
@@ -116,7 +141,7 @@ def _commit(**changes: Any) -> dict[str, Any]:
         (
             _commit(extra=1),
             r"^commit answer: unknown field 'extra'; "
-            r"expected name, generation, fingerprint, ok, services$",
+            r"expected name, generation, fingerprint, ok, services, links$",
         ),
         (_commit(ok="yes"), r"^commit answer: ok must be true or false, got str$"),
         (_commit(generation=True), r"^commit answer: generation must be an integer, got bool$"),
@@ -273,6 +298,38 @@ def test_the_agent_answers_with_the_messages(tmp_path: Path) -> None:
     removed = _call(agent, "DELETE", "/internal/certificates/proxy")
     assert RemoveAnswer.from_json(removed.json()) == RemoveAnswer("proxy")
     assert agent.files.names() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"{not json", "the body is not JSON"),
+        (b'{"root": []}', "trust request: missing field 'roots'"),
+        (b'{"roots": "PEM"}', "trust request: roots must be a list of strings, got str"),
+        (b'{"roots": ["not a certificate"]}', "trust request: a root is not a PEM certificate"),
+    ],
+)
+def test_the_agent_refuses_a_bad_trust_request_and_keeps_its_pins(
+    tmp_path: Path, body: bytes, error: str
+) -> None:
+    agent = _agent(tmp_path)
+    root = CA.new().cert
+    pinned = _call(agent, "PUT", "/internal/trust", json=TrustRequest((cert_pem(root),)).to_json())
+    assert TrustAnswer.from_json(pinned.json()) == TrustAnswer((fingerprint(root),), {})
+    answer = _call(agent, "PUT", "/internal/trust", content=body)
+    assert answer.status_code == 422
+    assert error in answer.json()["error"]
+    status = StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json())
+    assert status.pinned == (fingerprint(root),)  # unchanged
+
+
+def test_an_empty_trust_request_unpins_every_root(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    pem = cert_pem(CA.new().cert)
+    _call(agent, "PUT", "/internal/trust", json=TrustRequest((pem,)).to_json())
+    answer = _call(agent, "PUT", "/internal/trust", json=TrustRequest(()).to_json())
+    assert TrustAnswer.from_json(answer.json()) == TrustAnswer((), {})
+    assert StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json()).pinned == ()
 
 
 @pytest.mark.parametrize(

@@ -162,11 +162,16 @@ def agent(config_file: Path) -> None:
     type=click.Path(path_type=Path),
 )  # fmt: skip
 @click.option("--port", default=9443, show_default=True, help="API port.")
-def demo(nodes: int, directory: Path, port: int) -> None:
+@click.option(
+    "--redis", "redis_topology", default="replicated", show_default=True,
+    type=click.Choice(["replicated", "cluster"]),
+    help="replicated: node-1 primary, the others its replicas; cluster: Redis Cluster.",
+)  # fmt: skip
+def demo(nodes: int, directory: Path, port: int, redis_topology: str) -> None:
     """Start a local cluster (control plane, N agents, N redis-server) until Ctrl-C."""
     from clustercert.demo import run_demo
 
-    run_demo(directory, nodes, port)
+    run_demo(directory, nodes, port, redis_topology)
 
 
 # --- client commands (over the REST API) ------------------------------------------------------

@@ -3,6 +3,12 @@
 It initialises a cluster directory (if needed), starts the control plane and N agents (each
 supervising a real ``redis-server`` with TLS on its own port) as separate processes, waits until
 every node serves the desired certificates, and writes ``DIR/cluster.json``.
+
+The redis-servers form one replicated database: node-1's is the primary, every other one
+replicates from it over TLS, and every TLS client (replicas included) must present a
+certificate (``tls-auth-clients yes``). With ``redis="cluster"`` they form a Redis Cluster
+instead (every node a primary with its share of the slots, ``tls-cluster yes``). The
+operator's own client certificate, issued by the internal CA, is in ``DIR/redis-client/``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import Any
 
 import httpx
 
+from clustercert import pki
 from clustercert.agent.config import load_agent_config
+from clustercert.certfiles import write_atomically
 from clustercert.clock import utc_now
 from clustercert.control.directory import ClusterDirectory, init_cluster
 from clustercert.errors import ConfigError
@@ -63,7 +71,13 @@ class DemoNode:
     agent_port: int
     redis_port: int
     metrics_port: int | None = None  # the agent's own HTTPS listener (metrics_exporter)
+    replicaof: int | None = None  # the primary's redis TLS port; None: this is the primary
+    cluster_port: int | None = None  # Redis Cluster mode: the node's cluster bus port
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def role(self) -> str:
+        return "primary" if self.replicaof is None else "replica"
 
     @property
     def config_file(self) -> Path:
@@ -97,11 +111,15 @@ class DemoNode:
             'name = "redis"',
             'type = "redis"',
             'certificate = "proxy"',
-            'client_certificate = "syncer"',
+            'client_certificate = "data_internode_encryption"',
             f'socket = "{self.directory / "redis.sock"}"',
             f'address = "127.0.0.1:{self.redis_port}"',
             "supervise = true",
         ]
+        if self.replicaof is not None:
+            lines.append(f'replicaof = "127.0.0.1:{self.replicaof}"')
+        if self.cluster_port is not None:
+            lines.append(f"cluster_port = {self.cluster_port}")
         if self.metrics_port is not None:
             lines += [
                 "",
@@ -117,6 +135,7 @@ class DemoNode:
 class DemoCluster:
     directory: Path
     nodes_count: int = 3
+    redis: str = "replicated"  # or "cluster": Redis Cluster over TLS (at least 3 nodes)
     api_port: int = 9443
     console_port: int | None = None  # None: CONSOLE_PORT, or a free port when that is taken
     admin_password: str | None = None
@@ -174,6 +193,7 @@ class DemoCluster:
                 json.dump({"username": ADMIN_EMAIL, "password": result.admin_password}, out)
         elif self.admin_password is None:
             self.admin_password = json.loads(secrets_file.read_text())["password"]
+        self.issue_redis_client()
         if self.console_port is None:
             self.console_port = port_or_free(CONSOLE_PORT)
         self.start_server()
@@ -182,6 +202,27 @@ class DemoCluster:
         for index in range(1, self.nodes_count + 1):
             self.add_node(f"node-{index}")
         self.wait_in_sync(wait)
+        if self.redis == "cluster":
+            self.form_redis_cluster(wait)
+
+    @property
+    def redis_client(self) -> tuple[Path, Path]:
+        """The operator's client certificate and key for redis (``tls-auth-clients yes``)."""
+        directory = self.directory / "redis-client"
+        return directory / "cert.pem", directory / "key.pem"
+
+    def issue_redis_client(self) -> None:
+        """Issue the operator's redis client certificate from the internal CA (clientAuth),
+        once; it is not one of the managed names, so rotations leave it alone."""
+        cert_file, key_file = self.redis_client
+        if cert_file.exists():
+            return
+        cert_file.parent.mkdir(mode=0o700, exist_ok=True)
+        pair = pki.issue_leaf(
+            self.cluster.ca(), "redis-operator", sans=(), eku={"clientAuth"}, now=utc_now()
+        )
+        write_atomically(key_file, pair.key_pem.encode())
+        write_atomically(cert_file, pair.cert_pem.encode(), 0o644)
 
     def start_server(self) -> None:
         self.server = self._spawn(
@@ -195,6 +236,10 @@ class DemoCluster:
     def add_node(self, name: str) -> DemoNode:
         node_dir = self.directory / "nodes" / name
         node = DemoNode(name, node_dir, *self._ports(node_dir))
+        if self.redis == "cluster":
+            node.cluster_port = self._cluster_port(node_dir)
+        elif self.nodes:  # the first node's redis is the primary; the others replicate from it
+            node.replicaof = self.nodes[0].redis_port
         token = None
         if not (node_dir / "identity" / "node.json").exists():
             token = self.cluster.new_join_token(utc_now(), dt.timedelta(minutes=10))
@@ -214,6 +259,38 @@ class DemoCluster:
             if "redis" in ports and "metrics" in ports:
                 return config.listen[1], ports["redis"], ports["metrics"]
         return free_port(), free_port(), free_port()
+
+    @staticmethod
+    def _cluster_port(node_dir: Path) -> int:
+        """The cluster bus port; kept across restarts (the other nodes' nodes.conf has it)."""
+        config_file = node_dir / "agent.toml"
+        if config_file.exists():
+            for service in load_agent_config(config_file).services:
+                if service.cluster_port is not None:
+                    return service.cluster_port
+        return free_port()
+
+    def form_redis_cluster(self, wait: float) -> None:
+        """Join the nodes' redis-servers into one Redis Cluster (once: a restarted demo's
+        nodes find each other again in their nodes.conf), then wait until every node says
+        ``cluster_state:ok``."""
+        if self.nodes_count < 3:
+            raise ConfigError("a Redis Cluster needs at least 3 nodes (--nodes 3)")
+        cert_file, key_file = self.redis_client
+        tls = ["--tls", "--cert", str(cert_file), "--key", str(key_file),
+               "--cacert", str(self.cluster.ca_file)]  # fmt: skip
+        if "cluster_known_nodes:1" in _cluster_info(self.nodes[0]).split():
+            subprocess.run(
+                ["redis-cli", *tls, "--cluster", "create",
+                 *(f"127.0.0.1:{n.redis_port}" for n in self.nodes), "--cluster-yes"],
+                capture_output=True, timeout=60, check=True, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in _cluster_info(n) for n in self.nodes):
+                return
+            time.sleep(0.1)
+        raise ConfigError(f"the Redis Cluster was not ok within {wait} s")
 
     def start_agent(self, node: DemoNode) -> None:
         node.process = self._spawn(
@@ -284,13 +361,23 @@ class DemoCluster:
                     "name": n.name,
                     "agent_url": n.agent_url,
                     "agent_pid": n.process.pid if n.process else None,
-                    "redis": {"host": "127.0.0.1", "tls_port": n.redis_port, "pid": n.redis_pid},
+                    "redis": {
+                        "host": "127.0.0.1",
+                        "tls_port": n.redis_port,
+                        "pid": n.redis_pid,
+                        "role": n.role,
+                    },
                     "metrics_url": f"https://127.0.0.1:{n.metrics_port}/metrics"
                     if n.metrics_port
                     else None,
                 }
                 for n in self.nodes
             ],
+            "redis_client": {
+                "cert_file": str(self.redis_client[0]),
+                "key_file": str(self.redis_client[1]),
+                "ca_file": str(self.cluster.ca_file),
+            },
         }
 
     def write_cluster_json(self) -> Path:
@@ -322,7 +409,15 @@ class DemoCluster:
                     os.kill(pid, signal.SIGTERM)
 
 
-def run_demo(directory: Path, nodes: int, port: int) -> None:
+def _cluster_info(node: DemoNode) -> str:
+    """``CLUSTER INFO`` of the node's redis, over its unix socket."""
+    return subprocess.run(
+        ["redis-cli", "-s", str(node.directory / "redis.sock"), "CLUSTER", "INFO"],
+        capture_output=True, text=True, timeout=10, check=True, stdin=subprocess.DEVNULL,
+    ).stdout  # fmt: skip
+
+
+def run_demo(directory: Path, nodes: int, port: int, redis: str = "replicated") -> None:
     """``clustercert demo``: start, print what to try, run until SIGINT/SIGTERM, stop all."""
     stopping = False
 
@@ -332,7 +427,7 @@ def run_demo(directory: Path, nodes: int, port: int) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    cluster = DemoCluster(directory, nodes_count=nodes, api_port=port)
+    cluster = DemoCluster(directory, nodes_count=nodes, api_port=port, redis=redis)
     # cluster.json promises that everything answers: a stale one must not outlive its cluster.
     (directory / "cluster.json").unlink(missing_ok=True)
     try:
@@ -351,7 +446,16 @@ def run_demo(directory: Path, nodes: int, port: int) -> None:
 def _instructions(cluster: DemoCluster, path: Path) -> str:
     info = cluster.describe()
     redis_lines = "\n".join(
-        f"    {n['name']}: redis TLS on 127.0.0.1:{n['redis']['tls_port']}" for n in info["nodes"]
+        f"    {n['name']}: redis TLS on 127.0.0.1:{n['redis']['tls_port']} ({n['redis']['role']})"
+        for n in info["nodes"]
+    )
+    client = info["redis_client"]
+    cluster_mode = cluster.redis == "cluster"
+    redis_cli = (
+        f"redis-cli {'-c ' if cluster_mode else ''}--tls --cert {client['cert_file']} "
+        f"--key {client['key_file']} --cacert {client['ca_file']} "
+        f"-p {info['nodes'][0]['redis']['tls_port']} "
+        + ("CLUSTER INFO" if cluster_mode else "INFO replication")
     )
     return f"""
 clustercert demo is running.
@@ -364,6 +468,9 @@ clustercert demo is running.
   CA file:   {info["ca_file"]}
   details:   {path}
 {redis_lines}
+
+  redis (every client presents a certificate; this one is yours):
+    {redis_cli}
 
 Try:
   export CLUSTERCERT_URL={info["api_url"]} CLUSTERCERT_USER={info["username"]} \\

@@ -51,7 +51,7 @@ class WatchedAgent:
 
     def _status(self) -> StatusAnswer:
         certificates = {n: CertificateStatus(g, fp, ()) for n, (g, fp) in self.held.items()}
-        return StatusAnswer(self.node_id, self.name, certificates, None, self.boot_id)
+        return StatusAnswer(self.node_id, self.name, certificates, None, boot_id=self.boot_id)
 
     async def status(self, probe: bool = False) -> StatusAnswer:
         self.calls.append("status")

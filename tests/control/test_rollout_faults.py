@@ -19,6 +19,7 @@ from certfactory import CA
 from clusterkit import (
     accepts,
     api,
+    internal_proxy_body,
     proxy_body,
     put,
     served_by_node,
@@ -66,7 +67,7 @@ def test_frozen_agent_during_stage_gives_409_and_changes_nothing(
     before = served_by_node(small_cluster)
     frozen = small_cluster.nodes[1]
     assert frozen.process is not None
-    body, _ = proxy_body()
+    body, _ = internal_proxy_body(small_cluster)  # no trust phase: the freeze hits the stage
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, api(small_cluster) as watcher:

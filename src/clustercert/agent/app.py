@@ -2,8 +2,9 @@
 
 The calls and their messages are :mod:`clustercert.internode` (only the control plane, holding
 an internal-CA clientAuth certificate, may call): status (generations on disk, and what is
-served), stage (check the pair, write it durably), commit (switch services, verify), abort
-(remove a staged generation), remove (every file of an optional name). Requests are parsed into
+served), stage (check the pair, write it durably), commit (switch services, verify, prove the
+links that use the name), abort (remove a staged generation), remove (every file of an optional
+name), trust (the roots pinned in every trust bundle, agent/trust.py). Requests are parsed into
 those messages at the edge; one that does not match is refused with 422 and the reason.
 
 A status request with ``wait`` is the control plane's watch (a long-poll, see
@@ -21,7 +22,7 @@ import logging
 import secrets
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvicorn
@@ -36,7 +37,8 @@ from starlette.routing import Route
 from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.metrics import MetricsListener
-from clustercert.agent.services import CommandService, RedisService, Service
+from clustercert.agent.services import CommandService, RedisService, ReloadFailed, Service
+from clustercert.agent.trust import PinnedRoots, chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.internode import (
@@ -44,6 +46,7 @@ from clustercert.internode import (
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
+    LinkProof,
     MessageError,
     RemoveAnswer,
     ServedFingerprint,
@@ -52,6 +55,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
     certificate_name,
 )
 from clustercert.tls import server_context
@@ -131,6 +136,8 @@ class Agent:
         self.services: list[Service] = [self._service(s) for s in config.services]
         self._lock = asyncio.Lock()
         self._fingerprints: dict[tuple[str, int], str] = {}
+        self._roots: dict[tuple[str, int], list[x509.Certificate]] = {}
+        self.pinned = PinnedRoots(config.data_dir / "trust")
         self.boot_id = secrets.token_hex(8)  # this incarnation (StatusAnswer.boot_id)
         self.stopping = asyncio.Event()  # set when the agent begins to stop: watches end
 
@@ -155,6 +162,12 @@ class Agent:
         return current
 
     async def start(self) -> None:
+        try:
+            await self._refresh_trust()
+        except ReloadFailed:
+            log.exception(
+                "a trust bundle could not be loaded; the next stage or trust call retries"
+            )
         current = self.current_paths()
         for service in self.services:
             try:
@@ -175,6 +188,52 @@ class Agent:
         if key not in self._fingerprints:
             self._fingerprints[key] = _leaf_fingerprint(paths.cert.read_text())
         return self._fingerprints[key]
+
+    def _chain_roots(self, name: str, paths: GenerationPaths) -> list[x509.Certificate]:
+        key = (name, paths.generation)
+        if key not in self._roots:
+            self._roots[key] = chain_roots(x509.load_pem_x509_certificates(paths.cert.read_bytes()))
+        return self._roots[key]
+
+    async def _refresh_trust(self) -> dict[str, tuple[str, ...]]:
+        """Point every service with a trust bundle at: the pinned roots, and the roots of the
+        current and staged generations of the names its peers present (see agent/trust.py).
+        The generation kept for rollback does not count: its root stays only while pinned.
+        Returns each service's bundle (CA fingerprints); raises ReloadFailed when a service
+        refuses its new bundle."""
+        pinned = self.pinned.load()
+        bundles: dict[str, tuple[str, ...]] = {}
+        for service in self.services:
+            roots = list(pinned)
+            for name in sorted(service.trust_names()):
+                current = self.files.current(name)
+                for generation in self.files.generations(name):
+                    paths = self.files.paths(name, generation)
+                    if paths is not None and (current is None or generation >= current):
+                        roots += self._chain_roots(name, paths)
+            held = await service.trust(roots)
+            if held is not None:
+                bundles[service.name] = held
+        return bundles
+
+    async def trust(self, request: TrustRequest) -> TrustAnswer:
+        """Pin ``request.roots`` (replacing the pinned set) and reload every trust bundle."""
+        try:
+            roots = [x509.load_pem_x509_certificate(pem.encode()) for pem in request.roots]
+        except ValueError as exc:
+            raise MessageError(f"trust request: a root is not a PEM certificate: {exc}") from None
+        async with self._lock:
+            before = self.pinned.load()
+            self.pinned.save(roots)
+            try:
+                bundles = await self._refresh_trust()
+            except ReloadFailed as exc:
+                # Pinned means loaded: the status must not claim roots no bundle holds.
+                self.pinned.save(before)
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
+                raise StageRejected(f"the trust bundle was refused: {exc}") from exc
+            return TrustAnswer(tuple(sorted(pki.fingerprint_sha256(r) for r in roots)), bundles)
 
     async def status(self, probe: bool) -> StatusAnswer:
         certificates: dict[str, CertificateStatus] = {}
@@ -203,6 +262,7 @@ class Agent:
             self.config.name,
             certificates,
             redis_pids[0] if redis_pids else None,
+            tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
             self.boot_id,
         )
 
@@ -222,6 +282,14 @@ class Agent:
         (checked before they take their final name: a pair that does not match never lands)."""
         async with self._lock:
             self.files.stage(name, generation, body.certificate, body.key, check=_pair_matches)
+            # A staged root enters every bundle before any node switches (DESIGN §3).
+            try:
+                await self._refresh_trust()
+            except ReloadFailed as exc:
+                self.files.discard(name, generation)
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
+                raise StageRejected(f"the trust bundle with this root was refused: {exc}") from exc
             return StageAnswer(name, generation)
 
     async def commit(self, name: str, generation: int) -> CommitAnswer:
@@ -238,35 +306,47 @@ class Agent:
             )
             try:
                 results: list[ServiceProof] = []
+                links: list[LinkProof] = []
                 for service in self.services:
                     if name in service.certificates():
-                        results.append(await service.apply(name, paths, expected))
+                        result = await service.apply(name, paths, expected)
+                        results.append(result)
+                        if result.ok:
+                            links += await service.prove_links(name)
             finally:
                 await switched
-            ok = all(r.ok for r in results)
+            answer = CommitAnswer(name, generation, expected, True, tuple(results), tuple(links))
+            failures = answer.errors()
             log.info(
-                "commit %s generation %d: %s",
-                name, generation, "verified" if ok else "FAILED " + "; ".join(
-                    r.error or "" for r in results if not r.ok
-                ),
+                "commit %s generation %d: %s%s",
+                name, generation, "verified" if not failures else "FAILED " + "; ".join(failures),
+                "".join(f"; {k.link} relinked in {k.seconds:.3f} s" for k in links if k.ok),
             )  # fmt: skip
-            return CommitAnswer(name, generation, expected, ok, tuple(results))
+            return replace(answer, ok=not failures)
 
     async def prune(self, name: str) -> None:
         """Delete the generations of ``name`` older than the previous one: run after a commit
         has answered, so that the rollout does not wait for it."""
         async with self._lock:
             self.files.prune(name)
+            # The generation before the previous one is gone: its root may leave the bundles.
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
 
     async def abort(self, name: str, generation: int) -> AbortAnswer:
         async with self._lock:
             self.files.discard(name, generation)
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
             return AbortAnswer(name, generation)
 
     async def remove(self, name: str) -> RemoveAnswer:
         async with self._lock:
             self.files.remove(name)
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k[0] != name}
+            self._roots = {k: v for k, v in self._roots.items() if k[0] != name}
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
             return RemoveAnswer(name)
 
 
@@ -310,7 +390,12 @@ def build_app(agent: Agent) -> Starlette:
         return Target.parse(request.path_params["name"], request.path_params["generation"])
 
     def answer(
-        message: StatusAnswer | StageAnswer | CommitAnswer | AbortAnswer | RemoveAnswer,
+        message: StatusAnswer
+        | StageAnswer
+        | CommitAnswer
+        | AbortAnswer
+        | RemoveAnswer
+        | TrustAnswer,
     ) -> JSONResponse:
         return JSONResponse(message.to_json())
 
@@ -347,6 +432,13 @@ def build_app(agent: Agent) -> Starlette:
     async def remove(request: Request) -> JSONResponse:
         return answer(await agent.remove(certificate_name(request.path_params["name"])))
 
+    async def trust(request: Request) -> JSONResponse:
+        try:
+            data = json.loads(await request.body())
+        except ValueError as exc:
+            raise MessageError(f"the body is not JSON: {exc}") from None
+        return answer(await agent.trust(TrustRequest.from_json(data)))
+
     async def rejected(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
 
@@ -363,6 +455,7 @@ def build_app(agent: Agent) -> Starlette:
             Route("/internal/certificates/{name}/{generation}/commit", commit, methods=["POST"]),
             Route("/internal/certificates/{name}/{generation}", abort, methods=["DELETE"]),
             Route("/internal/certificates/{name}", remove, methods=["DELETE"]),
+            Route("/internal/trust", trust, methods=["PUT"]),
         ],
         exception_handlers={
             StageRejected: rejected,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -29,6 +29,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
 )
 
 __all__ = ["AgentClient", "AgentPool", "Agents", "NodeAgent", "internode_client_context"]
@@ -58,6 +60,8 @@ class NodeAgent(Protocol):
 
     async def remove(self, name: str) -> None: ...
 
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer | None: ...
+
 
 class Agents(Protocol):
     """Every node's agent, by node: what the coordinator and the reconciler talk to."""
@@ -71,6 +75,10 @@ def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> 
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
+
+
+class _NoSuchCall(AgentUnavailable):
+    """The agent answered 404: it does not know the call (an older agent)."""
 
 
 class AgentClient:
@@ -134,7 +142,8 @@ class AgentClient:
             answer = {"error": response.body[:200].decode(errors="replace")}
         if response.status != 200:
             error = answer.get("error") if isinstance(answer, dict) else None
-            raise AgentUnavailable(f"{self.node.name} refused {step}: {error or answer}")
+            refused = _NoSuchCall if response.status == 404 else AgentUnavailable
+            raise refused(f"{self.node.name} refused {step}: {error or answer}")
         try:
             return parse(answer)
         except MessageError as exc:
@@ -186,6 +195,20 @@ class AgentClient:
             f"/internal/certificates/{name}",
             RemoveAnswer.from_json,
         )
+
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer | None:
+        """Pin ``roots``; None from an agent that keeps no trust bundles (an older one, which
+        answers 404: its redis trusts what it was configured with)."""
+        try:
+            return await self._call(
+                "trust",
+                "PUT",
+                "/internal/trust",
+                TrustAnswer.from_json,
+                TrustRequest(tuple(roots)).to_json(),
+            )
+        except _NoSuchCall:
+            return None
 
     async def aclose(self) -> None:
         await self._connections.aclose()

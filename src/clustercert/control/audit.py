@@ -15,7 +15,7 @@ from typing import Any
 
 from clustercert.clock import iso
 
-__all__ = ["AuditEvent", "CertificateEvent", "NodeEvent", "UserEvent"]
+__all__ = ["AuditEvent", "CertificateEvent", "NodeEvent", "TrustEvent", "UserEvent"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,20 @@ class CertificateEvent(AuditEvent):
         if self.rollout_id is not None:
             body |= {"recovered": True, "rollout_id": self.rollout_id}
         return body | {"nodes": [dict(n) for n in self.nodes]}
+
+
+@dataclass(frozen=True)
+class TrustEvent(AuditEvent):
+    """Roots the redis trust bundles must hold changed: pinned on every node before a rollout
+    staged a certificate chaining to them (``trust``), or unpinned once nothing chains to them
+    (``retire``). ``roots``: their SHA-256 fingerprints; ``nodes``: each node's outcome."""
+
+    roots: Sequence[str] = field(default_factory=tuple)
+    nodes: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "roots": list(self.roots),
+                "nodes": [dict(n) for n in self.nodes]}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,9 @@ class Reconciler:
             log.debug("reconcile: %s", exc.description)
             return None
         await self._tidy(node, status, desired)
+        trust = self.coordinator.trust
+        if trust is not None and not await trust.sync(node, status):
+            return None  # a certificate could need a root the node does not pin yet
         missing = self._missing(status, applied, desired)
         if not missing:
             return status
@@ -215,7 +218,12 @@ class Reconciler:
                 self._failures[node.node_id] = failures
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
                 self._retry_at[node.node_id] = now + delay
-        return len(due) == len(nodes) and all(s is not None for s in results)
+        in_sync = len(due) == len(nodes) and all(s is not None for s in results)
+        if in_sync and self.coordinator.trust is not None:
+            # Phase c of a rollout that could not retire (a node lagged), now that all caught up.
+            everyone = list(self._nodes.values())
+            await self.coordinator.trust.retire(everyone, desired if due else None)
+        return in_sync
 
     def wake(self, node_id: int) -> None:
         """Visit ``node_id`` on the next pass (e.g. it just joined, or joined again)."""

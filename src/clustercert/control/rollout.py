@@ -12,10 +12,16 @@ cluster lock next (the reconciler's first pass after a restart, or the next upda
 leftover record and finishes it: :meth:`Coordinator.resolve_in_flight` aborts an undecided
 rollout on every node and rolls a decided one forward.
 
-Read top to bottom: the entry points, then the protocol in its order (plan, stage or abort,
-decide, commit, verify, record), then catching up (a retry, a roll-forward). The lock is
-:mod:`clustercert.control.lock`, the test-only fault seam :mod:`clustercert.control.faults`,
-the messages exchanged with the agents :mod:`clustercert.internode`.
+A certificate whose root some node does not trust yet adds two phases around these
+(DESIGN §13, :mod:`clustercert.control.trust`): before staging, the root is pinned in every
+node's trust bundle and proven (record phase ``trusting``); after every node committed, roots
+nothing chains to any more are retired.
+
+Read top to bottom: the entry points, then the protocol in its order (plan, trust, stage or
+abort, decide, commit, verify, record, retire), then catching up (a retry, a roll-forward).
+The lock is :mod:`clustercert.control.lock`, the test-only fault seam
+:mod:`clustercert.control.faults`, the messages exchanged with the agents
+:mod:`clustercert.internode`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from clustercert.control.state import (
     RolloutRecord,
     proves,
 )
+from clustercert.control.trust import TrustKeeper
 from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
 from clustercert.internode import CommitAnswer, ServiceProof
 
@@ -66,9 +73,11 @@ class Coordinator:
         clock: Callable[[], dt.datetime] = utc_now,
         on_committed: Callable[[Sequence[CertRecord]], None] = lambda records: None,
         fault: FaultPlan | None = None,
+        trust: TrustKeeper | None = None,
     ) -> None:
         self.state = state
         self.pool = pool
+        self.trust = trust  # None: no trust phases (no redis trust bundles to keep)
         self.lock_wait = lock_wait
         self.clock = clock
         self.on_committed = on_committed
@@ -170,6 +179,7 @@ class Coordinator:
         if record is None:
             return
         decided = record.phase == "decided"
+        trusting = record.phase == "trusting"
         log.warning(
             "rollout %s of %s (by %s at %s, lock owner %s) %s",
             record.rollout_id,
@@ -199,6 +209,9 @@ class Coordinator:
                 self.on_committed(records)
         else:
             outcomes = await self._abort_everywhere(record, await self.state.nodes())
+            if trusting and self.trust is not None:
+                # Stopped while pinning a new root: pin the recorded set again.
+                await self.trust.restore(await self.state.nodes())
         await self._audit_in_flight(record, outcomes)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
@@ -224,7 +237,10 @@ class Coordinator:
         """Stage, decide, commit ``fresh`` (new generations); ``resumed`` (already desired,
         same content) ride along without a new decision. Called with the lock held."""
         records = [*fresh, *resumed]
-        in_flight = await self._begin(fresh, current, actor, owner)
+        added = await self.trust.needed(fresh) if self.trust is not None else []
+        in_flight = await self._begin(fresh, current, actor, owner, added)
+        if added:
+            in_flight = await self._trust_first(in_flight, nodes, seam)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
         if not all(o.ok for o in staged):
             await self._abort_staged(in_flight, staged)
@@ -243,7 +259,7 @@ class Coordinator:
         outcomes = list(
             await asyncio.gather(*(self._commit_node(n, records, seam, proofs) for n in nodes))
         )
-        await self._record(records, current, actor, outcomes, proofs)
+        await self._record(records, current, actor, outcomes, proofs, nodes)
         await self.state.end_rollout(decided)
         return outcomes
 
@@ -283,10 +299,11 @@ class Coordinator:
         current: dict[str, CertRecord | None],
         actor: str,
         owner: str,
+        trust_added: list[str],
     ) -> RolloutRecord:
         record = RolloutRecord(
             rollout_id=secrets.token_hex(6),
-            phase="staging",
+            phase="trusting" if trust_added else "staging",
             generations={r.name: r.generation for r in fresh},
             fingerprints={r.name: r.fingerprint for r in fresh},
             previous={
@@ -295,6 +312,7 @@ class Coordinator:
             actor=actor,
             owner=owner,
             started_at=iso(self.clock()),
+            trust_added=trust_added,
         )
         try:
             return await self.state.begin_rollout(record)
@@ -303,7 +321,27 @@ class Coordinator:
                 f"another rollout is recorded in flight ({exc.description}); retry"
             ) from exc
 
-    # 2. stage on every node, or abort on every node
+    # 2. trust the new roots everywhere first (phase a; control/trust.py)
+
+    async def _trust_first(
+        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord], seam: Seam
+    ) -> RolloutRecord:
+        assert self.trust is not None
+        if self.progress is not None:
+            self.progress.phase = "trusting"
+        started = asyncio.get_running_loop().time()
+        staging = await self.trust.add(in_flight, nodes, seam)
+        log.info(
+            "rollout %s: every node trusts %d new root(s) (%.3f s)",
+            in_flight.rollout_id,
+            len(in_flight.trust_added),
+            asyncio.get_running_loop().time() - started,
+        )
+        if self.progress is not None:
+            self.progress.phase = "staging"
+        return staging
+
+    # 3. stage on every node, or abort on every node
 
     async def _stage_node(
         self, node: NodeRecord, records: Sequence[CertRecord], seam: Seam
@@ -353,7 +391,7 @@ class Coordinator:
                 return NodeOutcome(node, ok=False, step="abort", error=exc.description)
         return NodeOutcome(node, step="abort")
 
-    # 3. decide
+    # 4. decide
 
     async def _decide(
         self, records: Sequence[CertRecord], actor: str, in_flight: RolloutRecord
@@ -371,7 +409,7 @@ class Coordinator:
             ) from exc
         return replace(decided, revision=revision)
 
-    # 4. commit on every node; 5. verify what each node proved
+    # 5. commit on every node; 6. verify what each node proved
 
     async def _commit_node(
         self,
@@ -399,7 +437,7 @@ class Coordinator:
             else:
                 proofs.append((node.node_id, record.name, proof))
             if not proof.ok:
-                errors = [s.error for s in answer.services if s.error]
+                errors = answer.errors()
                 outcome.ok = False
                 outcome.error = "; ".join(errors) or f"{record.name} was not verified"
         self._mark(node, "verified" if outcome.ok else "failed")
@@ -417,7 +455,20 @@ class Coordinator:
             at=iso(self.clock()),
         )
 
-    # 6. record: the proofs, the audit events
+    # 7. record: the proofs, the audit events; 8. retire roots nothing chains to (phase c)
+
+    async def _retire(self, nodes: Sequence[NodeRecord], actor: str) -> None:
+        assert self.trust is not None
+        if self.progress is not None:
+            self.progress.phase = "retiring"
+        started = asyncio.get_running_loop().time()
+        retired = await self.trust.retire(nodes, actor=actor)
+        if retired:
+            log.info(
+                "retired %d root(s) in %.3f s",
+                len(retired),
+                asyncio.get_running_loop().time() - started,
+            )
 
     async def _record(
         self,
@@ -426,8 +477,13 @@ class Coordinator:
         actor: str,
         outcomes: Sequence[NodeOutcome],
         proofs: Proofs,
+        nodes: Sequence[NodeRecord],
     ) -> None:
+        """Record the proofs; retire roots once every node proved the new certificates (it
+        reads those proofs); then the update's audit event, so that it is the newest."""
         await self.state.record_applied_many(proofs)
+        if self.trust is not None and all(o.ok for o in outcomes):
+            await self._retire(nodes, actor)
         self.on_committed(records)
         await self._audit(records, current, actor, outcomes)
 

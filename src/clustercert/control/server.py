@@ -30,6 +30,7 @@ from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.trust import TrustKeeper
 from clustercert.errors import ConfigError
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
@@ -271,12 +272,14 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         fault = FaultPlan.parse(fault_spec, directory.run_dir) if fault_spec else None
         if fault is not None:
             log.warning("TEST-ONLY fault injection armed: %s", fault.describe())
+        trust = TrustStore.system(extra=[ca.cert])
         coordinator = Coordinator(
             state,
             pool,
             lock_wait=settings.lock_wait,
             on_committed=lambda records: _committed(listeners, records),
             fault=fault,
+            trust=TrustKeeper(state, pool, trust, ca.cert),
         )
         reconciler = Reconciler(
             coordinator,
@@ -294,7 +297,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 find_certificate_user=state.certificate_user,
                 trusted_client_cas=lambda: _trusted_client_cas(state),
             ),
-            trust=TrustStore.system(extra=[ca.cert]),
+            trust=trust,
             metrics=Metrics(state),
             ca=ca,
         )

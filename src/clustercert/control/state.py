@@ -9,8 +9,10 @@ Key layout (the store itself is layout-agnostic)::
     users/<email>                  a user: uid, role, scrypt hash
     tokens/<sha256 of token>       a one-time join token and its expiry
     events/<zero-padded sequence>  the audit history
-    rollouts/current               the rollout in flight, if any (phase staging or decided)
+    rollouts/current               the rollout in flight, if any (phase trusting, staging,
+                                   decided or retiring)
     rollouts/generations           per name, the highest generation ever staged (never reused)
+    trust/roots                    the roots pinned in every redis trust bundle (control/trust.py)
 
 Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach the store.
 """
@@ -37,11 +39,13 @@ from clustercert.store import Delete, Put, Store
 __all__ = [
     "GENERATIONS_KEY",
     "ROLLOUT_KEY",
+    "TRUST_KEY",
     "AppliedRecord",
     "CertRecord",
     "ClusterState",
     "NodeRecord",
     "RolloutRecord",
+    "TrustRecord",
     "User",
     "proves",
     "run_blocking",
@@ -49,6 +53,7 @@ __all__ = [
 
 ROLLOUT_KEY = "rollouts/current"
 GENERATIONS_KEY = "rollouts/generations"
+TRUST_KEY = "trust/roots"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -158,7 +163,7 @@ class RolloutRecord:
     abort (``staging``) or roll forward (``decided``)."""
 
     rollout_id: str
-    phase: str  # "staging" | "decided"
+    phase: str  # "trusting" | "staging" | "decided" | "retiring"
     generations: dict[str, int]  # name -> the generation this rollout stages
     fingerprints: dict[str, str]  # name -> the new leaf fingerprint
     previous: dict[str, str | None]  # name -> the fingerprint it replaces (audit)
@@ -166,6 +171,16 @@ class RolloutRecord:
     owner: str  # the cluster-lock owner of the control plane that started it
     started_at: str
     revision: int = 0  # store revision it was read or written at (0: not stored yet)
+    # Phase "trusting": the roots (PEM) this rollout is adding to every trust bundle.
+    trust_added: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """The roots (PEM, one certificate each) pinned in every node's redis trust bundle."""
+
+    roots: list[str] = field(default_factory=list)
+    revision: int = 0  # 0: never written
 
 
 class ClusterState:
@@ -444,6 +459,38 @@ class ClusterState:
         if entry is None:
             return None
         return RolloutRecord(**json.loads(entry.value), revision=entry.revision)
+
+    @_in_thread
+    def trust(self) -> TrustRecord:
+        """The pinned roots (an empty record at revision 0 before the first is written)."""
+        entry = self.store.get(TRUST_KEY)
+        if entry is None:
+            return TrustRecord()
+        return TrustRecord(list(json.loads(entry.value)["roots"]), entry.revision)
+
+    @staticmethod
+    def encode_trust(record: TrustRecord) -> str:
+        return json.dumps({"roots": record.roots})
+
+    @_in_thread
+    def put_trust(self, roots: list[str], expect_revision: int) -> None:
+        """Record ``roots`` as the pinned set (compare-and-set; StoreConflict if it moved)."""
+        self.store.put(
+            TRUST_KEY, self.encode_trust(TrustRecord(roots)), expect_revision=expect_revision
+        )
+
+    @_in_thread
+    def commit_trusted(
+        self, roots: list[str], trust_revision: int, staging: RolloutRecord, rollout_revision: int
+    ) -> int:
+        """The end of trust phase a, in ONE atomic commit: ``roots`` become the pinned set and
+        the rollout moves on to ``staging``. StoreConflict, nothing written, if either moved."""
+        return self.store.commit(
+            [
+                Put(TRUST_KEY, self.encode_trust(TrustRecord(roots)), trust_revision),
+                Put(ROLLOUT_KEY, self.encode_rollout(staging), rollout_revision),
+            ]
+        )
 
     def encode_rollout(self, record: RolloutRecord) -> str:
         raw = asdict(record)
