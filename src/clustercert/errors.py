@@ -294,9 +294,22 @@ class UnsupportedMediaType(ClusterCertError):
 
 
 class NodesNotUpdated(ClusterCertError):
+    """Some node did not do its part. ``step`` says where the rollout stopped and ``changed``
+    whether the request took effect: ``stage`` (aborted, nothing changed), ``commit`` (decided:
+    the certificate is desired and lagging nodes converge by themselves), ``remove`` (deleted
+    from the store; nodes that still hold the files are cleaned by the reconciler)."""
+
     error_code = "nodes_not_updated"
     http_status = 409
     exit_code = EXIT_NOT_UPDATED
+
+    def __init__(self, description: str, *, step: str, nodes: list[dict[str, Any]]) -> None:
+        super().__init__(description, nodes=nodes)
+        self.step = step
+        self.changed = step != "stage"
+
+    def to_body(self) -> dict[str, Any]:
+        return {**super().to_body(), "step": self.step, "changed": self.changed}
 
 
 class UpdateInProgress(ClusterCertError):

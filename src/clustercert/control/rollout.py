@@ -106,6 +106,7 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{len(failed)} of {len(nodes)} nodes did not switch ({names}); the new "
                 "certificate is recorded as desired and the reconciler keeps retrying them",
+                step="commit",
                 nodes=[o.as_json() for o in outcomes],
             )
         return outcomes
@@ -144,6 +145,7 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{record.name} was deleted from the store, but {len(failed)} of {len(nodes)} "
                 "nodes still hold its files; the reconciler removes them when they answer",
+                step="remove",
                 nodes=[o.as_json() for o in outcomes],
             )
         return list(outcomes)
@@ -175,6 +177,7 @@ class Coordinator:
             if decided
             else "stopped before its decision: aborting it on every node",
         )
+        nodes = await self.state.nodes()
         if decided:
             desired = {r.name: r for r in await self.state.certificates()}
             records = [
@@ -182,7 +185,6 @@ class Coordinator:
                 for name, generation in sorted(record.generations.items())
                 if name in desired and desired[name].generation == generation
             ]
-            nodes = await self.state.nodes()
             applied = await self.state.applied_by_node()
             outcomes = list(
                 await asyncio.gather(
@@ -191,9 +193,9 @@ class Coordinator:
             )
             if records:
                 self.on_committed(records)
+            await self._audit_in_flight(record, outcomes, recovered=True)
         else:
-            outcomes = await self._abort_everywhere(record, await self.state.nodes())
-        await self._audit_in_flight(record, outcomes)
+            outcomes = await self._abort_everywhere(record, nodes, recovered=True)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
             "rollout %s %s%s",
@@ -315,25 +317,47 @@ class Coordinator:
         return NodeOutcome(node, step="stage")
 
     async def _abort_staged(self, in_flight: RolloutRecord, staged: list[NodeOutcome]) -> NoReturn:
-        """Some node failed to stage: abort on every node, forget the rollout, raise 409."""
-        await self._abort_everywhere(in_flight, [o.node for o in staged])
+        """Some node failed to stage: abort on the nodes that staged, audit it, forget the
+        rollout, raise 409. A node whose stage failed is not sent an abort: it may be the
+        frozen one, and waiting out ``--agent-timeout`` for it a second time would only delay
+        the answer; its undecided files are harmless and the reconciler's tidy removes them."""
+        failed = [o for o in staged if not o.ok]
+        await self._abort_everywhere(
+            in_flight,
+            [o.node for o in staged if o.ok],
+            skipped=[
+                NodeOutcome(o.node, ok=False, step="stage", error=f"not aborted: {o.error}")
+                for o in failed
+            ],
+        )
         await self.state.end_rollout(in_flight)
-        failed = [o.node.name for o in staged if not o.ok]
         for outcome in staged:
             if outcome.ok:
                 outcome.ok, outcome.error = False, "aborted: another node failed to stage"
         raise NodesNotUpdated(
             f"{len(failed)} of {len(staged)} nodes could not stage the certificate "
-            f"({', '.join(failed)}); the update was aborted and no node changed",
+            f"({', '.join(o.node.name for o in failed)}); the update was aborted and no node "
+            "changed",
+            step="stage",
             nodes=[o.as_json() for o in staged],
         )
 
     async def _abort_everywhere(
-        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]
+        self,
+        in_flight: RolloutRecord,
+        nodes: Sequence[NodeRecord],
+        skipped: Sequence[NodeOutcome] = (),
+        *,
+        recovered: bool = False,
     ) -> list[NodeOutcome]:
-        return list(
+        """Abort ``in_flight`` on ``nodes`` (in parallel) and write its ``abort`` audit event
+        with every node's outcome, ``skipped`` ones (not sent an abort) included."""
+        outcomes = list(
             await asyncio.gather(*(self._abort_node(n, in_flight.generations) for n in nodes))
         )
+        everyone = sorted([*outcomes, *skipped], key=lambda o: o.node.node_id)
+        await self._audit_in_flight(in_flight, everyone, recovered=recovered)
+        return outcomes
 
     async def _abort_node(self, node: NodeRecord, generations: dict[str, int]) -> NodeOutcome:
         client = await self.pool.client(node)
@@ -449,10 +473,11 @@ class Coordinator:
             )
 
     async def _audit_in_flight(
-        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]
+        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome], *, recovered: bool
     ) -> None:
-        """The event of a rollout finished by :meth:`resolve_in_flight`: ``update`` when it
-        was rolled forward, ``abort`` when it was not decided."""
+        """The event of a rollout that ended without the normal path: ``update`` when
+        :meth:`resolve_in_flight` rolled it forward, ``abort`` when it was aborted (live, or
+        by crash recovery: ``recovered``, which names the rollout)."""
         decided = record.phase == "decided"
         for name, generation in sorted(record.generations.items()):
             await self.state.add_event(
@@ -465,7 +490,7 @@ class Coordinator:
                     old_fingerprint=record.previous.get(name),
                     new_fingerprint=record.fingerprints.get(name) if decided else None,
                     nodes=[o.summary() for o in outcomes],
-                    rollout_id=record.rollout_id,
+                    rollout_id=record.rollout_id if recovered else None,
                 )
             )
 
