@@ -8,10 +8,10 @@ each certificate. The rollout answers are dumped once by :func:`rollout_answer`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from cryptography import x509
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -198,9 +198,15 @@ async def get_certificates(cp: Plane, user: Viewer) -> dict[str, str]:
 
 
 @router.get("/v1/cluster/certificates/events", responses=answers(EventsAnswer, 400, 401, 403))
-async def events(cp: Plane, user: Viewer, limit: int = 50, offset: int = 0) -> EventsAnswer:
+async def events(
+    cp: Plane,
+    user: Viewer,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> EventsAnswer:
+    """Newest first; out-of-range ``limit`` or ``offset`` is 400 ``invalid_schema``, not
+    silently clamped."""
     everything = await cp.state.events()
-    limit = max(1, min(limit, 500))
     return EventsAnswer(total=len(everything), events=everything[offset : offset + limit])
 
 
