@@ -18,6 +18,7 @@ import click
 from cryptography import x509
 
 from clustercert import pki
+from clustercert.certfiles import write_atomically
 from clustercert.clock import parse_iso, utc_now
 from clustercert.errors import CertificateRejected, ClusterCertError, UnknownCertificate
 from clustercert.roles import ROLE_NAMES
@@ -134,6 +135,27 @@ def join_token(directory: Path, ttl: int) -> None:
 
     token = ClusterDirectory(directory).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
     click.echo(token)
+
+
+@cli.command("metrics-client-cert")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out-cert",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the client certificate (PEM, with the internal CA).",
+)
+@click.option("--out-key", required=True, type=click.Path(path_type=Path),
+              help="Where to write its private key (PEM, mode 0600).")  # fmt: skip
+def metrics_client_cert(directory: Path, out_cert: Path, out_key: Path) -> None:
+    """Issue a client certificate for a metrics scraper (Prometheus) from the cluster's internal
+    CA: the agents' metrics listeners accept it, their internode API refuses it."""
+    from clustercert.control.directory import ClusterDirectory, issue_metrics_client
+
+    pair = issue_metrics_client(ClusterDirectory(directory), utc_now())
+    write_atomically(out_key, pair.key_pem.encode())
+    write_atomically(out_cert, pair.cert_pem.encode(), 0o644)
+    click.echo(f"wrote {out_cert} and {out_key} (valid 365 days)")
 
 
 @cli.command()
