@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from clustercert.errors import AgentUnavailable, ConfigError, error_for
+from clustercert.errors import AgentUnavailable, ConfigError, NodesNotUpdated, error_for
 
 __all__ = ["ApiClient", "Connection"]
 
@@ -95,5 +95,7 @@ class ApiClient:
             error = error_for(str(answer.get("error_code")), description)
             error.errors = answer.get("errors")
             error.nodes = answer.get("nodes")
+            if isinstance(error, NodesNotUpdated):
+                error.step, error.changed = answer.get("step"), bool(answer.get("changed"))
             raise error
         return answer

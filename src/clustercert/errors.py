@@ -303,13 +303,23 @@ class NodesNotUpdated(ClusterCertError):
     http_status = 409
     exit_code = EXIT_NOT_UPDATED
 
-    def __init__(self, description: str, *, step: str, nodes: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        description: str,
+        *,
+        step: str | None = None,
+        nodes: list[dict[str, Any]] | None = None,
+    ) -> None:
+        # step is None only where an answer is rebuilt without one (error_for): nothing known.
         super().__init__(description, nodes=nodes)
         self.step = step
-        self.changed = step != "stage"
+        self.changed = step is not None and step != "stage"
 
     def to_body(self) -> dict[str, Any]:
-        return {**super().to_body(), "step": self.step, "changed": self.changed}
+        body = super().to_body()
+        if self.step is not None:
+            body |= {"step": self.step, "changed": self.changed}
+        return body
 
 
 class UpdateInProgress(ClusterCertError):
