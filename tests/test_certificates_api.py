@@ -308,6 +308,27 @@ def test_cli_errors_exit_with_the_error_tree_code(
     assert "required_certificate" in capsys.readouterr().err
     assert main(["certificates", "list", "--url", "https://127.0.0.1:1", "--user", "a",
                  "--password", "b"]) == 6  # fmt: skip
+    assert capsys.readouterr().err == (
+        "error: api_unreachable: cannot connect to https://127.0.0.1:1: connection refused\n"
+    )
+
+
+def test_cli_names_an_api_certificate_it_cannot_verify(
+    cluster: DemoCluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --ca-file the demo API's internal-CA certificate does not verify against the
+    system roots: the CLI says so and names the fix, instead of "agent_unavailable"."""
+    for name in ("CLUSTERCERT_CA_FILE", "CLUSTERCERT_CLUSTER_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster.admin_password is not None
+    code = main(["certificates", "list", "--url", cluster.api_url, "--user",
+                 "admin@cluster.local", "--password", cluster.admin_password])  # fmt: skip
+    assert code == 6
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: api_certificate_untrusted: cannot verify the certificate of {cluster.api_url}: "
+    )
+    assert "--ca-file" in err
 
 
 def test_redis_docs_curl_recipe_runs_verbatim(cluster: DemoCluster, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AgentUnavailable",
+    "ApiCertificateUntrusted",
+    "ApiUnreachable",
     "BadRequest",
     "CertificateExpired",
     "CertificateNotFound",
@@ -350,6 +352,20 @@ class AgentUnavailable(ClusterCertError):
     """A node agent could not be reached or answered with an error."""
 
     error_code = "agent_unavailable"
+    http_status = 502
+
+
+class ApiUnreachable(ClusterCertError):
+    """The CLI could not connect to the control plane's API (client side only)."""
+
+    error_code = "api_unreachable"
+    http_status = 502
+
+
+class ApiCertificateUntrusted(ClusterCertError):
+    """The CLI could not verify the API's certificate (client side only)."""
+
+    error_code = "api_certificate_untrusted"
     http_status = 502
 
 
