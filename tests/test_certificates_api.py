@@ -3,6 +3,7 @@ and the CLI over it, end to end on the shared 3-node cluster."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -291,6 +292,44 @@ def test_cli_set_and_rladmin_syntax(
     ) == 0  # fmt: skip
     assert f"Set proxy certificate to contents of file {cert2}" in capsys.readouterr().out
     assert set(served_by_node(cluster).values()) == {other.fingerprint}
+
+
+def test_cli_json_stdin_and_full_values_off_a_terminal(
+    cluster: DemoCluster,
+    cluster_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue #11: `--cert -` reads stdin; `--json` prints the API's answer; a table written to
+    a pipe (capsys is not a terminal) carries whole fingerprints, never "…"."""
+    leaf = _leaf()
+    _, key = _write(leaf, tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(leaf.full_chain_pem))
+    assert main(
+        ["certificates", "set", "proxy", "--cert", "-", "--key", str(key), "--json",
+         "--cluster-file", cluster_file]
+    ) == 0  # fmt: skip
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["fingerprint_sha256"] == leaf.fingerprint
+    assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
+
+    assert main(["certificates", "list", "--json", "--cluster-file", cluster_file]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed["proxy"]["fingerprint_sha256"] == leaf.fingerprint
+    assert main(["certificates", "list", "--cluster-file", cluster_file]) == 0
+    table = capsys.readouterr().out
+    assert leaf.fingerprint in table and "…" not in table
+    assert main(["users", "list", "--json", "--cluster-file", cluster_file]) == 0
+    assert "admin@cluster.local" in {u["email"] for u in json.loads(capsys.readouterr().out)}
+
+    # Both from stdin cannot work: refused before anything is sent.
+    assert main(
+        ["certificates", "set", "proxy", "--cert", "-", "--key", "-", "--cluster-file",
+         cluster_file]
+    ) == 2  # fmt: skip
+    assert "only one of --cert and --key" in capsys.readouterr().err
+    assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
 
 
 def test_cli_errors_exit_with_the_error_tree_code(
