@@ -22,6 +22,7 @@ __all__ = [
     "ClusterCertError",
     "ConfigError",
     "EncryptedKey",
+    "GenerationMismatch",
     "InsecureSignature",
     "InsufficientPermissions",
     "InvalidCertificate",
@@ -322,6 +323,14 @@ class NodesNotUpdated(ClusterCertError):
         if self.step is not None:
             body |= {"step": self.step, "changed": self.changed}
         return body
+
+
+class GenerationMismatch(ClusterCertError):
+    """The certificate moved since the caller read it (``expected_generation`` / ``If-Match``)."""
+
+    error_code = "generation_mismatch"
+    http_status = 409
+    exit_code = EXIT_NOT_UPDATED
 
 
 class UpdateInProgress(ClusterCertError):

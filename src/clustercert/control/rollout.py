@@ -25,7 +25,7 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import NoReturn
 
@@ -42,7 +42,13 @@ from clustercert.control.state import (
     NodeRecord,
     RolloutRecord,
 )
-from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
+from clustercert.errors import (
+    AgentUnavailable,
+    GenerationMismatch,
+    NodesNotUpdated,
+    StoreConflict,
+    UpdateInProgress,
+)
 from clustercert.internode import CommitAnswer, ServiceProof
 
 # NodeOutcome is re-exported for the API module, which imports it from here.
@@ -76,8 +82,18 @@ class Coordinator:
 
     # --- the entry points -----------------------------------------------------------------
 
-    async def roll_out(self, proposed: Sequence[CertRecord], actor: str) -> list[NodeOutcome]:
+    async def roll_out(
+        self,
+        proposed: Sequence[CertRecord],
+        actor: str,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[NodeOutcome]:
         """Make ``proposed`` (generation ignored) the certificates of every node.
+
+        ``expected`` (name -> generation the caller read; 0: not set) makes it conditional:
+        GenerationMismatch (409) when a name's desired generation moved, checked under the lock
+        before anything is staged. Proposing what is already desired is never a mismatch (a
+        retry of the caller's own update).
 
         Returns each node's outcome when every node serves them; raises NodesNotUpdated (409)
         when some node did not stage (nothing changed) or did not commit (the reconciler goes
@@ -91,6 +107,7 @@ class Coordinator:
             await seam("after_validation", "")
             nodes = await self.state.nodes()
             fresh, resumed, current = await self._plan(proposed)
+            _check_expected(fresh, current, expected or {})
             self.progress = Progress([r.name for r in proposed], {n.name: "waiting" for n in nodes})
             try:
                 if fresh:
@@ -539,6 +556,23 @@ class Coordinator:
     def _mark(self, node: NodeRecord, state: str) -> None:
         if self.progress is not None and node.name in self.progress.nodes:
             self.progress.nodes[node.name] = state
+
+
+def _check_expected(
+    fresh: Sequence[CertRecord],
+    current: dict[str, CertRecord | None],
+    expected: Mapping[str, int],
+) -> None:
+    for record in fresh:
+        if record.name not in expected:
+            continue
+        existing = current.get(record.name)
+        now = existing.generation if existing is not None else 0
+        if now != expected[record.name]:
+            raise GenerationMismatch(
+                f"{record.name} is at generation {now}, not {expected[record.name]} as "
+                "expected: it changed since it was read; read it again and decide"
+            )
 
 
 def _names(records: Sequence[CertRecord]) -> str:
