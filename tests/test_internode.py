@@ -12,6 +12,7 @@ edge over mutual TLS.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ import pytest
 from certfactory import CA, cert_pem
 from clusterkit import fingerprint
 
+from clustercert import pki
 from clustercert.agent.app import Agent, Identity, build_app
 from clustercert.agent.config import AgentConfig
 from clustercert.internode import (
+    CONTROL_PLANE_URI,
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
@@ -242,11 +245,30 @@ def _agent(tmp_path: Path) -> Agent:
     return Agent(config, identity)
 
 
+def _control_plane_pem() -> str:
+    """A client certificate with the control plane's URI SAN, as the TLS extension shows it."""
+    now = dt.datetime.now(dt.UTC)
+    ca = pki.new_ca("test internal CA", now=now)
+    pair = pki.issue_leaf(
+        ca, "clustercert-control-plane", sans=(CONTROL_PLANE_URI,), eku={"clientAuth"}, now=now
+    )
+    return pair.cert_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+
+
+CONTROL_PLANE_PEM = _control_plane_pem()
+
+
 def _call(agent: Agent, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """One request to the agent's app, in-process (httpx's ASGI transport)."""
+    """One request to the agent's app, in-process (httpx's ASGI transport), made with the
+    control plane's certificate in the TLS extension that uvicorn's protocol would fill."""
+    app = build_app(agent)
+
+    async def as_control_plane(scope: Any, receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [CONTROL_PLANE_PEM]}
+        await app(scope, receive, send)
 
     async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=build_app(agent))
+        transport = httpx.ASGITransport(app=as_control_plane)
         async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
             return await client.request(method, path, **kwargs)
 

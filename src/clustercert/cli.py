@@ -17,8 +17,10 @@ import click
 from cryptography import x509
 
 from clustercert import pki
+from clustercert.certfiles import write_atomically
 from clustercert.clock import parse_iso, utc_now
 from clustercert.errors import CertificateRejected, ClusterCertError, UnknownCertificate
+from clustercert.names import NAMES
 from clustercert.roles import ROLE_NAMES
 
 if TYPE_CHECKING:  # the commands import what they need: an agent loads no control plane
@@ -144,6 +146,27 @@ def join_token(directory: Path, ttl: int) -> None:
     click.echo(token)
 
 
+@cli.command("metrics-client-cert")
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out-cert",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the client certificate (PEM, with the internal CA).",
+)
+@click.option("--out-key", required=True, type=click.Path(path_type=Path),
+              help="Where to write its private key (PEM, mode 0600).")  # fmt: skip
+def metrics_client_cert(directory: Path, out_cert: Path, out_key: Path) -> None:
+    """Issue a client certificate for a metrics scraper (Prometheus) from the cluster's internal
+    CA: the agents' metrics listeners accept it, their internode API refuses it."""
+    from clustercert.control.directory import ClusterDirectory, issue_metrics_client
+
+    pair = issue_metrics_client(ClusterDirectory(directory), utc_now())
+    write_atomically(out_key, pair.key_pem.encode())
+    write_atomically(out_cert, pair.cert_pem.encode(), 0o644)
+    click.echo(f"wrote {out_cert} and {out_key} (valid 365 days)")
+
+
 @cli.command()
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path))
 def agent(config_file: Path) -> None:
@@ -180,12 +203,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def client_options(command: F) -> F:
-    """--url/--user/--password/--ca-file (or CLUSTERCERT_*), or --cluster-file."""
+    """--url/--user/--password/--ca-file (or CLUSTERCERT_*), or --cluster-file; and --json."""
     options = [
         click.option("--url", envvar="CLUSTERCERT_URL", help="API URL, e.g. https://host:9443"),
-        click.option("--user", envvar="CLUSTERCERT_USER"),
-        click.option("--password", envvar="CLUSTERCERT_PASSWORD"),
-        click.option("--ca-file", envvar="CLUSTERCERT_CA_FILE", help="CA bundle for the API."),
+        click.option("--user", envvar="CLUSTERCERT_USER", help="API user (email)."),
+        click.option("--password", envvar="CLUSTERCERT_PASSWORD", help="API password."),
+        click.option(
+            "--ca-file", envvar="CLUSTERCERT_CA_FILE",
+            help="CA bundle that issued the API's certificate (e.g. the cluster's ca.pem).",
+        ),
+        click.option(
+            "--json", "as_json", is_flag=True,
+            help="Print the API's JSON answer (on a 409: its error body) instead of tables.",
+        ),
         click.option(
             "--cluster-file", envvar="CLUSTERCERT_CLUSTER_FILE",
             help="cluster.json written by `clustercert demo` (or its directory).",
@@ -209,8 +239,24 @@ def _client(options: dict[str, Any]) -> ApiClient:
     return ApiClient(connection)
 
 
-def _print_nodes(nodes: list[dict[str, Any]]) -> None:
+def _console() -> Any:
+    """A console for tables on stdout: on a terminal, fitted to it; otherwise (a pipe, a file)
+    wide enough that no value is cut short."""
     from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=1000)
+
+
+def _fingerprint(value: str) -> str:
+    """A SHA-256 cell: shortened on a terminal only, where a person reads it."""
+    return value[:16] + "…" if sys.stdout.isatty() else value
+
+
+def _echo_json(answer: Any) -> None:
+    click.echo(json.dumps(answer, indent=2))
+
+
+def _print_nodes(nodes: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table("node", "result", "serves (SHA-256)", "detail", box=None)
@@ -219,15 +265,18 @@ def _print_nodes(nodes: list[dict[str, Any]]) -> None:
         table.add_row(
             str(node.get("name")),
             "[green]ok[/green]" if node.get("ok") else "[red]FAILED[/red]",
-            (served[:16] + "…") if isinstance(served, str) else "-",
+            _fingerprint(served) if isinstance(served, str) else "-",
             str(node.get("error") or ""),
         )
-    Console().print(table)
+    _console().print(table)
 
 
-def _roll_out(client: ApiClient, method: str, path: str, body: Any, what: str) -> Any:
+def _roll_out(
+    client: ApiClient, method: str, path: str, body: Any, what: str, as_json: bool = False
+) -> Any:
     """Run one rollout call while showing each node's progress (polled from
-    ``GET /v1/cluster/certificates/rollout``); on 409, show each node's outcome, then fail."""
+    ``GET /v1/cluster/certificates/rollout``, on stderr); on 409, show each node's outcome (or
+    the error body, with ``as_json``), then fail."""
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import wait as wait_for
 
@@ -248,7 +297,9 @@ def _roll_out(client: ApiClient, method: str, path: str, body: Any, what: str) -
     try:
         return call.result()
     except ClusterCertError as exc:
-        if exc.nodes:
+        if as_json and exc.nodes is not None:
+            _echo_json(exc.to_body())
+        elif exc.nodes:
             _print_nodes(exc.nodes)
         raise
 
@@ -278,20 +329,26 @@ def _progress_view(what: str, progress: dict[str, Any] | None) -> Any:
 
 
 def _read(path: Path | None) -> str | None:
-    return path.read_text() if path is not None else None
+    """A file's text; ``-`` reads standard input."""
+    if path is None:
+        return None
+    return sys.stdin.read() if str(path) == "-" else path.read_text()
 
 
 @certificates.command("list")
 @client_options
 def list_certificates(**options: Any) -> None:
     """A table of the cluster's certificates and how many nodes serve each."""
-    from rich.console import Console
     from rich.table import Table
 
+    as_json = options.pop("as_json")
     with _client(options) as client:
         present = client.call("GET", "/v1/cluster/certificates")
         names = sorted(k[: -len("_cert")] for k in present if k.endswith("_cert"))
         details = [client.call("GET", f"/v1/cluster/certificates/{n}") for n in names]
+    if as_json:
+        _echo_json(details)
+        return
     table = Table("name", "subject", "expires in", "SHA-256", "nodes in sync", box=None)
     now = utc_now()
     for detail in details:
@@ -302,31 +359,50 @@ def list_certificates(**options: Any) -> None:
             detail["name"],
             detail["subject"],
             f"{(not_after - now).days} days",
-            detail["fingerprint_sha256"][:16] + "…",
+            _fingerprint(detail["fingerprint_sha256"]),
             f"{in_sync}/{len(nodes)}",
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @certificates.command("show")
 @click.argument("name")
 @client_options
 def show_certificate(name: str, **options: Any) -> None:
-    """Metadata of one certificate and what each node serves (never the key)."""
+    """Metadata of one certificate and what each node serves (never the key), as JSON."""
+    options.pop("as_json")  # always JSON
     with _client(options) as client:
         click.echo(json.dumps(client.call("GET", f"/v1/cluster/certificates/{name}"), indent=2))
 
 
 @certificates.command("set")
 @click.argument("name")
-@click.option("--cert", "cert_file", required=True, type=click.Path(path_type=Path, exists=True))
-@click.option("--key", "key_file", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--cert", "cert_file", required=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False, allow_dash=True),
+    help="The certificate (PEM): the leaf first, then its intermediates. - reads stdin.",
+)  # fmt: skip
+@click.option(
+    "--key", "key_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False, allow_dash=True),
+    help="Its private key (PEM, unencrypted); required for every name but mtls_trusted_ca and "
+    "sso_issuer, which take none. - reads stdin.",
+)  # fmt: skip
 @client_options
 def set_certificate(name: str, cert_file: Path, key_file: Path | None, **options: Any) -> None:
-    """Replace NAME on every node (PUT /v1/cluster/update_cert)."""
-    body = {"name": name, "certificate": cert_file.read_text(), "key": _read(key_file)}
+    """Replace the certificate NAME on every node (PUT /v1/cluster/update_cert): validated,
+    staged on every node, then switched everywhere, or nowhere if a node cannot stage it."""
+    as_json = options.pop("as_json")
+    if str(cert_file) == "-" and str(key_file) == "-":
+        raise click.UsageError("only one of --cert and --key can read standard input (-)")
+    body = {"name": name, "certificate": _read(cert_file), "key": _read(key_file)}
     with _client(options) as client:
-        answer = _roll_out(client, "PUT", "/v1/cluster/update_cert", body, f"replacing {name}")
+        answer = _roll_out(
+            client, "PUT", "/v1/cluster/update_cert", body, f"replacing {name}", as_json
+        )
+    if as_json:
+        _echo_json(answer)
+        return
     _print_nodes(answer["nodes"])
     for warning in answer.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
@@ -341,10 +417,15 @@ def set_certificate(name: str, cert_file: Path, key_file: Path | None, **options
 @client_options
 def delete_certificate(name: str, **options: Any) -> None:
     """Delete an optional certificate from the store and every node."""
+    as_json = options.pop("as_json")
     with _client(options) as client:
         answer = _roll_out(
-            client, "DELETE", f"/v1/cluster/certificates/{name}", None, f"deleting {name}"
-        )
+            client, "DELETE", f"/v1/cluster/certificates/{name}", None, f"deleting {name}",
+            as_json,
+        )  # fmt: skip
+    if as_json:
+        _echo_json(answer)
+        return
     click.echo(f"{name} deleted from {len(answer['nodes'])} nodes")
 
 
@@ -353,11 +434,16 @@ def delete_certificate(name: str, **options: Any) -> None:
 @client_options
 def rotate_certificates(name: str | None, **options: Any) -> None:
     """Re-issue autogenerated certificates from the internal CA on every node."""
+    as_json = options.pop("as_json")
     body = {"name": name} if name else {}
     with _client(options) as client:
         answer = _roll_out(
-            client, "POST", "/v1/cluster/certificates/rotate", body, f"rotating {name or 'all'}"
-        )
+            client, "POST", "/v1/cluster/certificates/rotate", body, f"rotating {name or 'all'}",
+            as_json,
+        )  # fmt: skip
+    if as_json:
+        _echo_json(answer)
+        return
     _print_nodes(answer["nodes"])
     for item in answer["certificates"]:
         click.echo(f"{item['name']}: generation {item['generation']}")
@@ -405,7 +491,7 @@ def _shorten(items: Sequence[str], limit: int = 5) -> str:
     "--name",
     default="api",
     show_default=True,
-    help="Certificate name (DESIGN §3) whose rules apply.",
+    help="Certificate name whose rules apply: " + ", ".join(NAMES) + ".",
 )
 @click.option(
     "--cert",
@@ -510,12 +596,18 @@ def rladmin_set(name: str, words: tuple[str, ...], **options: Any) -> None:
         body = {"name": name, "certificate": cert_path.read_text(), "key": _read(key_path)}
     except OSError as exc:
         raise click.UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    as_json = options.pop("as_json")
     with _client(options) as client:
-        _roll_out(client, "PUT", "/v1/cluster/update_cert", body, f"replacing {name}")
+        answer = _roll_out(
+            client, "PUT", "/v1/cluster/update_cert", body, f"replacing {name}", as_json
+        )
+    if as_json:
+        _echo_json(answer)
+        return
     click.echo(f"Set {name} certificate to contents of file {pairs['certificate_file']}")
 
 
-# --- users (over the REST API; DESIGN §8) ------------------------------------------------------
+# --- users (over the REST API) -------------------------------------------------------------------
 
 
 @cli.group()
@@ -555,8 +647,12 @@ def add_user(
         body["password"] = new_password or click.prompt(
             f"password for {email}", hide_input=True, confirmation_prompt=True
         )
+    as_json = options.pop("as_json")
     with _client(options) as client:
         user = client.call("POST", "/v1/users", body)
+    if as_json:
+        _echo_json(user)
+        return
     click.echo(
         f"created user {user['uid']}: {user['email']} ({user['role']}, {user['auth_method']})"
     )
@@ -566,18 +662,21 @@ def add_user(
 @client_options
 def list_users(**options: Any) -> None:
     """A table of the users (never their password hashes)."""
-    from rich.console import Console
     from rich.table import Table
 
+    as_json = options.pop("as_json")
     with _client(options) as client:
         found = client.call("GET", "/v1/users")
+    if as_json:
+        _echo_json(found)
+        return
     table = Table("uid", "email", "name", "role", "login", box=None)
     for user in found:
         login = user["auth_method"]
         if user.get("certificate_subject_line"):
             login += f" ({user['certificate_subject_line']})"
         table.add_row(str(user["uid"]), user["email"], user["name"], user["role"], login)
-    Console().print(table)
+    _console().print(table)
 
 
 @users.command("delete")
@@ -585,8 +684,12 @@ def list_users(**options: Any) -> None:
 @client_options
 def delete_user(uid: int, **options: Any) -> None:
     """Delete the user UID (DELETE /v1/users/UID)."""
+    as_json = options.pop("as_json")
     with _client(options) as client:
         user = client.call("DELETE", f"/v1/users/{uid}")
+    if as_json:
+        _echo_json(user)
+        return
     click.echo(f"deleted user {uid}: {user['email']}")
 
 

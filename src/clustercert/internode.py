@@ -7,7 +7,9 @@ match (not an object, a field missing, renamed or of the wrong type) raises
 :class:`MessageError` naming the message and the field: the agent answers it with an error
 (422), the control plane's client turns it into ``AgentUnavailable``.
 
-The calls (only the control plane's internal-CA identity may make them, over mutual TLS):
+The calls (only the control plane's internal-CA identity may make them, over mutual TLS; the
+agent tells it from other internal-CA client certificates by its URI SAN
+:data:`CONTROL_PLANE_URI`, see :func:`has_identity`):
 
 ========================================================  ===============  =================
 call                                                      request body     answer
@@ -36,10 +38,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+
 from clustercert.names import NAMES
 
 __all__ = [
+    "CONTROL_PLANE_URI",
     "MAX_WATCH_SECONDS",
+    "METRICS_SCRAPER_URI",
     "AbortAnswer",
     "CertificateStatus",
     "CommitAnswer",
@@ -55,7 +61,22 @@ __all__ = [
     "TrustAnswer",
     "TrustRequest",
     "certificate_name",
+    "has_identity",
 ]
+
+# URI SANs marking what an internal-CA client certificate may do: the control plane's
+# identity calls the internode API; a metrics scraper's only reads the agents' metrics.
+CONTROL_PLANE_URI = "urn:clustercert:control-plane"
+METRICS_SCRAPER_URI = "urn:clustercert:metrics-scraper"
+
+
+def has_identity(leaf: x509.Certificate, uri: str) -> bool:
+    """Whether ``leaf`` carries the URI SAN ``uri`` (the TLS handshake has checked its CA)."""
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return uri in sans.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 MAX_WATCH_SECONDS = 900.0  # the longest an agent holds a watch before it answers

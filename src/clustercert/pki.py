@@ -177,6 +177,9 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 def _general_names(sans: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for san in sans:
+        if san.startswith("urn:"):
+            names.append(x509.UniformResourceIdentifier(san))
+            continue
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(san)))
         except ValueError:

@@ -1,11 +1,13 @@
 """The node agent: joins once with a token, then serves the internode API over mutual TLS.
 
-The calls and their messages are :mod:`clustercert.internode` (only the control plane, holding
-an internal-CA clientAuth certificate, may call): status (generations on disk, and what is
-served), stage (check the pair, write it durably), commit (switch services, verify, prove the
-links that use the name), abort (remove a staged generation), remove (every file of an optional
-name), trust (the roots pinned in every trust bundle, agent/trust.py). Requests are parsed into
-those messages at the edge; one that does not match is refused with 422 and the reason.
+The calls and their messages are :mod:`clustercert.internode` (only the control plane may call:
+the TLS handshake requires an internal-CA clientAuth certificate, and every request must come
+with one that carries the control plane's URI SAN, or it is answered 403): status (generations
+on disk, and what is served), stage (check the pair, write it durably), commit (switch services,
+verify, prove the links that use the name), abort (remove a staged generation), remove (every
+file of an optional name), trust (the roots pinned in every trust bundle, agent/trust.py).
+Requests are parsed into those messages at the edge; one that does not match is refused with
+422 and the reason.
 
 A status request with ``wait`` is the control plane's watch (a long-poll, see
 :mod:`clustercert.internode`): the agent holds it until the wait ends, answers at once if the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -30,9 +33,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
@@ -42,6 +48,7 @@ from clustercert.agent.trust import PinnedRoots, chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import AgentUnavailable, ConfigError
 from clustercert.internode import (
+    CONTROL_PLANE_URI,
     MAX_WATCH_SECONDS,
     AbortAnswer,
     CertificateStatus,
@@ -58,8 +65,9 @@ from clustercert.internode import (
     TrustAnswer,
     TrustRequest,
     certificate_name,
+    has_identity,
 )
-from clustercert.tls import server_context
+from clustercert.tls import expose_peer_certificate, server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
 
@@ -382,6 +390,48 @@ def _pair_matches(paths: GenerationPaths) -> None:
         raise StageRejected("the key does not match the certificate")
 
 
+class OnlyControlPlane:
+    """Answers 403 to every request whose client certificate lacks the control plane's URI SAN.
+    The handshake already required an internal-CA clientAuth certificate, but the operator may
+    issue others from that CA (a metrics scraper's): those must not stage or commit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _from_control_plane(scope):
+            log.warning(
+                "refused %s %s from %s: not the control plane's identity",
+                scope.get("method"), scope.get("path"), (scope.get("client") or ("?",))[0],
+            )  # fmt: skip
+            response = JSONResponse(
+                {"error": f"only the control plane ({CONTROL_PLANE_URI}) may call this agent"},
+                status_code=403,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _from_control_plane(scope: Scope) -> bool:
+    chain = (((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_chain")) or []
+    return bool(chain) and _pem_has_control_plane_uri(str(chain[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _pem_has_control_plane_uri(pem: str) -> bool:
+    # Cached: the control plane calls every node every second with the same certificate.
+    return has_identity(x509.load_pem_x509_certificate(pem.encode()), CONTROL_PLANE_URI)
+
+
+class InternodeProtocol(H11Protocol):
+    """uvicorn's h11 protocol, showing the app the peer certificate (:class:`OnlyControlPlane`)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        expose_peer_certificate(self, transport)
+
+
 def build_app(agent: Agent) -> Starlette:
     """The internode API on bare Starlette: five routes need neither FastAPI's dependency
     injection nor pydantic, which cost the agent ~15 MB of memory and CPU on every call."""
@@ -463,6 +513,7 @@ def build_app(agent: Agent) -> Starlette:
             FileExistsError: exists,
             AgentStopping: stopping,
         },
+        middleware=[Middleware(OnlyControlPlane)],
     )
 
 
@@ -503,6 +554,7 @@ async def _serve(config: AgentConfig) -> None:
             host=config.listen[0],
             port=config.listen[1],
             ssl_context_factory=lambda _config, _default: context,
+            http=InternodeProtocol,
             log_level="warning",
             timeout_keep_alive=75,
         ),

@@ -7,7 +7,8 @@ Layout::
     DIR/ca.pem            the internal CA certificate (give it to clients as --ca-file)
     DIR/ca.key            the internal CA key (0600)
     DIR/cluster.key       AES-256-GCM key that seals private keys in the store (0600)
-    DIR/control-plane/    the control plane's internode client identity (clientAuth only)
+    DIR/control-plane/    the control plane's internode client identity (clientAuth only, URI SAN
+                          urn:clustercert:control-plane: agents answer no other certificate)
     DIR/run/              files the control plane's own listeners load (versioned, 0600 keys)
 """
 
@@ -27,11 +28,18 @@ from clustercert.clock import iso
 from clustercert.control.auth import hash_password
 from clustercert.control.state import CertRecord, ClusterState, run_blocking
 from clustercert.errors import ConfigError
+from clustercert.internode import CONTROL_PLANE_URI, METRICS_SCRAPER_URI, has_identity
 from clustercert.names import NAMES
 from clustercert.sealing import KeySealer
 from clustercert.store import Store, open_store
 
-__all__ = ["ClusterDirectory", "InitResult", "init_cluster", "issue_internal"]
+__all__ = [
+    "ClusterDirectory",
+    "InitResult",
+    "init_cluster",
+    "issue_internal",
+    "issue_metrics_client",
+]
 
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
@@ -88,10 +96,49 @@ class ClusterDirectory:
     def state(self, store: Store) -> ClusterState:
         return ClusterState(store, KeySealer.load(self.cluster_key_file))
 
+    def ensure_control_plane_identity(self, now: dt.datetime) -> bool:
+        """Reissue the control plane's identity when it lacks the control-plane URI SAN (a
+        directory made before agents checked it); return whether it did. Agents check the
+        SAN, not the CN, so a certificate an operator signed with ``ca.key`` cannot pass."""
+        if self.identity_cert.exists():
+            leaf = x509.load_pem_x509_certificates(self.identity_cert.read_bytes())[0]
+            if has_identity(leaf, CONTROL_PLANE_URI):
+                return False
+        _write_identity(self.ca(), self.path, now)
+        return True
+
     def new_join_token(self, now: dt.datetime, ttl: dt.timedelta) -> str:
         """A one-time join token, for commands that run outside any event loop."""
         with self.open_store() as store:
             return run_blocking(self.state(store).new_join_token(now, ttl))
+
+
+def _write_identity(ca: pki.CertificateAuthority, path: Path, now: dt.datetime) -> None:
+    identity = pki.issue_leaf(
+        ca,
+        "clustercert-control-plane",
+        sans=(CONTROL_PLANE_URI,),
+        eku={"clientAuth"},
+        now=now,
+        days=3650,
+    )
+    (path / "control-plane").mkdir(mode=0o700, exist_ok=True)
+    directory = ClusterDirectory(path)
+    write_atomically(directory.identity_key, identity.key_pem.encode())
+    write_atomically(directory.identity_cert, identity.cert_pem.encode(), 0o644)
+
+
+def issue_metrics_client(directory: ClusterDirectory, now: dt.datetime) -> pki.IssuedPair:
+    """A client identity for a metrics scraper (Prometheus): internal CA, clientAuth, URI SAN
+    ``urn:clustercert:metrics-scraper``. The agents' metrics listeners accept it; their
+    internode API refuses it (403): it lacks the control plane's URI SAN."""
+    return pki.issue_leaf(
+        directory.ca(),
+        "clustercert-metrics-scraper",
+        sans=(METRICS_SCRAPER_URI,),
+        eku={"clientAuth"},
+        now=now,
+    )
 
 
 def issue_internal(
@@ -149,12 +196,7 @@ def init_cluster(
     write_atomically(directory.ca_file, ca.cert_pem.encode(), 0o644)
     write_atomically(directory.ca_key_file, ca.key_pem.encode())
     KeySealer.create(directory.cluster_key_file)
-    identity = pki.issue_leaf(
-        ca, "clustercert-control-plane", sans=(), eku={"clientAuth"}, now=now, days=3650
-    )
-    (path / "control-plane").mkdir(mode=0o700, exist_ok=True)
-    write_atomically(directory.identity_cert, identity.cert_pem.encode(), 0o644)
-    write_atomically(directory.identity_key, identity.key_pem.encode())
+    _write_identity(ca, path, now)
     store = store_url or f"sqlite://{(path / 'store.db').resolve()}"
     write_atomically(
         directory.settings_file, json.dumps({"name": name, "store": store}, indent=2).encode()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from clustercert import pki
@@ -37,10 +37,14 @@ class ControlPlane:
     join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
 
     async def replace(
-        self, validated: Sequence[ValidatedCertificate], user: User
+        self,
+        validated: Sequence[ValidatedCertificate],
+        user: User,
+        expected: Mapping[str, int] | None = None,
     ) -> tuple[list[CertRecord], list[NodeOutcome]]:
         """Roll ``validated`` uploads out to every node as ``user``'s; return the records as
-        stored (with their new generations) and each node's outcome."""
+        stored (with their new generations) and each node's outcome. ``expected``: the
+        generations the caller read (see :meth:`Coordinator.roll_out`)."""
         records = [
             CertRecord(
                 name=v.name,
@@ -55,14 +59,19 @@ class ControlPlane:
             )
             for v in validated
         ]
-        outcomes = await self.roll_out(records, user)
+        outcomes = await self.roll_out(records, user, expected)
         return [await self.state.certificate(r.name) or r for r in records], outcomes
 
-    async def roll_out(self, records: list[CertRecord], user: User) -> list[NodeOutcome]:
+    async def roll_out(
+        self,
+        records: list[CertRecord],
+        user: User,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[NodeOutcome]:
         """The coordinator's rollout, counted and timed in the metrics by its result."""
         started = time.monotonic()
         try:
-            outcomes = await self.coordinator.roll_out(records, user.email)
+            outcomes = await self.coordinator.roll_out(records, user.email, expected)
         except ClusterCertError as exc:
             self.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
             raise

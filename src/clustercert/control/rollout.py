@@ -31,7 +31,7 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
 
@@ -50,7 +50,13 @@ from clustercert.control.state import (
     proves,
 )
 from clustercert.control.trust import TrustKeeper
-from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
+from clustercert.errors import (
+    AgentUnavailable,
+    GenerationMismatch,
+    NodesNotUpdated,
+    StoreConflict,
+    UpdateInProgress,
+)
 from clustercert.internode import CommitAnswer, ServiceProof
 
 # NodeOutcome is re-exported for the API module, which imports it from here.
@@ -91,8 +97,18 @@ class Coordinator:
 
     # --- the entry points -----------------------------------------------------------------
 
-    async def roll_out(self, proposed: Sequence[CertRecord], actor: str) -> list[NodeOutcome]:
+    async def roll_out(
+        self,
+        proposed: Sequence[CertRecord],
+        actor: str,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[NodeOutcome]:
         """Make ``proposed`` (generation ignored) the certificates of every node.
+
+        ``expected`` (name -> generation the caller read; 0: not set) makes it conditional:
+        GenerationMismatch (409) when a name's desired generation moved, checked under the lock
+        before anything is staged. Proposing what is already desired is never a mismatch (a
+        retry of the caller's own update).
 
         Returns each node's outcome when every node serves them; raises NodesNotUpdated (409)
         when some node did not stage (nothing changed) or did not commit (the reconciler goes
@@ -106,6 +122,7 @@ class Coordinator:
             await seam("after_validation", "")
             nodes = await self.state.nodes()
             fresh, resumed, current = await self._plan(proposed)
+            _check_expected(fresh, current, expected or {})
             self.progress = Progress([r.name for r in proposed], {n.name: "waiting" for n in nodes})
             try:
                 if fresh:
@@ -121,6 +138,7 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{len(failed)} of {len(nodes)} nodes did not switch ({names}); the new "
                 "certificate is recorded as desired and the reconciler keeps retrying them",
+                step="commit",
                 nodes=[o.as_json() for o in outcomes],
             )
         return outcomes
@@ -159,6 +177,7 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{record.name} was deleted from the store, but {len(failed)} of {len(nodes)} "
                 "nodes still hold its files; the reconciler removes them when they answer",
+                step="remove",
                 nodes=[o.as_json() for o in outcomes],
             )
         return list(outcomes)
@@ -191,6 +210,7 @@ class Coordinator:
             if decided
             else "stopped before its decision: aborting it on every node",
         )
+        nodes = await self.state.nodes()
         if decided:
             desired = {r.name: r for r in await self.state.certificates()}
             records = [
@@ -198,7 +218,6 @@ class Coordinator:
                 for name, generation in sorted(record.generations.items())
                 if name in desired and desired[name].generation == generation
             ]
-            nodes = await self.state.nodes()
             applied = await self.state.applied_by_node()
             outcomes = list(
                 await asyncio.gather(
@@ -207,12 +226,12 @@ class Coordinator:
             )
             if records:
                 self.on_committed(records)
+            await self._audit_in_flight(record, outcomes, recovered=True)
         else:
-            outcomes = await self._abort_everywhere(record, await self.state.nodes())
+            outcomes = await self._abort_everywhere(record, nodes, recovered=True)
             if trusting and self.trust is not None:
                 # Stopped while pinning a new root: pin the recorded set again.
-                await self.trust.restore(await self.state.nodes())
-        await self._audit_in_flight(record, outcomes)
+                await self.trust.restore(nodes)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
             "rollout %s %s%s",
@@ -359,25 +378,47 @@ class Coordinator:
         return NodeOutcome(node, step="stage")
 
     async def _abort_staged(self, in_flight: RolloutRecord, staged: list[NodeOutcome]) -> NoReturn:
-        """Some node failed to stage: abort on every node, forget the rollout, raise 409."""
-        await self._abort_everywhere(in_flight, [o.node for o in staged])
+        """Some node failed to stage: abort on the nodes that staged, audit it, forget the
+        rollout, raise 409. A node whose stage failed is not sent an abort: it may be the
+        frozen one, and waiting out ``--agent-timeout`` for it a second time would only delay
+        the answer; its undecided files are harmless and the reconciler's tidy removes them."""
+        failed = [o for o in staged if not o.ok]
+        await self._abort_everywhere(
+            in_flight,
+            [o.node for o in staged if o.ok],
+            skipped=[
+                NodeOutcome(o.node, ok=False, step="stage", error=f"not aborted: {o.error}")
+                for o in failed
+            ],
+        )
         await self.state.end_rollout(in_flight)
-        failed = [o.node.name for o in staged if not o.ok]
         for outcome in staged:
             if outcome.ok:
                 outcome.ok, outcome.error = False, "aborted: another node failed to stage"
         raise NodesNotUpdated(
             f"{len(failed)} of {len(staged)} nodes could not stage the certificate "
-            f"({', '.join(failed)}); the update was aborted and no node changed",
+            f"({', '.join(o.node.name for o in failed)}); the update was aborted and no node "
+            "changed",
+            step="stage",
             nodes=[o.as_json() for o in staged],
         )
 
     async def _abort_everywhere(
-        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]
+        self,
+        in_flight: RolloutRecord,
+        nodes: Sequence[NodeRecord],
+        skipped: Sequence[NodeOutcome] = (),
+        *,
+        recovered: bool = False,
     ) -> list[NodeOutcome]:
-        return list(
+        """Abort ``in_flight`` on ``nodes`` (in parallel) and write its ``abort`` audit event
+        with every node's outcome, ``skipped`` ones (not sent an abort) included."""
+        outcomes = list(
             await asyncio.gather(*(self._abort_node(n, in_flight.generations) for n in nodes))
         )
+        everyone = sorted([*outcomes, *skipped], key=lambda o: o.node.node_id)
+        await self._audit_in_flight(in_flight, everyone, recovered=recovered)
+        return outcomes
 
     async def _abort_node(self, node: NodeRecord, generations: dict[str, int]) -> NodeOutcome:
         client = await self.pool.client(node)
@@ -511,10 +552,11 @@ class Coordinator:
             )
 
     async def _audit_in_flight(
-        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]
+        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome], *, recovered: bool
     ) -> None:
-        """The event of a rollout finished by :meth:`resolve_in_flight`: ``update`` when it
-        was rolled forward, ``abort`` when it was not decided."""
+        """The event of a rollout that ended without the normal path: ``update`` when
+        :meth:`resolve_in_flight` rolled it forward, ``abort`` when it was aborted (live, or
+        by crash recovery: ``recovered``, which names the rollout)."""
         decided = record.phase == "decided"
         for name, generation in sorted(record.generations.items()):
             await self.state.add_event(
@@ -527,7 +569,7 @@ class Coordinator:
                     old_fingerprint=record.previous.get(name),
                     new_fingerprint=record.fingerprints.get(name) if decided else None,
                     nodes=[o.summary() for o in outcomes],
-                    rollout_id=record.rollout_id,
+                    rollout_id=record.rollout_id if recovered else None,
                 )
             )
 
@@ -578,6 +620,23 @@ class Coordinator:
     def _mark(self, node: NodeRecord, state: str) -> None:
         if self.progress is not None and node.name in self.progress.nodes:
             self.progress.nodes[node.name] = state
+
+
+def _check_expected(
+    fresh: Sequence[CertRecord],
+    current: dict[str, CertRecord | None],
+    expected: Mapping[str, int],
+) -> None:
+    for record in fresh:
+        if record.name not in expected:
+            continue
+        existing = current.get(record.name)
+        now = existing.generation if existing is not None else 0
+        if now != expected[record.name]:
+            raise GenerationMismatch(
+                f"{record.name} is at generation {now}, not {expected[record.name]} as "
+                "expected: it changed since it was read; read it again and decide"
+            )
 
 
 def _names(records: Sequence[CertRecord]) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
+from clustercert.clock import utc_now
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
@@ -32,6 +33,7 @@ from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.control.trust import TrustKeeper
 from clustercert.errors import ConfigError
+from clustercert.internode import CONTROL_PLANE_URI
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 from clustercert.web.app import build_console
@@ -248,6 +250,12 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     try:
         state = directory.state(store)
         ca = directory.ca()
+        if await asyncio.to_thread(directory.ensure_control_plane_identity, utc_now()):
+            log.warning(
+                "reissued the control plane's internode identity with its URI SAN %s "
+                "(agents now refuse internal-CA client certificates without it)",
+                CONTROL_PLANE_URI,
+            )
         listener = ApiListener(
             directory,
             state,

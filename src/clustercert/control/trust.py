@@ -167,6 +167,7 @@ class TrustKeeper:
             raise NodesNotUpdated(
                 f"the update was aborted before staging: {len(failed)} of {len(nodes)} nodes "
                 f"could not trust the new root ({names}); no node changed",
+                step="trust",
                 nodes=[o.as_json() for o in outcomes],
             )
         await seam("after_trust", "")
