@@ -11,6 +11,7 @@ import pytest
 from clustercert.cli import main
 from clustercert.clock import parse_iso, utc_now
 from clustercert.control.alerts import (
+    AlertState,
     CertificateExpiry,
     NodeCertificate,
     changed,
@@ -58,7 +59,7 @@ def test_cluster_alert_raises_at_the_threshold_to_the_second(
         assert (cert.name, cert.nodes, cert.internal) == ("proxy", ("node-1",), False)
         assert cert.seconds_left == int(left.total_seconds())
         assert state.since == T0
-        assert state.as_json()["certificates"][0]["source"] == "user"
+        assert state.as_json()["change_value"]["certificates"][0]["source"] == "user"
     else:
         assert state.certificates == () and state.since is None
 
@@ -117,14 +118,20 @@ def test_a_disabled_alert_is_cleared_and_lists_nothing() -> None:
     assert (state.enabled, state.raised, state.certificates) == (False, False, ())
     assert state.since == T0 + SECOND
     assert state.as_json() == {
-        "name": CLUSTER,
         "enabled": False,
-        "state": "cleared",
-        "threshold": 30,
-        "since": "2026-12-02T08:00:01Z",
-        "certificates": [],
-        "nodes": [],
+        "state": False,
+        "severity": "WARNING",
+        "change_time": "2026-12-02T08:00:01Z",
+        "change_value": {"state": False, "threshold": 30, "certificates": [], "nodes": []},
     }
+
+
+def test_a_state_survives_its_json_form() -> None:
+    """States are kept in the store between passes (and across control planes)."""
+    desired = [CertificateExpiry("api", T0 + DAY, internal=True)]
+    served = [NodeCertificate("node-1", "api", T0 + DAY, internal=True)]
+    for state in evaluate(desired, served, _settings(30), T0).values():
+        assert AlertState.from_json(state.alert, state.as_json()) == state
 
 
 # --- settings ----------------------------------------------------------------------------------

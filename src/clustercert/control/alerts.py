@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from clustercert.clock import iso
+from clustercert.clock import iso, parse_iso
 from clustercert.control.settings import AlertSetting, AlertSettings
 
 __all__ = [
@@ -97,15 +97,39 @@ class AlertState:
         return tuple(sorted({n for c in self.certificates for n in c.nodes}))
 
     def as_json(self) -> dict[str, Any]:
+        """Redis Enterprise's alert object (``GET /v1/cluster/alerts``); ``change_value`` adds
+        what is affected."""
         return {
-            "name": self.alert,
             "enabled": self.enabled,
-            "state": self.state,
-            "threshold": self.threshold,
-            "since": iso(self.since) if self.since is not None else None,
-            "certificates": [c.as_json() for c in self.certificates],
-            "nodes": list(self.nodes),
+            "state": self.raised,
+            "severity": "WARNING",
+            "change_time": iso(self.since) if self.since is not None else None,
+            "change_value": {
+                "state": self.raised,
+                "threshold": self.threshold,
+                "certificates": [c.as_json() for c in self.certificates],
+                "nodes": list(self.nodes),
+            },
         }
+
+    @classmethod
+    def from_json(cls, alert: str, raw: Mapping[str, Any]) -> AlertState:
+        """The inverse of :meth:`as_json` (states are kept in the store between passes)."""
+        value = raw["change_value"]
+        return cls(
+            alert,
+            bool(raw["enabled"]),
+            bool(raw["state"]),
+            int(value["threshold"]),
+            parse_iso(raw["change_time"]) if raw.get("change_time") else None,
+            tuple(
+                AffectedCertificate(
+                    c["name"], parse_iso(c["not_after"]), int(c["seconds_left"]),
+                    c["source"] == "internal", tuple(c["nodes"]),
+                )
+                for c in value["certificates"]
+            ),
+        )  # fmt: skip
 
 
 def _within(not_after: dt.datetime, now: dt.datetime, setting: AlertSetting) -> bool:

@@ -7,13 +7,14 @@ process's own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from clustercert.clock import parse_iso
+from clustercert.clock import parse_iso, utc_now
 from clustercert.control.state import ClusterState
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -22,8 +23,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _StoreCollector(Collector):
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, clock: Callable[[], dt.datetime]) -> None:
         self.state = state
+        self.clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         not_after = GaugeMetricFamily(
@@ -41,11 +43,22 @@ class _StoreCollector(Collector):
             "Nodes that proved (by handshake) they serve the desired generation.",
             labels=["name"],
         )
+        # The agents' node_cert_expiration_seconds labels, so rules can join the two views
+        # on (cluster, logical_name).
+        expiration = GaugeMetricFamily(
+            "clustercert_certificate_expiration_seconds",
+            "Seconds until each desired certificate expires (source: internal or user).",
+            labels=["cluster", "logical_name", "source"],
+        )
+        cluster, now = self.state.cluster_name(), self.clock()
         nodes = self.state.nodes()
         applied = {n.node_id: self.state.applied(n.node_id) for n in nodes}
         for record in self.state.certificates():
             expiry = parse_iso(record.not_after)
             not_after.add_metric([record.name], expiry.timestamp())
+            expiration.add_metric(
+                [cluster, record.name, record.source], (expiry - now).total_seconds()
+            )
             generation.add_metric([record.name], record.generation)
             proven = [applied[n.node_id].get(record.name) for n in nodes]
             in_sync.add_metric(
@@ -54,13 +67,13 @@ class _StoreCollector(Collector):
             )
         total = GaugeMetricFamily("clustercert_nodes", "Nodes that joined the cluster.")
         total.add_metric([], len(nodes))
-        yield from (not_after, generation, in_sync, total)
+        yield from (not_after, expiration, generation, in_sync, total)
 
 
 class Metrics:
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, clock: Callable[[], dt.datetime] = utc_now) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(state))
+        self.registry.register(_StoreCollector(state, clock))
         self.rollouts = Counter(
             "clustercert_rollouts",
             "Certificate rollouts by result (ok, or the error_code that ended them).",
