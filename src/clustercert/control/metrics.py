@@ -8,13 +8,14 @@ process's own.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from clustercert.clock import parse_iso, utc_now
+from clustercert.control.alerts import ALERT_NAMES, AlertState
 from clustercert.control.state import ClusterState
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -86,6 +87,28 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+
+        self.alert_active = Gauge(
+            "clustercert_alert_active",
+            "1 while the alert (alert_settings, GET /v1/cluster/alerts) is raised, else 0.",
+            ["alert"],
+            registry=self.registry,
+        )
+        for alert in ALERT_NAMES:
+            self.alert_active.labels(alert).set(0)
+        self.webhook_notifications = Counter(
+            "clustercert_webhook_notifications",
+            "Alert notifications by outcome (ok, refused, failed after retries, dropped).",
+            ["result"],
+            registry=self.registry,
+        )
+
+    def set_alerts(self, states: Mapping[str, AlertState]) -> None:
+        for name, state in states.items():
+            self.alert_active.labels(name).set(1 if state.raised else 0)
+
+    def observe_webhook(self, result: str) -> None:
+        self.webhook_notifications.labels(result).inc()
 
     def observe_rollout(self, result: str, seconds: float) -> None:
         self.rollouts.labels(result).inc()

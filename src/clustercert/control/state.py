@@ -4,6 +4,7 @@ Key layout (the store itself is layout-agnostic)::
 
     meta/cluster                   {"name", "internal_cert_seconds", "next_node_id", "next_uid"}
     meta/settings                  alert and rotation-job settings (:mod:`.settings`)
+    alerts/<alert name>            the alert's last evaluated state (:mod:`.alerts`)
     certs/<name>                   desired certificate: generation, chain, sealed key, ...
     nodes/<node_id>                a joined node: name, agent URL
     applied/<node_id>/<name>       what the node last proved it serves
@@ -202,6 +203,25 @@ class ClusterState:
             return old, new
         raise StoreConflict("the settings changed concurrently five times in a row; retry")
 
+    # --- alert states (alerts/<name>) -----------------------------------------------------
+
+    def alert_states(self) -> dict[str, tuple[dict[str, Any], int]]:
+        """Each alert's stored state (its JSON form) and the revision it was read at."""
+        return {
+            e.key.removeprefix("alerts/"): (json.loads(e.value), e.revision)
+            for e in self.store.list("alerts/")
+        }
+
+    def record_alert(self, name: str, raw: dict[str, Any], expect_revision: int) -> bool:
+        """Store alert ``name``'s new state if it is still at ``expect_revision`` (0: never
+        stored). False when another control plane recorded it first (then it notifies, not
+        the caller): a flip is announced once however many control planes evaluate."""
+        try:
+            self.store.put("alerts/" + name, json.dumps(raw), expect_revision=expect_revision)
+        except StoreConflict:
+            return False
+        return True
+
     # --- certificates -------------------------------------------------------------------
 
     def _decode_cert(self, value: str, revision: int) -> CertRecord:
@@ -270,6 +290,14 @@ class ClusterState:
             e.key[len(prefix) :]: AppliedRecord(**json.loads(e.value))
             for e in self.store.list(prefix)
         }
+
+    def all_applied(self) -> dict[int, dict[str, AppliedRecord]]:
+        """What every node last proved, by node id then name: one read of ``applied/``."""
+        applied: dict[int, dict[str, AppliedRecord]] = {}
+        for entry in self.store.list("applied/"):
+            node_id, name = entry.key.removeprefix("applied/").split("/", 1)
+            applied.setdefault(int(node_id), {})[name] = AppliedRecord(**json.loads(entry.value))
+        return applied
 
     def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:
         self.store.put(f"applied/{node_id}/{name}", json.dumps(asdict(record)))
