@@ -23,7 +23,7 @@ from clustercert import pki
 from clustercert.clock import iso, parse_iso
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.alerts import CLUSTER_ALERT, NODE_ALERT
-from clustercert.control.directory import DEFAULT_SANS, ClusterDirectory, init_cluster
+from clustercert.control.directory import ClusterDirectory, init_cluster
 from clustercert.control.lifecycle import ROTATION_ACTOR, Lifecycle, renewal_due
 from clustercert.control.metrics import Metrics
 from clustercert.control.rollout import Coordinator
@@ -60,7 +60,7 @@ class Plane:
         pool = AgentPool(internode_client_context(d.ca_file, d.identity_cert, d.identity_key), 5)
         coordinator = Coordinator(self.state, pool, lock_wait=5, clock=self.clock)
         return Lifecycle(
-            self.state, coordinator, d.ca(), self.metrics, lambda: DEFAULT_SANS,
+            self.state, coordinator, d.ca(), self.metrics,
             notifier=notifier, clock=self.clock, retry_delay=60,
         )  # fmt: skip
 

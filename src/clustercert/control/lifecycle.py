@@ -38,7 +38,7 @@ from clustercert.control.alerts import (
     NodeCertificate,
     evaluate,
 )
-from clustercert.control.directory import issue_internal
+from clustercert.control.directory import internal_sans, issue_internal
 from clustercert.control.metrics import Metrics
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
@@ -78,7 +78,6 @@ class Lifecycle:
     coordinator: Coordinator
     ca: pki.CertificateAuthority
     metrics: Metrics
-    sans: Callable[[], tuple[str, ...]]  # the SANs of internal certificates (as rotate uses)
     notifier: WebhookNotifier | None = None
     clock: Callable[[], dt.datetime] = utc_now
     interval: float = 5.0
@@ -176,7 +175,7 @@ class Lifecycle:
         due = renewal_due(records, job.expiry_days_before_rotation, validity, now)
         if not due:
             return []
-        cluster, sans = self.state.cluster_name(), self.sans()
+        cluster, sans = self.state.cluster_name(), internal_sans(self.state.nodes())
         fresh = [
             issue_internal(self.ca, r.name, cluster, sans, now, 0, ROTATION_ACTOR, validity)
             for r in due
