@@ -105,6 +105,12 @@ def _listen(value: str) -> tuple[str, int]:
     "--lock-wait", default=30.0, show_default=True, help="Seconds an update waits for the lock."
 )
 @click.option("--reconcile-interval", default=1.0, show_default=True)
+@click.option(
+    "--webhook-ca-file",
+    default=None,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="A CA trusted for the alert webhook's receiver, besides the system CAs.",
+)
 def server(
     directory: Path,
     listen: str,
@@ -112,6 +118,7 @@ def server(
     agent_timeout: float,
     lock_wait: float,
     reconcile_interval: float,
+    webhook_ca_file: Path | None,
 ) -> None:
     """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
     from clustercert.control.directory import ClusterDirectory
@@ -126,6 +133,7 @@ def server(
         agent_timeout=agent_timeout,
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
+        webhook_ca_file=webhook_ca_file,
     )
     asyncio.run(serve(ClusterDirectory(directory), settings))
 

@@ -14,6 +14,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -23,12 +24,14 @@ from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
 from clustercert.control.directory import ClusterDirectory
 from clustercert.control.faults import FAULT_ENV, FaultPlan
+from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
@@ -49,6 +52,8 @@ class ServerSettings:
     reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
+    lifecycle_interval: float = 5.0  # alerts and the rotation job (docs/alerts.md)
+    webhook_ca_file: Path | None = None  # trusted for the alert webhook, besides the system CAs
 
 
 class ApiListener:
@@ -152,6 +157,17 @@ async def _follow_store(listener: ApiListener, interval: float) -> None:
             log.exception("could not refresh the API listener from the store; retrying")
 
 
+def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system CAs, plus ``ca_file`` (a private CA that signed the webhook receiver)."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--webhook-ca-file {ca_file}: {exc}") from exc
+    return context
+
+
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM."""
     store = directory.open_store(settings.store)
@@ -181,6 +197,13 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
         )
+        metrics = Metrics(state)
+        notifier = WebhookNotifier(
+            _webhook_context(settings.webhook_ca_file), observe=metrics.observe_webhook
+        )
+        lifecycle = Lifecycle(
+            state, coordinator, ca, metrics, notifier, interval=settings.lifecycle_interval
+        )
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
@@ -191,7 +214,8 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 trusted_client_cas=lambda: _trusted_client_cas(state),
             ),
             trust=TrustStore.system(extra=[ca.cert]),
-            metrics=Metrics(state),
+            metrics=metrics,
+            lifecycle=lifecycle,
             ca=ca,
         )
         server = uvicorn.Server(
@@ -201,11 +225,13 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
         following = asyncio.create_task(_follow_store(listener, settings.reconcile_interval))
+        watching = asyncio.create_task(lifecycle.run_forever())
+        notifying = asyncio.create_task(notifier.run())
         log.info("control plane listening on https://%s:%d", settings.host, settings.port)
         try:
             await server.serve()
         finally:
-            for task in (reconciling, following):
+            for task in (reconciling, following, watching, notifying):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
