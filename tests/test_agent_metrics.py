@@ -80,13 +80,14 @@ def test_node_cert_expiration_seconds_has_redis_enterprise_labels(cluster: DemoC
     internode identity and trusted CA: seconds left, as Redis Enterprise exports them."""
     node = cluster.nodes[0]
     with _scraper(cluster) as scraper, api(cluster) as client:
+        before = time.time()
         text = scraper.get(f"https://127.0.0.1:{node.metrics_port}/metrics").text
+        after = time.time()
         nodes = {n["name"]: n for n in client.get("/v1/nodes").json()}
         certificates = {
             name: client.get(f"/v1/cluster/certificates/{name}").json()
             for name in ("proxy", "metrics_exporter")
         }
-    now = time.time()
     series = _series(text, "node_cert_expiration_seconds")
     assert {"proxy", "syncer", "metrics_exporter", "node_identity", "internal_ca"} <= set(series)
     for name, (labels, seconds) in series.items():
@@ -95,8 +96,9 @@ def test_node_cert_expiration_seconds_has_redis_enterprise_labels(cluster: DemoC
         path = Path(labels["path"])
         assert path.is_file() and path.is_relative_to(node.directory)
         leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
-        # Seconds left at scrape time: the file's notAfter minus a moment ago.
-        assert 0 <= leaf.not_valid_after_utc.timestamp() - now - seconds < 60, name
+        # Seconds left at scrape time, which lies between before and after.
+        expiry = leaf.not_valid_after_utc.timestamp()
+        assert expiry - after <= seconds <= expiry - before, name
     for name, detail in certificates.items():
         labels, seconds = series[name]
         served = x509.load_pem_x509_certificates(Path(labels["path"]).read_bytes())[0]

@@ -135,6 +135,7 @@ class JoinAnswer(_Doc):
     node_id: int
     certificate: str
     ca_certificate: str
+    cluster_name: str
 
 
 class UserBody(_Doc):

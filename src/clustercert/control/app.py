@@ -35,7 +35,8 @@ from clustercert.control.apidoc import (
     request_body,
 )
 from clustercert.control.audit import NodeEvent
-from clustercert.control.directory import DEFAULT_SANS, issue_internal
+from clustercert.control.cluster_api import cluster_router
+from clustercert.control.directory import internal_sans, issue_internal
 from clustercert.control.http import error_response, parse_model, read_json
 from clustercert.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from clustercert.control.plane import ControlPlane
@@ -308,10 +309,12 @@ def build_app(cp: ControlPlane) -> FastAPI:
         body = parse_model(RotateBody, data)
         records = [cp.state.certificate(n) for n in _rotation_names(cp, body.name)]
         current = [r for r in records if r is not None]
-        now = cp.clock()
-        sans = (*DEFAULT_SANS, *sorted({_host(n.agent_url) for n in cp.state.nodes()}))
+        now, validity = cp.clock(), cp.state.internal_cert_validity()
+        sans = internal_sans(cp.state.nodes())
         fresh = [
-            issue_internal(cp.ca, r.name, cp.state.cluster_name(), sans, now, 0, user.email)
+            issue_internal(
+                cp.ca, r.name, cp.state.cluster_name(), sans, now, 0, user.email, validity
+            )
             for r in current
         ]
         outcomes = await timed_roll_out(fresh, user)
@@ -431,9 +434,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
             "node_id": node.node_id,
             "certificate": certificate,
             "ca_certificate": cp.ca.cert_pem,
+            "cluster_name": cp.state.cluster_name(),
         }
 
     app.include_router(users_router(cp))
+    app.include_router(cluster_router(cp))
     return app
 
 
