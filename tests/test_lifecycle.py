@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,8 +22,11 @@ import redis
 from certfactory import CA
 from clusterkit import api, served_by_node, wait_until
 from conftest import ADMIN_PASSWORD
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 from webhook_receiver import Receiver, webhook_receiver
 
+from clustercert import pki
 from clustercert.clock import parse_iso
 from clustercert.demo import DemoCluster, free_port
 
@@ -159,6 +163,32 @@ def test_settings_need_json_and_update_cluster(alerting: DemoCluster) -> None:
         assert refused.json()["error_code"] == "insufficient_permissions"
     with api(alerting) as admin:
         assert admin.get("/v1/cluster").json() == before
+
+
+def test_the_control_plane_exports_the_expiry_of_its_own_files(alerting: DemoCluster) -> None:
+    """Its API listener's certificate, its internode identity and the internal CA, in the
+    agents' series (so the same Prometheus rules watch them)."""
+    with api(alerting) as client:
+        before = time.time()
+        text = client.get("/metrics").text
+        after = time.time()
+        api_detail = client.get("/v1/cluster/certificates/api").json()
+    node = f"control-plane@127.0.0.1:{alerting.api_port}"
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "node_cert_expiration_seconds":
+                assert sample.labels["node"] == node and sample.labels["cluster"] == "cluster.local"
+                found[sample.labels["logical_name"]] = (Path(sample.labels["path"]), sample.value)
+    assert set(found) == {"api", "control_plane_identity", "internal_ca"}
+    directory = alerting.cluster
+    assert found["internal_ca"][0] == directory.ca_file
+    assert found["control_plane_identity"][0] == directory.identity_cert
+    served = x509.load_pem_x509_certificates(found["api"][0].read_bytes())[0]
+    assert pki.fingerprint_sha256(served) == api_detail["fingerprint_sha256"]
+    for path, seconds in found.values():
+        expiry = x509.load_pem_x509_certificates(path.read_bytes())[0].not_valid_after_utc
+        assert expiry.timestamp() - after <= seconds <= expiry.timestamp() - before
 
 
 # --- alerts and the webhook ------------------------------------------------------------------

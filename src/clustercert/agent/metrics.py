@@ -5,10 +5,9 @@ Scrapers authenticate with a client certificate from the cluster's internal CA (
 like every internode call). A new certificate applies to new handshakes; open connections keep
 the one they were made with (:class:`clustercert.tls.ReloadableServerContext`).
 
-``node_cert_expiration_seconds{cluster,logical_name,node,path}`` has Redis Enterprise's name and
-labels: seconds until the certificate in the file the node serves expires (negative once it
-has), read from that file at scrape time, for every certificate name the node holds and for
-the node's own internode identity and trusted internal CA.
+``node_cert_expiration_seconds{cluster,logical_name,node,path}`` (:mod:`clustercert.expiry`)
+covers every certificate name the node holds and the node's own internode identity and
+trusted internal CA.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from clustercert.agent.config import ServiceConfig
 from clustercert.agent.services import ReloadFailed, Service
 from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.clock import utc_now
+from clustercert.expiry import expiration_family
 from clustercert.tls import ReloadableServerContext
 
 __all__ = ["MetricsListener", "NodeLabels"]
@@ -72,12 +72,6 @@ class _FilesCollector(Collector):
             "When the certificate the node uses expires (Unix time).",
             labels=["name"],
         )
-        expiration = GaugeMetricFamily(
-            "node_cert_expiration_seconds",
-            "Seconds until the certificate in the file the node serves expires.",
-            labels=["cluster", "logical_name", "node", "path"],
-        )
-        now = self.clock()
         served = dict(self.labels.identity)
         for name in self.files.names():
             current = self.files.current(name)
@@ -88,15 +82,7 @@ class _FilesCollector(Collector):
             generation.add_metric([name], float(current))
             not_after.add_metric([name], leaf.not_valid_after_utc.timestamp())
             served[name] = paths.cert
-        for name, path in sorted(served.items()):
-            try:
-                leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
-            except (OSError, ValueError):
-                continue  # removed between listing and reading (a prune): gone from the series
-            expiration.add_metric(
-                [self.labels.cluster, name, self.labels.node, str(path)],
-                (leaf.not_valid_after_utc - now).total_seconds(),
-            )
+        expiration = expiration_family(self.labels.cluster, self.labels.node, served, self.clock())
         yield from (generation, not_after, expiration)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 from clustercert.clock import parse_iso, utc_now
 from clustercert.control.alerts import ALERT_NAMES, AlertState
 from clustercert.control.state import ClusterState
+from clustercert.expiry import expiration_family
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -24,9 +26,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _StoreCollector(Collector):
-    def __init__(self, state: ClusterState, clock: Callable[[], dt.datetime]) -> None:
+    def __init__(
+        self,
+        state: ClusterState,
+        clock: Callable[[], dt.datetime],
+        node: str,
+        own_files: Callable[[], Mapping[str, Path]],
+    ) -> None:
         self.state = state
         self.clock = clock
+        self.node = node
+        self.own_files = own_files
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         not_after = GaugeMetricFamily(
@@ -69,12 +79,24 @@ class _StoreCollector(Collector):
         total = GaugeMetricFamily("clustercert_nodes", "Nodes that joined the cluster.")
         total.add_metric([], len(nodes))
         yield from (not_after, expiration, generation, in_sync, total)
+        # What this control plane serves and holds itself, in the agents' series.
+        yield expiration_family(cluster, self.node, self.own_files(), now)
 
 
 class Metrics:
-    def __init__(self, state: ClusterState, clock: Callable[[], dt.datetime] = utc_now) -> None:
+    """``node`` and ``own_files`` label and list the certificate files this control plane
+    itself serves or holds (its API listener's, its internode identity, the internal CA)."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        clock: Callable[[], dt.datetime] = utc_now,
+        *,
+        node: str = "control-plane",
+        own_files: Callable[[], Mapping[str, Path]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(state, clock))
+        self.registry.register(_StoreCollector(state, clock, node, own_files))
         self.rollouts = Counter(
             "clustercert_rollouts",
             "Certificate rollouts by result (ok, or the error_code that ended them).",

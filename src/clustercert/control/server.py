@@ -106,6 +106,11 @@ class ApiListener:
         self.files.stage("api", record.generation, record.certificate, record.key)
         return self.files.activate("api", record.generation)
 
+    def cert_path(self) -> Path | None:
+        """The certificate file this listener serves now."""
+        paths = self.files.paths("api", self.generation)
+        return paths.cert if paths is not None else None
+
     def on_committed(self, records: Sequence[CertRecord]) -> None:
         for record in records:
             if record.name == "mtls_trusted_ca":
@@ -197,7 +202,20 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
         )
-        metrics = Metrics(state)
+
+        def own_files() -> dict[str, Path]:
+            files = {
+                "control_plane_identity": directory.identity_cert,
+                "internal_ca": directory.ca_file,
+            }
+            served = listener.cert_path()
+            if served is not None:
+                files["api"] = served
+            return files
+
+        metrics = Metrics(
+            state, node=f"control-plane@{settings.host}:{settings.port}", own_files=own_files
+        )
         notifier = WebhookNotifier(
             _webhook_context(settings.webhook_ca_file), observe=metrics.observe_webhook
         )
