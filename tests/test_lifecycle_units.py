@@ -246,3 +246,16 @@ def test_a_failed_renewal_changes_nothing_and_waits_before_retrying(plane: Plane
     metrics = plane.metrics.render().decode()
     # The direct call above, then one attempt by the first pass; the second pass waited.
     assert 'clustercert_rollouts_total{result="nodes_not_updated"} 2.0' in metrics
+
+
+def test_a_raised_alert_is_not_rewritten_on_every_pass(plane: Plane) -> None:
+    """The store is written when an alert flips or what it lists changes, not because its
+    seconds_left moved."""
+    plane.settings(cert_rotation_job_settings={"enabled": False})
+    lifecycle = plane.lifecycle()
+    plane.clock.now = EXPIRY - 10 * DAY
+    lifecycle.check_alerts(plane.state.certificates())
+    revision = plane.state.alert_states()[CLUSTER_ALERT][1]
+    plane.clock.now += 60 * SECOND
+    lifecycle.check_alerts(plane.state.certificates())
+    assert plane.state.alert_states()[CLUSTER_ALERT][1] == revision

@@ -72,6 +72,10 @@ def renewal_due(
     ]
 
 
+def _affected(state: AlertState) -> set[tuple[str, dt.datetime, tuple[str, ...]]]:
+    return {(c.name, c.not_after, c.nodes) for c in state.certificates}
+
+
 @dataclass
 class Lifecycle:
     state: ClusterState
@@ -142,9 +146,10 @@ class Lifecycle:
         for name, state in current.items():
             before, revision = stored.get(name, (None, 0))
             was_raised = before.raised if before is not None else False
-            # Store a flip, and a raised alert whose affected list changed (the API shows it).
+            # Store a flip, and a raised alert whose affected list changed (not every pass:
+            # seconds_left moves, what is affected rarely does).
             if was_raised == state.raised and (
-                not state.raised or before is None or before.certificates == state.certificates
+                not state.raised or before is None or _affected(before) == _affected(state)
             ):
                 continue
             if not self.state.record_alert(name, state.as_json(), revision):
