@@ -310,3 +310,49 @@ def test_internal_certificates_are_renewed_before_expiry_without_a_failed_connec
     for pinger in pingers:
         assert pinger.failures == [], pinger.failures
         assert pinger.ok >= 20
+
+
+def _rollouts(client: httpx.Client, result: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "clustercert_rollouts_total" and sample.labels["result"] == result:
+                return sample.value
+    return 0.0
+
+
+def test_a_node_down_delays_the_renewal_and_nothing_changes_until_it_is_back(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With node-2's agent stopped, the job's renewal cannot stage there: it is aborted (no
+    node changes, the desired certificates stay) and retried after its backoff (30 s). Once
+    node-2 is back, the retry renews on both nodes, before the old certificates expire."""
+    cluster = _start(tmp_path_factory, 2, internal_validity=dt.timedelta(minutes=3))
+    try:
+        down = cluster.nodes[1]
+        assert down.process is not None
+        down.process.terminate()
+        down.process.wait(timeout=30)
+        with api(cluster) as client:
+            first = client.get("/v1/cluster/certificates/proxy").json()
+            wait_until(
+                lambda: _rollouts(client, "nodes_not_updated") >= 1, timeout=120, interval=0.5,
+                what="a renewal refused while node-2 is down",
+            )  # fmt: skip
+            assert (
+                client.get("/v1/cluster/certificates/proxy").json()["generation"]
+                == (first["generation"])
+            )
+            cluster.start_agent(down)
+
+            def renewed() -> dict[str, Any] | None:
+                detail = client.get("/v1/cluster/certificates/proxy").json()
+                in_sync = all(n["in_sync"] for n in detail["nodes"])
+                return detail if in_sync and detail["generation"] > first["generation"] else None
+
+            detail = wait_until(renewed, timeout=150, interval=0.5, what="the retried renewal")
+        served = served_by_node(cluster)
+    finally:
+        cluster.stop()
+    assert detail["updated_by"] == "rotation-job"
+    assert parse_iso(detail["updated_at"]) < parse_iso(first["not_after"])
+    assert set(served.values()) == {detail["fingerprint_sha256"]}
