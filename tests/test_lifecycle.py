@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from webhook_receiver import Receiver, webhook_receiver
 
 from clustercert import pki
+from clustercert.cli import main
 from clustercert.clock import parse_iso
 from clustercert.demo import DemoCluster, free_port
 
@@ -195,7 +196,7 @@ def test_the_control_plane_exports_the_expiry_of_its_own_files(alerting: DemoClu
 
 
 def test_an_alert_raises_and_clears_and_the_webhook_gets_both(
-    alerting: DemoCluster, receiver: Receiver
+    alerting: DemoCluster, receiver: Receiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A user proxy 10 days from expiry raises cluster_certs_about_to_expire (the rotation job
     leaves it alone); a successor clears it. The receiver fails the first call (500): the
@@ -228,6 +229,10 @@ def test_an_alert_raises_and_clears_and_the_webhook_gets_both(
         events = client.get("/v1/cluster/certificates/events").json()["events"]
         assert not [e for e in events if e["who"] == "rotation-job"]
 
+        assert main(["alerts", "--cluster-file", str(alerting.write_cluster_json())]) == 0
+        shown = capsys.readouterr().out
+        assert "cluster_certs_about_to_expire" in shown and "RAISED" in shown
+        assert "proxy (user, 9 d)" in shown
         renewed = client.put("/v1/cluster/update_cert", json=_proxy(365))
         assert renewed.status_code == 200, renewed.text
         wait_until(lambda: not _alert(client)["state"], timeout=60, what="the alert cleared")

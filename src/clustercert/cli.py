@@ -517,6 +517,34 @@ def rladmin_set(name: str, words: tuple[str, ...], **options: Any) -> None:
     click.echo(f"Set {name} certificate to contents of file {pairs['certificate_file']}")
 
 
+@cli.command("alerts")
+@client_options
+def alerts(**options: Any) -> None:
+    """The certificate-expiry alerts and what they list (GET /v1/cluster/alerts)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(options) as client:
+        answer = client.call("GET", "/v1/cluster/alerts")
+    table = Table("alert", "state", "threshold", "since", "certificates (source, days left)",
+                  box=None)  # fmt: skip
+    for name, alert in sorted(answer.items()):
+        value = alert["change_value"]
+        state = "[red]RAISED[/red]" if alert["state"] else "cleared"
+        listed = ", ".join(
+            f"{c['name']} ({c['source']}, {c['seconds_left'] // 86400} d)"
+            for c in value["certificates"]
+        )
+        table.add_row(
+            name,
+            state if alert["enabled"] else "disabled",
+            f"{value['threshold']} days",
+            alert["change_time"] or "-",
+            listed or "-",
+        )
+    Console(width=200).print(table)
+
+
 # --- users (over the REST API; DESIGN §8) ------------------------------------------------------
 
 
