@@ -1,7 +1,7 @@
 # Every target that runs code depends on `install`, so a fresh machine needs nothing else.
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := redis-server openssl etcd-server curl prometheus
+DEBS := redis-server openssl etcd-server curl chromium prometheus
 
 .PHONY: install demo test lint typecheck pytest check-rules bench bench-quick clean fuzz soak
 

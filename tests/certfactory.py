@@ -124,18 +124,40 @@ def _eku(usage: str) -> x509.ObjectIdentifier:
     return EKU_NAMES.get(usage) or x509.ObjectIdentifier(usage)
 
 
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=not ca,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
+KeyUsageKnob = bool | Sequence[str]
+"""``True``: the usual keyUsage (digitalSignature plus keyEncipherment for a leaf, keyCertSign
+and cRLSign for a CA); ``False``: no keyUsage extension; a sequence of RFC 5280 names
+(``"digitalSignature"``, ``"nonRepudiation"``, ``"keyEncipherment"``, ``"dataEncipherment"``,
+``"keyAgreement"``, ``"keyCertSign"``, ``"cRLSign"``): exactly those bits, critical."""
+
+_KEY_USAGE_FIELDS = {
+    "digitalSignature": "digital_signature",
+    "nonRepudiation": "content_commitment",
+    "keyEncipherment": "key_encipherment",
+    "dataEncipherment": "data_encipherment",
+    "keyAgreement": "key_agreement",
+    "keyCertSign": "key_cert_sign",
+    "cRLSign": "crl_sign",
+}
+
+
+def _key_usage(knob: Sequence[str] | None, *, ca: bool) -> x509.KeyUsage:
+    if knob is None:
+        knob = ["digitalSignature", "keyCertSign", "cRLSign"] if ca else [
+            "digitalSignature", "keyEncipherment"]  # fmt: skip
+    unknown = set(knob) - set(_KEY_USAGE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown keyUsage names {sorted(unknown)}")
+    bits = {field: name in knob for name, field in _KEY_USAGE_FIELDS.items()}
+    return x509.KeyUsage(**bits, encipher_only=False, decipher_only=False)
+
+
+def _add_key_usage(
+    builder: x509.CertificateBuilder, knob: KeyUsageKnob, *, ca: bool
+) -> x509.CertificateBuilder:
+    if knob is False:
+        return builder
+    return builder.add_extension(_key_usage(None if knob is True else knob, ca=ca), critical=True)
 
 
 # --- SHA-1 / MD5 signatures -----------------------------------------------------------------
@@ -401,7 +423,7 @@ class CA:
         not_after: dt.datetime | None = None,
         path_length: int | None = None,
         basic_constraints: bool = True,
-        key_usage: bool = True,
+        key_usage: KeyUsageKnob = True,
         signature_hash: SignatureHash = "sha256",
         extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
     ) -> CA:
@@ -425,7 +447,7 @@ class CA:
         end: dt.datetime,
         path_length: int | None,
         basic_constraints: bool,
-        key_usage: bool,
+        key_usage: KeyUsageKnob,
         extensions: Sequence[tuple[x509.ExtensionType, bool]],
     ) -> x509.CertificateBuilder:
         builder = (
@@ -449,8 +471,7 @@ class CA:
             builder = builder.add_extension(
                 x509.BasicConstraints(ca=True, path_length=path_length), critical=True
             )
-        if key_usage:
-            builder = builder.add_extension(_key_usage(ca=True), critical=True)
+        builder = _add_key_usage(builder, key_usage, ca=True)
         for ext, critical in extensions:
             builder = builder.add_extension(ext, critical=critical)
         return builder
@@ -464,7 +485,7 @@ class CA:
         not_after: dt.datetime | None = None,
         path_length: int | None = None,
         basic_constraints: bool = True,
-        key_usage: bool = True,
+        key_usage: KeyUsageKnob = True,
         signature_hash: SignatureHash = "sha256",
         extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
     ) -> CA:
@@ -509,7 +530,7 @@ class CA:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         is_ca: bool | None = False,
-        key_usage: bool = True,
+        key_usage: KeyUsageKnob = True,
         signature_hash: SignatureHash = "sha256",
         extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
         serial: int | None = None,
@@ -548,7 +569,7 @@ def _leaf_builder(
     sans: Sequence[str],
     eku: Iterable[str] | None,
     is_ca: bool | None,
-    key_usage: bool,
+    key_usage: KeyUsageKnob,
     extensions: Sequence[tuple[x509.ExtensionType, bool]],
 ) -> x509.CertificateBuilder:
     public = key.public_key()
@@ -571,8 +592,7 @@ def _leaf_builder(
         builder = builder.add_extension(
             x509.BasicConstraints(ca=is_ca, path_length=None), critical=True
         )
-    if key_usage:
-        builder = builder.add_extension(_key_usage(ca=bool(is_ca)), critical=True)
+    builder = _add_key_usage(builder, key_usage, ca=bool(is_ca))
     if eku is not None:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([_eku(u) for u in eku]), critical=False
@@ -651,12 +671,14 @@ def openssl_ca_and_leaf(
     eku: str | None = "serverAuth,clientAuth",
     days: int = 30,
     ca_key_usage: bool = True,
+    leaf_key_usage: str = "critical,digitalSignature",
 ) -> OpenSSLPair:
     """Make a CA and a leaf it issued with the ``openssl`` CLI, in ``directory``.
 
     The leaf has ``basicConstraints=CA:FALSE``, the SANs given, and ``extendedKeyUsage=eku``
     (none when ``eku`` is None). Validity starts now (openssl reads the real clock).
     ``ca_key_usage=False`` leaves keyUsage off the CA, as ``openssl req -x509`` does by default.
+    ``leaf_key_usage`` is the leaf's keyUsage in openssl's config syntax.
     """
     ca_usage = ["-addext", "keyUsage=critical,keyCertSign,cRLSign"] if ca_key_usage else []
     newkey = "rsa:2048" if key == "rsa" else "ec"
@@ -674,7 +696,7 @@ def openssl_ca_and_leaf(
         cwd=directory,
     )  # fmt: skip
     san_text = ",".join(f"IP:{s}" if _is_ip(s) else f"DNS:{s}" for s in sans)
-    lines = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature"]
+    lines = ["basicConstraints=critical,CA:FALSE", f"keyUsage={leaf_key_usage}"]
     if sans:
         lines.append(f"subjectAltName={san_text}")
     if eku:

@@ -20,7 +20,7 @@ from certfactory import CA
 
 from clustercert.demo import DemoCluster
 
-__all__ = ["api", "served_by_node", "served_fingerprint", "wait_until"]
+__all__ = ["api", "desired_fingerprints", "served_by_node", "served_fingerprint", "wait_until"]
 
 
 def served_fingerprint(host: str, port: int, server_name: str | None = None) -> str:
@@ -49,6 +49,17 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
 def served_by_node(cluster: DemoCluster) -> dict[str, str]:
     """What every node's redis serves right now, proven by handshake."""
     return {n.name: served_fingerprint("127.0.0.1", n.redis_port) for n in cluster.nodes}
+
+
+def desired_fingerprints(cluster: DemoCluster) -> dict[str, str]:
+    """What the store desires right now: each set name's leaf fingerprint, read over the API."""
+    with api(cluster) as client:
+        listed = client.get("/v1/cluster/certificates").json()
+        names = [k[: -len("_cert")] for k in listed if k.endswith("_cert")]
+        return {
+            n: client.get(f"/v1/cluster/certificates/{n}").json()["fingerprint_sha256"]
+            for n in names
+        }
 
 
 def api(

@@ -16,6 +16,7 @@ def start_cluster(
         tmp_path_factory.mktemp("cluster"),
         nodes_count=nodes,
         api_port=free_port(),
+        console_port=free_port(),  # not the default 8443: tests run beside a demo, or each other
         admin_password=ADMIN_PASSWORD,
         server_args=tuple(server_args),
     )

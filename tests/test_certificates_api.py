@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from certfactory import CA
-from clusterkit import api, served_by_node
+from clusterkit import api, desired_fingerprints, served_by_node
 
 from clustercert.cli import main
 from clustercert.demo import DemoCluster
@@ -24,23 +24,13 @@ def _item(name: str, leaf: Any) -> dict[str, str]:
     return {"name": name, "certificate": leaf.full_chain_pem, "key": leaf.key_pem}
 
 
-def _desired(cluster: DemoCluster) -> dict[str, str]:
-    with api(cluster) as client:
-        listed = client.get("/v1/cluster/certificates").json()
-        names = [k[: -len("_cert")] for k in listed if k.endswith("_cert")]
-        return {
-            n: client.get(f"/v1/cluster/certificates/{n}").json()["fingerprint_sha256"]
-            for n in names
-        }
-
-
 @pytest.fixture
 def nothing_changes(cluster: DemoCluster):  # type: ignore[no-untyped-def]
     """After the test: every node serves what it served, and the store desires what it did."""
-    served, desired = served_by_node(cluster), _desired(cluster)
+    served, desired = served_by_node(cluster), desired_fingerprints(cluster)
     yield
     assert served_by_node(cluster) == served
-    assert _desired(cluster) == desired
+    assert desired_fingerprints(cluster) == desired
 
 
 def test_batch_put_switches_several_names_together(cluster: DemoCluster) -> None:
@@ -173,7 +163,7 @@ def test_delete_errors(
 
 
 def test_rotate_reissues_an_internal_certificate_on_every_node(cluster: DemoCluster) -> None:
-    before = _desired(cluster)["metrics_exporter"]
+    before = desired_fingerprints(cluster)["metrics_exporter"]
     with api(cluster) as client:
         response = client.post("/v1/cluster/certificates/rotate", json={"name": "metrics_exporter"})
         assert response.status_code == 200, response.text
@@ -187,13 +177,13 @@ def test_rotate_reissues_an_internal_certificate_on_every_node(cluster: DemoClus
 
 
 def test_rotate_without_a_body_reissues_every_internal_certificate(cluster: DemoCluster) -> None:
-    before = _desired(cluster)
+    before = desired_fingerprints(cluster)
     with api(cluster) as client:
         response = client.post("/v1/cluster/certificates/rotate")
     assert response.status_code == 200, response.text
     rotated = {c["name"] for c in response.json()["certificates"]}
     assert "metrics_exporter" in rotated and "data_internode_encryption" in rotated
-    after = _desired(cluster)
+    after = desired_fingerprints(cluster)
     assert all(after[n] != before[n] for n in rotated)
 
 

@@ -156,10 +156,8 @@ R_SAN_SYNTAX = "SAN DNS-name syntax is a host-name matching concern, not enforce
 LIMBO_DEVIATIONS = {
     "pathlen::validation-ignores-pathlen-in-leaf": R_LEAF_CA,
     "rfc5280::ca-as-leaf": R_LEAF_CA,
-    "rfc5280::aki::critical-aki": R_KEY_IDS,
     "rfc5280::aki::leaf-missing-aki": R_KEY_IDS,
     "rfc5280::aki::intermediate-missing-aki": R_KEY_IDS,
-    "rfc5280::ski::critical-ski": R_KEY_IDS,
     "rfc5280::ski::root-missing-ski": R_KEY_IDS,
     "rfc5280::ski::intermediate-missing-ski": R_KEY_IDS,
     "webpki::aki::root-with-aki-missing-keyidentifier": R_KEY_IDS,
@@ -173,7 +171,6 @@ LIMBO_DEVIATIONS = {
     "bettertls::pathbuilding::tc21": R_SERVED_TWIN,
     "rfc5280::root-non-critical-basic-constraints": R_BC_CRITICAL,
     "rfc5280::san::underscore-dns": R_SAN_SYNTAX,
-    "rfc5280::san::ip-in-dns": R_SAN_SYNTAX,
 }
 
 
@@ -304,6 +301,10 @@ CHROMIUM_DEVIATIONS = {
     "target-not-end-entity/main": R_LEAF_CA,
     "target-has-keycertsign-but-not-ca/main": (
         "a non-CA leaf asserting keyCertSign breaks RFC 5280 4.2.1.3 and is rejected"
+    ),
+    "intermediate-eku-any-and-clientauth/serverauth": (
+        "anyExtendedKeyUsage on a CA does not count, as in OpenSSL's purpose check (which "
+        "refuses this chain in a handshake); Chromium accepts it"
     ),
     "target-msapplicationpolicies-and-eku/main": (
         "unknown critical extensions are rejected (RFC 5280 4.2); Chromium special-cases this one"
@@ -524,8 +525,8 @@ def test_ct_testdata(case: Case) -> None:
 
 # Mirrored in docs/validation.md ("Corpus results"); update both together.
 EXPECTED_COUNTS = {
-    "x509-limbo": {"run": 131, "deviation": 20, "excluded": 138},
-    "chromium": {"run": 63, "deviation": 23, "excluded": 111},
+    "x509-limbo": {"run": 134, "deviation": 17, "excluded": 138},
+    "chromium": {"run": 62, "deviation": 24, "excluded": 111},
     "badssl": {"run": 31, "deviation": 0, "excluded": 0},
     "ct-testdata": {"run": 24, "deviation": 0, "excluded": 0},
 }

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 from clusterkit import served_fingerprint, wait_until
 
-from clustercert.demo import free_port
+from clustercert.demo import CONSOLE_PORT, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -50,11 +53,34 @@ def _stop(process: subprocess.Popen[str]) -> str:
     return output
 
 
+def _occupy(port: int) -> socket.socket | None:
+    """Listen on ``port`` (None when something else already does: taken either way)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
 def test_demo_writes_cluster_json_and_stops_every_process(tmp_path: Path) -> None:
     port = free_port()
-    process, info = _run_demo(tmp_path / "demo", port)
+    occupied = _occupy(CONSOLE_PORT)  # the console's default port is taken: the demo picks another
+    try:
+        process, info = _run_demo(tmp_path / "demo", port)
+    finally:
+        if occupied is not None:
+            occupied.close()
     try:
         assert info["api_url"] == f"https://127.0.0.1:{port}"
+        console = str(info["console_url"])
+        assert console.startswith("https://127.0.0.1:")
+        assert not console.endswith(f":{CONSOLE_PORT}")
+        verify = ssl.create_default_context(cafile=str(info["ca_file"]))
+        with httpx.Client(verify=verify) as client:  # the cm certificate verifies
+            assert client.get(f"{console}/login").status_code == 200
         assert info["username"] and info["password"]
         assert Path(str(info["ca_file"])).is_absolute()
         nodes = info["nodes"]
@@ -70,6 +96,7 @@ def test_demo_writes_cluster_json_and_stops_every_process(tmp_path: Path) -> Non
         output = _stop(process)
     assert process.returncode == 0, output
     assert "curl" in output and "update_cert" in output
+    assert f"console:   {console}" in output
     deadline = time.monotonic() + 20
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)

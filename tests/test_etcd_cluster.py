@@ -31,6 +31,7 @@ def test_two_control_planes_share_one_etcd(etcd: EtcdProcess, tmp_path: Path) ->
         tmp_path / "cluster",
         nodes_count=2,
         api_port=free_port(),
+        console_port=free_port(),
         admin_password=ADMIN_PASSWORD,
         store_url=f"etcd://{endpoint}/clustercert-e2e/",
     )
@@ -41,7 +42,8 @@ def test_two_control_planes_share_one_etcd(etcd: EtcdProcess, tmp_path: Path) ->
         second_port = free_port()
         second = subprocess.Popen(
             [sys.executable, "-m", "clustercert", "server", "--dir", str(cluster.directory),
-             "--listen", f"127.0.0.1:{second_port}"],
+             "--listen", f"127.0.0.1:{second_port}",
+             "--console-listen", f"127.0.0.1:{free_port()}"],  # each its own console port
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         other = DemoCluster(cluster.directory, api_port=second_port, admin_password=ADMIN_PASSWORD)

@@ -102,6 +102,19 @@ def test_agent_and_control_plane_never_import_each_other() -> None:
     assert crossings == []
 
 
+def test_agents_never_import_the_console() -> None:
+    """The console (web/) is part of the control plane: an agent loads none of it."""
+    graph = import_graph()
+    crossings = [
+        f"{source} -> {target}"
+        for source, targets in graph.items()
+        if source.startswith(f"{PACKAGE}.agent")
+        for target in targets
+        if target.startswith(f"{PACKAGE}.web")
+    ]
+    assert crossings == []
+
+
 def test_shared_modules_import_neither_side() -> None:
     """Top-level modules used by both sides (files, TLS, PKI, messages) depend on neither."""
     graph = import_graph()

@@ -22,6 +22,7 @@ import ssl
 import statistics
 import subprocess
 import time
+from asyncio import run
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,8 @@ def next_generation(cluster: DemoCluster) -> int:
     """The generation the next rollout of proxy gets: above every one ever staged."""
     with cluster.cluster.open_store() as store:
         state = cluster.cluster.state(store)
-        desired = state.certificate("proxy")
-        used = state.generations_used().get("proxy", 0)
+        desired = run(state.certificate("proxy"))
+        used = run(state.generations_used()).get("proxy", 0)
     return max(desired.generation if desired else 0, used) + 1
 
 
@@ -123,8 +124,8 @@ def snapshot(cluster: DemoCluster) -> tuple[Converged | None, str]:
     """The converged state, or None and why not."""
     with cluster.cluster.open_store() as store:
         state = cluster.cluster.state(store)
-        desired = {r.name: r for r in state.certificates()}
-        in_flight = state.rollout_in_flight()
+        desired = {r.name: r for r in run(state.certificates())}
+        in_flight = run(state.rollout_in_flight())
     if in_flight is not None:
         return None, f"rollout {in_flight.rollout_id} ({in_flight.phase}) still in flight"
     proxy = desired["proxy"]
@@ -419,8 +420,10 @@ def add_command_node(cluster: DemoCluster) -> tuple[DemoNode, Path]:
     script = directory / "reload.sh"
     script.write_text(RELOAD_SCRIPT.format(flags=flags, socket=socket))
     with cluster.cluster.open_store() as store:
-        token = cluster.cluster.state(store).new_join_token(
-            dt.datetime.now(dt.UTC), dt.timedelta(minutes=10)
+        token = run(
+            cluster.cluster.state(store).new_join_token(
+                dt.datetime.now(dt.UTC), dt.timedelta(minutes=10)
+            )
         )
     node.config_file.write_text(
         "\n".join(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from asyncio import run
 from pathlib import Path
 
 import pytest
@@ -54,16 +55,16 @@ def _rollout(generation: int) -> RolloutRecord:
 
 def test_one_rollout_in_flight_and_generation_numbers_are_never_reused(tmp_path: Path) -> None:
     state = _state(tmp_path)
-    assert state.generations_used() == {}
-    first = state.begin_rollout(_rollout(5))
-    assert state.rollout_in_flight() == first
+    assert run(state.generations_used()) == {}
+    first = run(state.begin_rollout(_rollout(5)))
+    assert run(state.rollout_in_flight()) == first
     with pytest.raises(StoreConflict):
-        state.begin_rollout(_rollout(6))  # the first must be finished before another starts
-    state.end_rollout(first)  # e.g. aborted
-    assert state.rollout_in_flight() is None
-    assert state.generations_used() == {"proxy": 5}
-    state.end_rollout(state.begin_rollout(_rollout(3)))  # never lowers the mark
-    assert state.generations_used() == {"proxy": 5}
+        run(state.begin_rollout(_rollout(6)))  # the first must be finished before another starts
+    run(state.end_rollout(first))  # e.g. aborted
+    assert run(state.rollout_in_flight()) is None
+    assert run(state.generations_used()) == {"proxy": 5}
+    run(state.end_rollout(run(state.begin_rollout(_rollout(3)))))  # never lowers the mark
+    assert run(state.generations_used()) == {"proxy": 5}
     state.store.close()
 
 
@@ -76,7 +77,7 @@ def test_a_node_that_listens_again_is_retried_before_its_backoff_ends(tmp_path: 
     state = _state(tmp_path)
     state.store.put("meta/cluster", json.dumps({"name": "cluster.local"}))
     port = free_port()
-    state.add_node("node-1", f"https://127.0.0.1:{port}", dt.datetime.now(dt.UTC))
+    run(state.add_node("node-1", f"https://127.0.0.1:{port}", dt.datetime.now(dt.UTC)))
     connections: list[int] = []
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

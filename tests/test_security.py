@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import time
+from asyncio import run
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,15 +280,15 @@ def test_the_last_admin_cannot_be_deleted(tmp_path: Path) -> None:
     with open_store(f"sqlite://{tmp_path / 'store.db'}") as store:
         store.put("meta/cluster", json.dumps({"name": "t"}), expect_revision=0)
         state = ClusterState(store, KeySealer.create(tmp_path / "cluster.key"))
-        first = state.create_user("a@t", "A", "admin", "x")
-        second = state.create_user("b@t", "B", "admin", "x")
-        viewer = state.create_user("v@t", "V", "cluster_viewer", "x")
-        assert state.delete_user(first.uid) == first
+        first = run(state.create_user("a@t", "A", "admin", "x"))
+        second = run(state.create_user("b@t", "B", "admin", "x"))
+        viewer = run(state.create_user("v@t", "V", "cluster_viewer", "x"))
+        assert run(state.delete_user(first.uid)) == first
         with pytest.raises(UndeletableUser, match="last admin"):
-            state.delete_user(second.uid)
-        assert state.delete_user(viewer.uid) == viewer
-        assert state.delete_user(viewer.uid) is None
-        assert [u.email for u in state.users()] == ["b@t"]
+            run(state.delete_user(second.uid))
+        assert run(state.delete_user(viewer.uid)) == viewer
+        assert run(state.delete_user(viewer.uid)) is None
+        assert [u.email for u in run(state.users())] == ["b@t"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import datetime as dt
 import socket
 import ssl
 import threading
+from asyncio import run
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def _join(cluster: DemoCluster, token: str) -> httpx.Response:
 
 def _token(cluster: DemoCluster, issued: dt.datetime, ttl: dt.timedelta) -> str:
     with cluster.cluster.open_store() as store:
-        return cluster.cluster.state(store).new_join_token(issued, ttl)
+        return run(cluster.cluster.state(store).new_join_token(issued, ttl))
 
 
 def test_a_join_token_works_once(cluster: DemoCluster) -> None:

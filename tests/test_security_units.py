@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from asyncio import run
 
 import pytest
 from certfactory import CA
@@ -109,16 +110,20 @@ def _basic(email: str, password: str) -> str:
 
 def test_basic_login_through_an_asgi_scope() -> None:
     user = User(1, "a@x", "A", "admin", hash_password("pw-right"))
-    auth = Authenticator(lambda email: user if email == "a@x" else None)
+
+    async def find_user(email: str) -> User | None:
+        return user if email == "a@x" else None
+
+    auth = Authenticator(find_user)
     scope = {"headers": [(b"authorization", _basic("a@x", "pw-right").encode())],
              "client": ("10.1.1.1", 5)}  # fmt: skip
-    assert auth.authenticate_scope(scope) == user
+    assert run(auth.authenticate_scope(scope)) == user
     with pytest.raises(Unauthorized, match="authentication required"):
-        auth.authenticate_scope({"headers": [], "client": ("10.1.1.1", 5)})
+        run(auth.authenticate_scope({"headers": [], "client": ("10.1.1.1", 5)}))
     with pytest.raises(Unauthorized, match="malformed"):
-        auth.authenticate_basic("Basic !!!")
+        run(auth.authenticate_basic("Basic !!!"))
     with pytest.raises(Unauthorized, match="wrong username or password"):
-        auth.authenticate_basic(_basic("a@x", "nope"))
+        run(auth.authenticate_basic(_basic("a@x", "nope")))
 
 
 # --- client certificates ---------------------------------------------------------------------
@@ -131,13 +136,17 @@ def _robot() -> User:
 
 
 def _authenticator(bundle: str | None, users: list[User]) -> Authenticator:
+    async def nobody(email: str) -> User | None:
+        return None
+
+    async def by_subject(subject: str) -> User | None:
+        return next((u for u in users if u.certificate_subject_line == subject), None)
+
+    async def trusted() -> str | None:
+        return bundle
+
     return Authenticator(
-        lambda email: None,
-        find_certificate_user=lambda subject: next(
-            (u for u in users if u.certificate_subject_line == subject), None
-        ),
-        trusted_client_cas=lambda: bundle,
-        wall_clock=lambda: NOW,
+        nobody, find_certificate_user=by_subject, trusted_client_cas=trusted, wall_clock=lambda: NOW
     )
 
 
@@ -150,7 +159,7 @@ def test_certificate_login_branches() -> None:
     ca, other = CA.new(now=NOW), CA.new(now=NOW)
     robot = ca.issue("robot", sans=[], eku=["clientAuth"])
     auth = _authenticator(ca.cert_pem + other.cert_pem, [_robot()])
-    assert auth.authenticate_scope(_scope(robot.cert_pem)) == _robot()
+    assert run(auth.authenticate_scope(_scope(robot.cert_pem))) == _robot()
 
     cases = {
         "not issued by a CA of mtls_trusted_ca": CA.new(now=NOW).issue(
@@ -166,19 +175,19 @@ def test_certificate_login_branches() -> None:
     }
     for message, leaf in cases.items():
         with pytest.raises(Unauthorized, match=message):
-            auth.authenticate_certificate(leaf.cert)
+            run(auth.authenticate_certificate(leaf.cert))
     no_eku = ca.issue("robot", sans=[], eku=None)
-    assert auth.authenticate_certificate(no_eku.cert) == _robot()
+    assert run(auth.authenticate_certificate(no_eku.cert)) == _robot()
 
     with pytest.raises(Unauthorized, match="login is off"):
-        _authenticator(None, [_robot()]).authenticate_certificate(robot.cert)
+        run(_authenticator(None, [_robot()]).authenticate_certificate(robot.cert))
     with pytest.raises(Unauthorized, match="not issued"):
-        _authenticator(other.cert_pem, [_robot()]).authenticate_certificate(robot.cert)
+        run(_authenticator(other.cert_pem, [_robot()]).authenticate_certificate(robot.cert))
     # Basic credentials, when sent, decide: a certificate does not override them.
     scope = _scope(robot.cert_pem)
     scope["headers"] = [(b"authorization", _basic("robot@x", "").encode())]
     with pytest.raises(Unauthorized, match="wrong username or password"):
-        auth.authenticate_scope(scope)
+        run(auth.authenticate_scope(scope))
 
 
 def test_client_certificate_from_the_tls_extension() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import ssl
+from asyncio import run
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,11 @@ def test_a_viewer_gets_403(cluster: DemoCluster, unchanged: None) -> None:
     directory = ClusterDirectory(cluster.directory)
     with directory.open_store() as store:
         state = directory.state(store)
-        if state.user("viewer@cluster.local") is None:
-            state.create_user(
-                "viewer@cluster.local", "viewer", "cluster_viewer", hash_password("pw")
+        if run(state.user("viewer@cluster.local")) is None:
+            run(
+                state.create_user(
+                    "viewer@cluster.local", "viewer", "cluster_viewer", hash_password("pw")
+                )
             )
     chain, key, _ = _proxy_leaf()
     with api(cluster, auth=("viewer@cluster.local", "pw")) as client:

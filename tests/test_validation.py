@@ -37,13 +37,16 @@ from clustercert.errors import (
     InsecureSignature,
     InvalidCertificate,
     InvalidSchema,
+    IssuerKeyUsage,
     IssuerNotFound,
+    KeyUsageMismatch,
     KeyValuesMismatch,
     LeafIsCA,
     MissingExtendedKeyUsage,
     MissingKey,
     NotACA,
     NotYetValid,
+    RejectedByTLSClient,
     UnexpectedKey,
     UnknownCertificate,
     WeakKey,
@@ -212,6 +215,56 @@ def test_text_around_pem_crlf_and_duplicates(leaf: Leaf, inter: CA, trust: Trust
     assert any("uploaded twice" in w for w in result.warnings)
 
 
+def test_openssl_text_output_around_the_pem_is_accepted(tmp_path: Path) -> None:
+    """What `openssl x509 -text` writes (a dump, then the PEM block) stays accepted."""
+    pair = openssl_ca_and_leaf(tmp_path)
+    openssl("x509", "-in", "leaf.pem", "-text", "-out", "leaf-text.pem", cwd=tmp_path)
+    openssl("x509", "-in", "ca.pem", "-text", "-out", "ca-text.pem", cwd=tmp_path)
+    text = (tmp_path / "leaf-text.pem").read_text() + (tmp_path / "ca-text.pem").read_text()
+    assert "Certificate:" in text and "Signature Algorithm" in text
+    ca = x509.load_pem_x509_certificate(pair.ca_cert.read_bytes())
+    result = validate_upload(
+        "proxy", text, pair.leaf_key.read_text(), at=ca.not_valid_before_utc, trust=NO_TRUST
+    )
+    assert len(result.chain) == 2
+
+
+@pytest.mark.parametrize(
+    ("tail", "what"),
+    [
+        ("\x00", r"byte 0x00 \(NUL\)"),
+        ("garbage\x00\x01", r"byte 0x00 \(NUL\)"),
+        ("\udcff\udcfe", r"byte 0xFF, which is not UTF-8 text,"),  # the CLI's surrogateescape
+        ("\ufffd", r"U\+FFFD"),  # what jq --rawfile or errors="replace" leave for 0xFF
+        ("\x1b[0m", r"byte 0x1B"),
+        ("\x85", r"the non-text character U\+0085"),
+    ],
+    ids=["nul", "nul-after-text", "0xff-from-cli", "replacement-char", "escape", "c1-control"],
+)
+def test_binary_bytes_after_the_end_line(
+    leaf: Leaf, trust: TrustStore, tail: str, what: str
+) -> None:
+    certificate = leaf.chain_pem + tail
+    offset = len(leaf.chain_pem) + (len("garbage") if tail.startswith("garbage") else 0)
+    with pytest.raises(InvalidCertificate, match=what) as info:
+        check(leaf, trust, certificate=certificate)
+    assert (info.value.error_code, info.value.http_status) == ("invalid_certificate", 400)
+    assert f"at byte offset {offset}, after the END line of PEM block 2" in info.value.description
+
+
+def test_binary_bytes_before_the_first_block_and_in_the_key(leaf: Leaf, trust: TrustStore) -> None:
+    with pytest.raises(InvalidCertificate, match=r"0x00 \(NUL\) at byte offset 3, before the"):
+        check(leaf, trust, certificate="abc\x00" + leaf.chain_pem)
+    with pytest.raises(InvalidCertificate, match=r"the key field holds binary data") as info:
+        check(leaf, trust, key=leaf.key_pem + "\x00\x00")
+    assert "PRIVATE KEY" not in info.value.description.replace("PEM blocks", "")
+
+
+def test_text_whitespace_around_pem_is_not_binary(leaf: Leaf, trust: TrustStore) -> None:
+    """Tabs, form feeds and vertical tabs are whitespace; accented letters are text."""
+    check(leaf, trust, certificate="\tJürgen's chain\f\v\n" + leaf.chain_pem + "\t\n\f")
+
+
 def test_ec_parameters_block_before_the_key_is_ignored(leaf: Leaf, trust: TrustStore) -> None:
     params = "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
     assert check(leaf, trust, key=params + leaf.key_pem_as("sec1")).chain[0] == leaf.cert
@@ -225,9 +278,18 @@ def test_self_signed_leaf_is_its_own_root() -> None:
 
 
 def test_thousands_of_sans_are_accepted(inter: CA, trust: TrustStore) -> None:
+    some = inter.issue("some.example", sans=[f"h{i}.some.example" for i in range(2_000)])
+    assert len(check(some, trust).summary()["sans"]) == 2_000  # type: ignore[arg-type]
     many = inter.issue("many.example", sans=[f"h{i}.many.example" for i in range(10_000)])
-    result = check(many, trust)
+    result = check(many, trust, name="sso_service")  # no TLS peer: no handshake size limit
     assert len(result.summary()["sans"]) == 10_000  # type: ignore[arg-type]
+
+
+def test_certificates_too_big_for_openssl_peers(inter: CA, trust: TrustStore) -> None:
+    """10,000 SANs make a ~200 KiB certificate; OpenSSL peers take 100 KiB by default."""
+    many = inter.issue("many.example", sans=[f"h{i}.many.example" for i in range(10_000)])
+    with pytest.raises(RejectedByTLSClient, match=r"EXCESSIVE_MESSAGE_SIZE.* at most 100 KiB"):
+        check(many, trust)
 
 
 def test_expiring_within_30_days_is_a_warning(inter: CA, trust: TrustStore) -> None:
@@ -407,6 +469,19 @@ def test_invalid_key_field(
         check(leaf, trust, key=key(leaf))
 
 
+def test_der_certificate_ending_in_a_whitespace_byte(inter: CA, trust: TrustStore) -> None:
+    """About 1 DER certificate in 40 ends in a byte such as 0x0A; it is still DER, not text."""
+    for _ in range(2_000):  # bounded: each try has a ~2.3 % chance
+        leaf = inter.issue()
+        der = leaf.cert.public_bytes(serialization.Encoding.DER)
+        if der[-1:].isspace():
+            break
+    else:
+        pytest.fail("no DER certificate ending in a whitespace byte in 2,000 tries")
+    with pytest.raises(InvalidCertificate, match=r"is a DER-encoded certificate, not PEM"):
+        check(leaf, trust, certificate=der.decode("utf-8", "surrogateescape"))
+
+
 def test_openssl_made_pkcs12_and_der(tmp_path: Path, trust: TrustStore) -> None:
     pair = openssl_ca_and_leaf(tmp_path)
     openssl("x509", "-in", "leaf.pem", "-outform", "der", "-out", "leaf.der", cwd=tmp_path)
@@ -564,6 +639,29 @@ def test_not_before_boundary_with_clock_skew(leaf: Leaf, trust: TrustStore) -> N
     assert info.value.error_code == "not_yet_valid"
 
 
+def test_not_before_within_the_skew_is_accepted_with_when_clients_accept_it(
+    inter: CA, trust: TrustStore
+) -> None:
+    soon = inter.issue(not_before=T0 + dt.timedelta(minutes=4))
+    warned = check(soon, trust)
+    assert any(
+        "the leaf 'CN=leaf.example' is not valid before 2030-01-01 12:04:00 UTC, 240 s after" in w
+        and "TLS clients will start accepting it at 2030-01-01 12:04:00 UTC" in w
+        for w in warned.warnings
+    ), warned.warnings
+    quiet = check(inter.issue(not_before=T0), trust)
+    assert not any("start accepting" in w for w in quiet.warnings)
+
+
+def test_not_before_warning_names_the_latest_chain_certificate(root: CA, trust: TrustStore) -> None:
+    late = root.intermediate("Late Intermediate", not_before=T0 + dt.timedelta(seconds=90))
+    warned = check(late.issue(not_before=T0 + SECOND), trust)
+    assert any(
+        "certificate 'CN=Late Intermediate" in w and "accepting it at 2030-01-01 12:01:30 UTC" in w
+        for w in warned.warnings
+    ), warned.warnings
+
+
 def test_expired_intermediate(root: CA, trust: TrustStore) -> None:
     inter = root.intermediate("Old Intermediate", not_after=T0 - SECOND)
     leaf = inter.issue()
@@ -636,26 +734,40 @@ def test_pathlen_violation(root: CA, trust: TrustStore) -> None:
             },
             "basicConstraints say CA:FALSE",
         ),
-        (
-            {
-                "key_usage": False,
-                "extensions": [
-                    (
-                        x509.KeyUsage(True, False, False, False, False, False, True, False, False),
-                        True,
-                    )
-                ],
-            },
-            "keyUsage does not include keyCertSign",
-        ),
     ],
-    ids=["no-basic-constraints", "ca-false", "no-keycertsign"],
+    ids=["no-basic-constraints", "ca-false"],
 )
 def test_not_a_ca(root: CA, trust: TrustStore, knobs: dict[str, object], pattern: str) -> None:
     leaf = root.intermediate("Not A CA", **knobs).issue()  # type: ignore[arg-type]
     with pytest.raises(NotACA, match=pattern) as info:
         check(leaf, trust)
     assert info.value.error_code == "not_a_ca"
+
+
+@pytest.mark.parametrize(
+    "usages",
+    [["digitalSignature", "cRLSign"], ["cRLSign"], ["digitalSignature"]],
+    ids=["digsig-crlsign", "crlsign", "digsig"],
+)
+def test_issuer_key_usage_needs_key_cert_sign(
+    root: CA, trust: TrustStore, usages: list[str]
+) -> None:
+    leaf = root.intermediate("No CertSign", key_usage=usages).issue()
+    with pytest.raises(IssuerKeyUsage, match=r"CA 'CN=No CertSign.*does not include keyCertSign"):
+        check(leaf, trust)
+
+
+def test_issuer_key_usage_of_an_uploaded_root() -> None:
+    bad_root = CA.new("CertSign-less Root", now=T0, key_usage=["digitalSignature", "cRLSign"])
+    leaf = bad_root.issue()
+    with pytest.raises(IssuerKeyUsage, match=r"CA 'CN=CertSign-less Root") as info:
+        check(leaf, NO_TRUST, certificate=leaf.full_chain_pem)
+    assert (info.value.error_code, info.value.http_status) == ("issuer_key_usage", 400)
+
+
+def test_issuer_key_usage_with_key_cert_sign_alone_is_accepted(root: CA, trust: TrustStore) -> None:
+    leaf = root.intermediate("CertSign Only", key_usage=["keyCertSign"]).issue()
+    assert len(check(leaf, trust).chain) == 2
 
 
 def test_ca_without_key_usage_is_accepted(root: CA, trust: TrustStore) -> None:
@@ -726,6 +838,118 @@ def test_intermediate_eku_restricts_the_chain(root: CA, trust: TrustStore) -> No
     check(leaf, trust, name="ldap_client")
     with pytest.raises(MissingExtendedKeyUsage, match=r"CA 'CN=Client CA.* excludes serverAuth"):
         check(leaf, trust, name="api")
+
+
+# (key type, keyUsage, accepted for serverAuth?) -- RFC 5280 4.2.1.12 with TLS 1.2 (ECDHE)/1.3
+SERVER_KEY_USAGE = [
+    ("ec256", ["digitalSignature"], True),
+    ("ec256", ["digitalSignature", "nonRepudiation"], True),
+    ("ec256", ["nonRepudiation"], False),
+    ("ec256", ["dataEncipherment"], False),
+    ("ec256", ["keyEncipherment"], False),
+    ("ec256", ["keyAgreement"], False),
+    ("rsa2048", ["digitalSignature"], True),
+    ("rsa2048", ["keyEncipherment"], True),
+    ("rsa2048", ["nonRepudiation"], False),
+    ("rsa2048", ["dataEncipherment"], False),
+    ("rsa2048", ["keyAgreement"], False),
+    ("ed25519", ["digitalSignature"], True),
+    ("ed25519", ["keyEncipherment"], False),
+]
+
+
+@pytest.mark.parametrize(("key_type", "usages", "accepted"), SERVER_KEY_USAGE)
+def test_key_usage_for_server_auth(
+    inter: CA, trust: TrustStore, key_type: str, usages: list[str], accepted: bool
+) -> None:
+    leaf = inter.issue(key_type=key_type, key_usage=usages, eku=["serverAuth"])
+    if accepted:
+        check(leaf, trust)
+        return
+    needed = "digitalSignature or keyEncipherment" if key_type == "rsa2048" else "digitalSignature"
+    with pytest.raises(KeyUsageMismatch, match=f"lacks {needed}, which serverAuth") as info:
+        check(leaf, trust)
+    assert (info.value.error_code, info.value.http_status) == ("key_usage_mismatch", 400)
+    assert "'proxy'" in info.value.description
+    assert "unsuitable certificate purpose" in info.value.description
+
+
+@pytest.mark.parametrize(
+    ("key_type", "usages", "accepted"),
+    [
+        ("ec256", ["digitalSignature"], True),
+        ("rsa2048", ["digitalSignature"], True),
+        ("rsa2048", ["keyEncipherment"], False),  # a client signs CertificateVerify
+        ("ec256", ["keyAgreement"], False),  # fixed-ECDH client auth: not in TLS 1.2/1.3 use
+        ("ec256", ["nonRepudiation"], False),
+    ],
+)
+def test_key_usage_for_client_auth(
+    inter: CA, trust: TrustStore, key_type: str, usages: list[str], accepted: bool
+) -> None:
+    leaf = inter.issue(key_type=key_type, key_usage=usages, eku=["clientAuth"])
+    if accepted:
+        check(leaf, trust, name="ldap_client")
+        return
+    with pytest.raises(KeyUsageMismatch, match=r"lacks digitalSignature, which clientAuth"):
+        check(leaf, trust, name="ldap_client")
+
+
+def test_key_usage_for_both_usages_reports_the_first_missing(inter: CA, trust: TrustStore) -> None:
+    """RSA keyEncipherment serves serverAuth but not clientAuth: 'syncer' needs both."""
+    leaf = inter.issue(key_type="rsa2048", key_usage=["keyEncipherment"])
+    check(leaf, trust, name="proxy")
+    with pytest.raises(KeyUsageMismatch, match=r"clientAuth with an RSA-2048 key .*'syncer'"):
+        check(leaf, trust, name="syncer")
+
+
+def test_key_usage_names_the_key_agreement_qualifiers(inter: CA, trust: TrustStore) -> None:
+    usage = x509.KeyUsage(False, False, False, False, True, False, False, True, False)
+    leaf = inter.issue(key_usage=False, extensions=[(usage, True)])
+    with pytest.raises(KeyUsageMismatch, match=r"keyUsage \(keyAgreement, encipherOnly\) lacks"):
+        check(leaf, trust)
+
+
+def test_no_key_usage_extension_allows_any_use(inter: CA, trust: TrustStore) -> None:
+    leaf = inter.issue(key_usage=False)
+    for name in ("proxy", "ldap_client", "syncer"):
+        check(leaf, trust, name=name)
+
+
+def test_key_usage_is_not_judged_for_names_without_tls_use(inter: CA, trust: TrustStore) -> None:
+    leaf = inter.issue(key_usage=["nonRepudiation"], eku=None)
+    check(leaf, trust, name="sso_service")
+
+
+def test_key_usage_rule_comes_before_the_handshake(inter: CA, trust: TrustStore) -> None:
+    """The issue #11 certificate: our precise message, not OpenSSL's generic one."""
+    leaf = inter.issue("db.example", key_usage=["nonRepudiation"], eku=["serverAuth"])
+    with pytest.raises(KeyUsageMismatch, match=r"keyUsage \(nonRepudiation\) lacks"):
+        check(leaf, trust)
+
+
+def test_openssl_made_leaf_with_non_repudiation_only(tmp_path: Path) -> None:
+    """A certificate made by the openssl CLI, as the operator in issue #11 made it."""
+    bad = openssl_ca_and_leaf(tmp_path, leaf_key_usage="critical,nonRepudiation", key="rsa")
+    trust = TrustStore.of([x509.load_pem_x509_certificate(bad.ca_cert.read_bytes())])
+    at = x509.load_pem_x509_certificate(bad.leaf_cert.read_bytes()).not_valid_before_utc
+    with pytest.raises(KeyUsageMismatch, match=r"RSA-2048 key needs .*'proxy'"):
+        validate_upload("proxy", bad.chain, bad.leaf_key.read_text(), at=at, trust=trust)
+    good_dir = tmp_path / "good"
+    good_dir.mkdir()
+    good = openssl_ca_and_leaf(good_dir, leaf_key_usage="critical,digitalSignature,keyEncipherment")
+    trust = TrustStore.of([x509.load_pem_x509_certificate(good.ca_cert.read_bytes())])
+    validate_upload("proxy", good.chain, good.leaf_key.read_text(), at=at, trust=trust)
+
+
+def test_intermediate_any_eku_does_not_count(root: CA, trust: TrustStore) -> None:
+    """As in OpenSSL's purpose check, which refuses such chains in a handshake."""
+    any_eku = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
+    leaf = root.intermediate("Any CA", extensions=[(any_eku, False)]).issue()
+    with pytest.raises(MissingExtendedKeyUsage, match=r"OpenSSL does not count anyExtendedKey"):
+        check(leaf, trust)
+    both = x509.ExtendedKeyUsage([*any_eku, x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
+    check(root.intermediate("Any And Server CA", extensions=[(both, False)]).issue(), trust)
 
 
 @pytest.mark.parametrize(("issuer_key", "digest"), [("rsa2048", "sha1"), ("ec256", "sha1"),

@@ -106,6 +106,11 @@ def _listen(value: str) -> tuple[str, int]:
 )
 @click.option("--reconcile-interval", default=1.0, show_default=True)
 @click.option(
+    "--console-listen", default="127.0.0.1:8443", show_default=True,
+    help="HOST:PORT of the web console (served with the `cm` certificate).",
+)  # fmt: skip
+@click.option("--no-console", is_flag=True, help="Do not serve the web console.")
+@click.option(
     "--webhook-ca-file",
     default=None,
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -118,9 +123,11 @@ def server(
     agent_timeout: float,
     lock_wait: float,
     reconcile_interval: float,
+    console_listen: str,
+    no_console: bool,
     webhook_ca_file: Path | None,
 ) -> None:
-    """Run the control plane (REST API over HTTPS) until SIGINT/SIGTERM."""
+    """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
     from clustercert.control.directory import ClusterDirectory
     from clustercert.control.server import ServerSettings, serve
 
@@ -133,6 +140,7 @@ def server(
         agent_timeout=agent_timeout,
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
+        console=None if no_console else _listen(console_listen),
         webhook_ca_file=webhook_ca_file,
     )
     asyncio.run(serve(ClusterDirectory(directory), settings))
@@ -145,9 +153,7 @@ def join_token(directory: Path, ttl: int) -> None:
     """Print a one-time token with which one node joins."""
     from clustercert.control.directory import ClusterDirectory
 
-    cluster = ClusterDirectory(directory)
-    with cluster.open_store() as store:
-        token = cluster.state(store).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
+    token = ClusterDirectory(directory).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
     click.echo(token)
 
 

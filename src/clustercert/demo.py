@@ -29,15 +29,28 @@ from clustercert.control.directory import ClusterDirectory, init_cluster
 from clustercert.control.state import DEFAULT_INTERNAL_VALIDITY
 from clustercert.errors import ConfigError
 
-__all__ = ["DemoCluster", "DemoNode", "free_port"]
+__all__ = ["CONSOLE_PORT", "DemoCluster", "DemoNode", "free_port", "port_or_free"]
 
 ADMIN_EMAIL = "admin@cluster.local"
+CONSOLE_PORT = 8443  # the console's default port; the demo takes a free one when it is in use
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_or_free(preferred: int, host: str = "127.0.0.1") -> int:
+    """``preferred`` when nothing listens on it (as uvicorn binds: SO_REUSEADDR), else a free
+    port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, preferred))
+        except OSError:
+            return free_port(host)
+    return preferred
 
 
 def _python_command(*args: str) -> list[str]:
@@ -106,6 +119,7 @@ class DemoCluster:
     directory: Path
     nodes_count: int = 3
     api_port: int = 9443
+    console_port: int | None = None  # None: CONSOLE_PORT, or a free port when that is taken
     admin_password: str | None = None
     server_args: tuple[str, ...] = ()
     store_url: str | None = None  # default: SQLite in the directory
@@ -117,6 +131,10 @@ class DemoCluster:
     @property
     def api_url(self) -> str:
         return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def console_url(self) -> str:
+        return f"https://127.0.0.1:{self.console_port}"
 
     @property
     def cluster(self) -> ClusterDirectory:
@@ -159,8 +177,11 @@ class DemoCluster:
                 json.dump({"username": ADMIN_EMAIL, "password": result.admin_password}, out)
         elif self.admin_password is None:
             self.admin_password = json.loads(secrets_file.read_text())["password"]
+        if self.console_port is None:
+            self.console_port = port_or_free(CONSOLE_PORT)
         self.start_server()
         self.wait_for_api(wait)
+        self.wait_for_console(wait)
         for index in range(1, self.nodes_count + 1):
             self.add_node(f"node-{index}")
         self.wait_in_sync(wait)
@@ -170,7 +191,7 @@ class DemoCluster:
             "server",
             _python_command(
                 "server", "--dir", str(self.directory), "--listen", f"127.0.0.1:{self.api_port}",
-                *self.server_args,
+                "--console-listen", f"127.0.0.1:{self.console_port}", *self.server_args,
             ),
         )  # fmt: skip
 
@@ -179,10 +200,7 @@ class DemoCluster:
         node = DemoNode(name, node_dir, *self._ports(node_dir))
         token = None
         if not (node_dir / "identity" / "node.json").exists():
-            with self.cluster.open_store() as store:
-                token = self.cluster.state(store).new_join_token(
-                    utc_now(), dt.timedelta(minutes=10)
-                )
+            token = self.cluster.new_join_token(utc_now(), dt.timedelta(minutes=10))
         node.write_config(self.api_url, self.cluster.ca_file, token)
         self.nodes.append(node)
         self.start_agent(node)
@@ -209,16 +227,32 @@ class DemoCluster:
         deadline = time.monotonic() + wait
         with self.client(timeout=2) as client:
             while time.monotonic() < deadline:
-                if self.server is not None and self.server.poll() is not None:
-                    raise ConfigError(
-                        f"the control plane exited with {self.server.returncode}; "
-                        f"see {self.directory / 'logs' / 'server.log'}"
-                    )
+                self._check_server()
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get("/v1/nodes").status_code == 200:
                         return
                 time.sleep(0.1)
         raise ConfigError(f"the control plane did not answer at {self.api_url} within {wait} s")
+
+    def wait_for_console(self, wait: float) -> None:
+        """Until the console's login page answers over TLS with the `cm` certificate."""
+        deadline = time.monotonic() + wait
+        verify = ssl.create_default_context(cafile=str(self.cluster.ca_file))
+        with httpx.Client(base_url=self.console_url, verify=verify, timeout=2) as client:
+            while time.monotonic() < deadline:
+                self._check_server()
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get("/login").status_code == 200:
+                        return
+                time.sleep(0.1)
+        raise ConfigError(f"the console did not answer at {self.console_url} within {wait} s")
+
+    def _check_server(self) -> None:
+        if self.server is not None and self.server.poll() is not None:
+            raise ConfigError(
+                f"the control plane exited with {self.server.returncode}; "
+                f"see {self.directory / 'logs' / 'server.log'}"
+            )
 
     def wait_in_sync(self, wait: float) -> None:
         """Until every node has joined and proved every desired certificate."""
@@ -243,6 +277,7 @@ class DemoCluster:
         """The contents of ``cluster.json`` (DESIGN §10)."""
         return {
             "api_url": self.api_url,
+            "console_url": self.console_url,
             "username": ADMIN_EMAIL,
             "password": self.admin_password,
             "ca_file": str(self.cluster.ca_file),
@@ -325,6 +360,8 @@ def _instructions(cluster: DemoCluster, path: Path) -> str:
 clustercert demo is running.
 
   API:       {info["api_url"]}
+  console:   {info["console_url"]}  (log in with the user below; the `cm` certificate,
+             issued by the CA file below)
   user:      {info["username"]}
   password:  {info["password"]}
   CA file:   {info["ca_file"]}

@@ -25,7 +25,9 @@ __all__ = [
     "InvalidCertificate",
     "InvalidJSON",
     "InvalidSchema",
+    "IssuerKeyUsage",
     "IssuerNotFound",
+    "KeyUsageMismatch",
     "KeyValuesMismatch",
     "LeafIsCA",
     "MethodNotAllowed",
@@ -37,6 +39,7 @@ __all__ = [
     "NotRotatable",
     "NotYetValid",
     "PayloadTooLarge",
+    "RejectedByTLSClient",
     "RequiredCertificate",
     "StoreConflict",
     "StoreError",
@@ -189,6 +192,24 @@ class IssuerNotFound(CertificateRejected):
 class CertificateExpired(CertificateRejected):
     error_code = "certificate_expired"
     http_status = 406
+
+
+class KeyUsageMismatch(CertificateRejected):
+    """The leaf's keyUsage does not allow what its name's extendedKeyUsage needs (RFC 5280)."""
+
+    error_code = "key_usage_mismatch"
+
+
+class IssuerKeyUsage(CertificateRejected):
+    """A CA of the chain has a keyUsage extension without keyCertSign."""
+
+    error_code = "issuer_key_usage"
+
+
+class RejectedByTLSClient(CertificateRejected):
+    """A real TLS handshake (OpenSSL) refused the upload as a client of its name would."""
+
+    error_code = "rejected_by_tls_client"
 
 
 # --- 401/403: who may do what --------------------------------------------------------------

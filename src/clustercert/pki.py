@@ -501,7 +501,8 @@ def describe_non_pem(raw: bytes, *, field: str) -> str:
         what = "certificate chain" if field == "certificate" else "private key"
         return f"the {field} is empty: paste the PEM {what} (text starting with '-----BEGIN')"
     if stripped[:1] == b"\x30":
-        return _describe_der(stripped, field=field, how="DER")
+        # Only the start may be stripped: a DER file can end in a byte that looks like space.
+        return _describe_der(raw.lstrip(), field=field, how="DER")
     compact = b"".join(stripped.split())
     if re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", compact) and len(compact) >= 16:
         try:

@@ -10,9 +10,12 @@
 3. expiry: ``certificate_expired`` (406)
 4. not yet valid (5 minutes of clock skew tolerated): ``not_yet_valid``
 5. chain completion: ``issuer_not_found`` (404), or ``chain_invalid`` for unrelated extras
-6. chain signatures and CA rules: ``chain_invalid``, ``not_a_ca``
-7. policy: ``leaf_is_ca``, ``missing_extended_key_usage``, ``insecure_signature``,
-   ``weak_key`` (certificate keys), then RFC 5280 conformance (``chain_invalid``)
+6. chain signatures and CA rules: ``chain_invalid``, ``not_a_ca``, ``issuer_key_usage``
+7. policy: ``leaf_is_ca``, ``missing_extended_key_usage``, ``key_usage_mismatch``,
+   ``insecure_signature``, ``weak_key`` (certificate keys), then RFC 5280 conformance
+   (``chain_invalid``)
+8. the client's-eye check: a real in-memory TLS handshake as the name's clients (or servers)
+   verify it (:mod:`clustercert.handshake`): ``rejected_by_tls_client``
 
 :func:`validate_all` runs every item of a batch and reports all failures in one error.
 The validation time is always a parameter; nothing here reads the clock. The rules, budgets
@@ -42,7 +45,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from clustercert import pki
+from clustercert import handshake, pki
 from clustercert.clock import iso
 from clustercert.errors import (
     CertificateExpired,
@@ -52,18 +55,21 @@ from clustercert.errors import (
     InsecureSignature,
     InvalidCertificate,
     InvalidSchema,
+    IssuerKeyUsage,
     IssuerNotFound,
+    KeyUsageMismatch,
     KeyValuesMismatch,
     LeafIsCA,
     MissingExtendedKeyUsage,
     MissingKey,
     NotACA,
     NotYetValid,
+    RejectedByTLSClient,
     UnexpectedKey,
     UnknownCertificate,
     WeakKey,
 )
-from clustercert.names import CertificateName, lookup
+from clustercert.names import CLIENT_AUTH, SERVER_AUTH, CertificateName, lookup
 
 __all__ = [
     "CLOCK_SKEW",
@@ -364,6 +370,7 @@ class _Upload:
     @classmethod
     def parse(cls, row: CertificateName, certificate: str, key: str | None) -> _Upload:
         parsed = pki.load_certificates(certificate)
+        _check_text_around_pem(certificate, "certificate")
         notes = list(parsed.notes)
         certs: list[x509.Certificate] = []
         for cert in parsed.certificates:
@@ -395,6 +402,46 @@ class _Upload:
         return cls(row, tuple(certs), _parse_key(row, key), tuple(notes))
 
 
+# Characters that are not text: C0 controls but tab and line ends, DEL, C1 controls, surrogates
+# (the CLI reads files as UTF-8 with surrogateescape: an undecodable byte b is U+DC00+b),
+# U+FFFD (what a decoder left where bytes were not text) and the noncharacters U+FFFE/U+FFFF.
+_BINARY = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffd\ufffe\uffff]")
+
+
+def _check_text_around_pem(text: str, field: str) -> None:
+    """Text around PEM blocks is ignored; binary bytes are not text, but a damaged file or a
+    binary file glued to a PEM one. Called after the blocks parsed, so a match lies outside
+    them."""
+    found = _BINARY.search(text)
+    if found is None:
+        return
+    char = found.group(0)
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        what = f"byte 0x{code - 0xDC00:02X}, which is not UTF-8 text,"
+    elif code == 0xFFFD:
+        what = (
+            "U+FFFD (the replacement character a decoder leaves where bytes were not text, "
+            "such as 0xFF)"
+        )
+    elif code < 0x80:
+        what = f"byte 0x{code:02X}{' (NUL)' if code == 0 else ''}"
+    else:
+        what = f"the non-text character U+{code:04X}"
+    prefix = text[: found.start()]
+    try:
+        offset = len(prefix.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # a surrogate the CLI cannot have made: count characters
+        offset = len(prefix)
+    ends = prefix.count("-----END ")
+    where = f"after the END line of PEM block {ends}" if ends else "before the first PEM block"
+    raise InvalidCertificate(
+        f"the {field} field holds binary data outside its PEM blocks: {what} at byte offset "
+        f"{offset}, {where}; text around PEM blocks is allowed, binary data is not (a damaged "
+        f"file, or a binary file appended to the PEM one): upload only the PEM text"
+    )
+
+
 def _parse_key(row: CertificateName, key: str | None) -> PrivateKeyTypes | None:
     present = key is not None and key.strip() != ""
     if not row.has_key:
@@ -410,6 +457,7 @@ def _parse_key(row: CertificateName, key: str | None) -> PrivateKeyTypes | None:
             f"the key field (PEM: PKCS#8, PKCS#1 or SEC1, unencrypted)"
         )
     private = pki.load_private_key(key)
+    _check_text_around_pem(key, "key")
     _check_key_strength(private.public_key(), "the uploaded private key")
     return private
 
@@ -544,6 +592,23 @@ def _renew_advice(cert: x509.Certificate, leaf: x509.Certificate) -> str:
     if cert is leaf:
         return "renew it with your CA and upload the new certificate"
     return "download the current chain from your CA and upload it with the leaf"
+
+
+def _start_warnings(
+    certs: Sequence[x509.Certificate], leaf: x509.Certificate, at: dt.datetime
+) -> list[str]:
+    """A notBefore after ``at`` but within :data:`CLOCK_SKEW`: accepted, and the operator is told
+    from when clients (which check notBefore exactly) accept the chain."""
+    latest = max(certs, key=lambda c: c.not_valid_before_utc)
+    start = latest.not_valid_before_utc
+    if start <= at:
+        return []
+    ahead = int((start - at).total_seconds())
+    return [
+        f"{_role(latest, leaf)} is not valid before {_when(start)}, {ahead} s after the "
+        f"validation time {_when(at)} (within the {int(CLOCK_SKEW.total_seconds() // 60)}-minute "
+        f"clock-skew tolerance): TLS clients will start accepting it at {_when(start)}"
+    ]
 
 
 def _expiry_warnings(
@@ -777,9 +842,11 @@ def _check_issuers(chain: Sequence[x509.Certificate], leaf: x509.Certificate) ->
         except x509.ExtensionNotFound:
             usage = None
         if usage is not None and not usage.key_cert_sign:
-            raise NotACA(
-                f"{pki.describe_name(issuer.subject)} issued {_role(child, leaf)} but its "
-                f"keyUsage does not include keyCertSign, so it may not sign certificates"
+            raise IssuerKeyUsage(
+                f"CA {pki.describe_name(issuer.subject)} issued {_role(child, leaf)} but its "
+                f"keyUsage ({_key_usage_names(usage)}) does not include keyCertSign, so it may "
+                f"not sign certificates (RFC 5280 4.2.1.3) and TLS clients refuse the chain; "
+                f"get the correct CA certificate, one with keyUsage keyCertSign, from your CA"
             )
         # RFC 5280 6.1.4 (l)/(m): pathLenConstraint counts the non-self-issued intermediates
         # below this CA; the leaf does not count.
@@ -804,6 +871,54 @@ def _extended_key_usage(cert: x509.Certificate) -> list[x509.ObjectIdentifier] |
         return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         return None
+
+
+_KEY_USAGE_BITS = (
+    ("digital_signature", "digitalSignature"),
+    ("content_commitment", "nonRepudiation"),
+    ("key_encipherment", "keyEncipherment"),
+    ("data_encipherment", "dataEncipherment"),
+    ("key_agreement", "keyAgreement"),
+    ("key_cert_sign", "keyCertSign"),
+    ("crl_sign", "cRLSign"),
+)
+# cryptography raises when these are read without keyAgreement (they qualify it).
+_KEY_AGREEMENT_BITS = (("encipher_only", "encipherOnly"), ("decipher_only", "decipherOnly"))
+
+
+def _key_usage_names(usage: x509.KeyUsage) -> str:
+    names = [name for attribute, name in _KEY_USAGE_BITS if getattr(usage, attribute)]
+    if usage.key_agreement:
+        names += [name for attribute, name in _KEY_AGREEMENT_BITS if getattr(usage, attribute)]
+    return ", ".join(names) or "empty"
+
+
+def _check_key_usage(row: CertificateName, leaf: x509.Certificate) -> None:
+    """RFC 5280 4.2.1.3 and 4.2.1.12: a keyUsage extension must allow what the name's EKUs need.
+
+    TLS 1.2 (ECDHE) and 1.3 authenticate both sides with a signature, so digitalSignature is
+    what every use needs; an RSA server key may instead have keyEncipherment (TLS 1.2 RSA key
+    exchange, what OpenSSL accepts). keyAgreement (static ECDH) is not enough: no TLS version
+    OpenSSL speaks uses it. A leaf without keyUsage may do anything.
+    """
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    rsa_key = isinstance(leaf.public_key(), rsa.RSAPublicKey)
+    for purpose in sorted(row.required_eku):
+        enciphers = purpose == SERVER_AUTH and rsa_key
+        if usage.digital_signature or (enciphers and usage.key_encipherment):
+            continue
+        needed = "digitalSignature or keyEncipherment" if enciphers else "digitalSignature"
+        fix = "digitalSignature, keyEncipherment" if enciphers else "digitalSignature"
+        key = pki.describe_key(leaf.public_key())
+        raise KeyUsageMismatch(
+            f"the leaf's keyUsage ({_key_usage_names(usage)}) lacks {needed}, which {purpose} "
+            f"with an {key} key needs (RFC 5280 4.2.1.12) for {row.name!r} ({row.secures}); "
+            f"TLS peers refuse it with 'unsuitable certificate purpose': have the certificate "
+            f"reissued with keyUsage = critical, {fix}"
+        )
 
 
 def _check_policy(upload: _Upload, chain: _Chain) -> None:
@@ -833,17 +948,24 @@ def _check_policy(upload: _Upload, chain: _Chain) -> None:
                 f"{', '.join(missing)}, which {row.name!r} ({row.secures}) needs; have the "
                 f"certificate reissued with extendedKeyUsage = {', '.join(required)}"
             )
+    if upload.key is not None:
+        _check_key_usage(row, leaf)
     for cert in issuers:
         usages = _extended_key_usage(cert)
-        if usages is None or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        if usages is None:
             continue
         missing = [r for r in required if _EKU_OIDS[r] not in usages]
         if missing:
+            # OpenSSL's purpose check, which every service we configure runs, does not count
+            # anyExtendedKeyUsage on a CA either (Chromium and Go do).
+            any_eku = ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
             raise MissingExtendedKeyUsage(
                 f"CA {pki.describe_name(cert.subject)} restricts the certificates it "
                 f"issues to {_eku_names(usages)}, which excludes {', '.join(missing)} needed by "
-                f"{row.name!r}; TLS libraries reject such chains: use a chain from a CA meant "
-                f"for {', '.join(required)}"
+                f"{row.name!r}"
+                f"{' (OpenSSL does not count anyExtendedKeyUsage on a CA)' if any_eku else ''}; "
+                f"TLS libraries reject such chains: use a chain from a CA meant for "
+                f"{', '.join(required)}"
             )
     for cert in served:
         if cert is not leaf and pki.is_self_signed(cert):
@@ -961,6 +1083,87 @@ def _check_conformance(
             ) from None
 
 
+# --- step 8: the client's-eye check ------------------------------------------------------------
+
+
+def _server_name(leaf: x509.Certificate) -> str | None:
+    """The first DNS or IP subjectAltName, as a client would connect to it (a wildcard's ``*``
+    replaced by a label); None without one (such leaves were warned about)."""
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for general in sans:
+        if isinstance(general, x509.IPAddress):
+            return str(general.value)
+        if isinstance(general, x509.DNSName):
+            value = general.value
+            return f"check{value[1:]}" if value.startswith("*.") else value
+    return None
+
+
+def _check_with_tls_peers(upload: _Upload, chain: _Chain, chain_pem: str) -> None:
+    """Handshake in memory as the name's peers would, trusting only the chain's anchor.
+
+    The last line of defence: our rules before this one name the usual causes precisely; this
+    catches whatever else OpenSSL refuses. Server names: a client checking the host name
+    (purpose sslserver). Client names: a server requiring client certificates (sslclient).
+    """
+    row = upload.row
+    if upload.key is None or not row.required_eku:
+        return
+    anchor = chain.anchor or chain.path[-1]
+    anchor_pem = pki.certificates_to_pem([anchor])
+    key_pem = pki.key_to_pem(upload.key)
+    trusting = f"trusting only {pki.describe_name(anchor.subject)}"
+    size = sum(len(c.public_bytes(serialization.Encoding.DER)) for c in chain.path)
+    if SERVER_AUTH in row.required_eku:
+        host = _server_name(chain.path[0])
+        refusal = handshake.refusal_as_server(chain_pem, key_pem, anchor_pem, host)
+        if refusal is not None:
+            peer = "TLS client" + (f" connecting to {host!r}" if host else "")
+            _refuse(row, refusal, "server", f"a {peer}, {trusting}", size)
+    if CLIENT_AUTH in row.required_eku:
+        refusal = handshake.refusal_as_client(chain_pem, key_pem, anchor_pem)
+        if refusal is not None:
+            peer = f"a TLS server requiring client certificates, {trusting}"
+            _refuse(row, refusal, "client", peer, size)
+
+
+def _refuse(
+    row: CertificateName, refusal: handshake.Refusal, role: str, peer: str, size: int
+) -> None:
+    """Raise :class:`RejectedByTLSClient` for ``refusal`` of the upload in ``role`` ("server"
+    or "client") by ``peer``; ``size``: the chain's DER bytes."""
+    purpose = SERVER_AUTH if role == "server" else CLIENT_AUTH
+    if refusal.side == role:  # the side presenting the upload could not even use it
+        what = f"OpenSSL cannot use it as a TLS {role} certificate: {refusal.reason}"
+    else:
+        what = f"{peer}, refuses it: {refusal.reason}"
+    if "purpose" in refusal.reason:
+        fix = (
+            f"the keyUsage, extendedKeyUsage or Netscape certificate type of the leaf or of a "
+            f"CA of its chain does not allow TLS {purpose}: have it reissued with keyUsage = "
+            f"critical, digitalSignature and extendedKeyUsage = "
+            f"{', '.join(sorted(row.required_eku))}, without a Netscape certificate type"
+        )
+    elif refusal.reason == "EXCESSIVE_MESSAGE_SIZE":
+        fix = (
+            f"the certificates sent in the handshake take {size // 1024} KiB, and OpenSSL "
+            f"peers accept at most 100 KiB by default (SSL_CTX_set_max_cert_list): have it "
+            f"reissued with fewer subjectAltNames, or split it into several certificates"
+        )
+    else:
+        fix = (
+            f"reproduce with openssl verify -purpose ssl{role} -CAfile root.pem -untrusted "
+            f"chain.pem leaf.pem and have the certificate reissued by your CA"
+        )
+    raise RejectedByTLSClient(
+        f"the certificate would not work for {row.name!r} ({row.secures}): in a TLS "
+        f"handshake, {what}; {fix}"
+    )
+
+
 # --- the pipelines -----------------------------------------------------------------------------
 
 
@@ -976,6 +1179,9 @@ def _validate_chain(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Vali
     _check_issuers(anchored, leaf)
     _check_policy(upload, chain)
     _check_conformance(chain.path, chain.anchors, at)
+    certs = (*chain.path, *chain.alternates)
+    chain_pem = pki.certificates_to_pem(certs)
+    _check_with_tls_peers(upload, chain, chain_pem)
 
     notes = list(upload.notes)
     if chain.anchor is None and len(chain.path) == 1:
@@ -993,12 +1199,12 @@ def _validate_chain(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Vali
             "the leaf has no subjectAltName: TLS clients match host names against SANs only, "
             "so most will reject it"
         )
+    notes.extend(_start_warnings(anchored, leaf, at))
     notes.extend(_expiry_warnings(anchored, leaf, at))
-    certs = (*chain.path, *chain.alternates)
     return ValidatedCertificate(
         name=upload.row.name,
         chain=certs,
-        chain_pem=pki.certificates_to_pem(certs),
+        chain_pem=chain_pem,
         key_pem=pki.key_to_pem(upload.key) if upload.key is not None else None,
         fingerprint_sha256=pki.fingerprint_sha256(leaf),
         not_before=leaf.not_valid_before_utc,
@@ -1046,7 +1252,7 @@ def _validate_bundle(upload: _Upload, at: dt.datetime, trust: TrustStore) -> Val
         _check_key_strength(
             cert.public_key(), f"the public key of {pki.describe_name(cert.subject)}"
         )
-    notes = [*upload.notes, *_expiry_warnings(certs, first, at)]
+    notes = [*upload.notes, *_start_warnings(certs, first, at), *_expiry_warnings(certs, first, at)]
     return ValidatedCertificate(
         name=row.name,
         chain=certs,

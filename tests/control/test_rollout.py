@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+from asyncio import run
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,7 +96,7 @@ def state(tmp_path: Path) -> Iterator[ClusterState]:
     cluster = ClusterState(open_store(f"sqlite://{tmp_path}/store.db"), KeySealer(os.urandom(32)))
     cluster.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
     for index, name in enumerate(NODES):
-        cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC))
+        run(cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC)))
     yield cluster
     cluster.store.close()
 
@@ -130,7 +131,7 @@ def test_every_node_stages_then_every_node_commits(state: ClusterState, agents: 
     proposed = _proposal()
     nodes = _roll_out(state, agents, proposed)
 
-    desired = state.certificate("proxy")
+    desired = run(state.certificate("proxy"))
     assert desired is not None
     assert (desired.generation, desired.fingerprint, desired.updated_by) == (
         1,
@@ -147,11 +148,11 @@ def test_every_node_stages_then_every_node_commits(state: ClusterState, agents: 
         [entry] = node["certificates"]
         assert (entry["name"], entry["generation"], entry["ok"]) == ("proxy", 1, True)
         assert entry["services"][0]["served_fingerprint"] == proposed.fingerprint
-    for record in state.nodes():
-        proof = state.applied(record.node_id)["proxy"]
+    for record in run(state.nodes()):
+        proof = run(state.applied(record.node_id))["proxy"]
         assert (proof.generation, proof.ok, proof.fingerprint) == (1, True, proposed.fingerprint)
-    assert state.rollout_in_flight() is None
-    [event] = state.events()
+    assert run(state.rollout_in_flight()) is None
+    [event] = run(state.events())
     assert (event["action"], event["generation"], event["new_fingerprint"]) == (
         "update",
         1,
@@ -163,8 +164,8 @@ def test_one_node_fails_to_stage_so_every_node_aborts_and_nothing_changes(
     state: ClusterState, agents: FakeAgents
 ) -> None:
     _roll_out(state, agents, first := _proposal("first.cluster.local"))
-    before = state.certificate("proxy")
-    applied_before = {n.node_id: state.applied(n.node_id) for n in state.nodes()}
+    before = run(state.certificate("proxy"))
+    applied_before = {n.node_id: run(state.applied(n.node_id)) for n in run(state.nodes())}
     agents.forget_calls()
     agents.by_name["node-2"].refuse_stage = True
 
@@ -186,12 +187,12 @@ def test_one_node_fails_to_stage_so_every_node_aborts_and_nothing_changes(
         assert ("abort", "proxy", 2) in agent_calls
         assert not [c for c in agent_calls if c[0] == "commit"]
     # Nothing desired changed, nothing new was proved, nothing is left in flight.
-    assert state.certificate("proxy") == before
+    assert run(state.certificate("proxy")) == before
     assert before is not None and before.fingerprint == first.fingerprint
-    assert {n.node_id: state.applied(n.node_id) for n in state.nodes()} == applied_before
-    assert state.rollout_in_flight() is None
-    assert state.generations_used() == {"proxy": 2}  # the aborted number is never reused
-    assert [e["action"] for e in state.events()] == ["update"]  # only the first rollout's
+    assert {n.node_id: run(state.applied(n.node_id)) for n in run(state.nodes())} == applied_before
+    assert run(state.rollout_in_flight()) is None
+    assert run(state.generations_used()) == {"proxy": 2}  # the aborted number is never reused
+    assert [e["action"] for e in run(state.events())] == ["update"]  # only the first rollout's
 
 
 def test_one_node_fails_to_commit_after_the_decision(
@@ -209,15 +210,15 @@ def test_one_node_fails_to_commit_after_the_decision(
     assert (by_name["node-3"]["ok"], by_name["node-3"]["certificates"]) == (False, [])
     assert by_name["node-1"]["ok"] and by_name["node-2"]["ok"]
     # Decided: the store has the new generation, proved by the two nodes that committed.
-    desired = state.certificate("proxy")
+    desired = run(state.certificate("proxy"))
     assert desired is not None and (desired.generation, desired.fingerprint) == (
         1,
         proposed.fingerprint,
     )
-    proved = {n.name: state.applied(n.node_id).get("proxy") for n in state.nodes()}
+    proved = {n.name: run(state.applied(n.node_id)).get("proxy") for n in run(state.nodes())}
     assert proved["node-3"] is None
     assert all(p is not None and p.ok for n, p in proved.items() if n != "node-3")
-    assert state.rollout_in_flight() is None
+    assert run(state.rollout_in_flight()) is None
 
 
 def test_a_retry_pushes_only_to_the_lagging_node_and_then_is_a_no_op(
@@ -240,28 +241,30 @@ def test_a_retry_pushes_only_to_the_lagging_node_and_then_is_a_no_op(
     assert all(n["ok"] for n in nodes)
     # The nodes that had proved it report what they proved, like the one that just did.
     assert all(n["certificates"][0]["generation"] == 1 for n in nodes)
-    desired = state.certificate("proxy")
+    desired = run(state.certificate("proxy"))
     assert desired is not None and desired.generation == 1  # no new generation
-    assert [e["action"] for e in state.events()] == ["retry", "update"]
+    assert [e["action"] for e in run(state.events())] == ["retry", "update"]
 
     agents.forget_calls()
     again = _roll_out(state, agents, proposed)
     assert agents.calls() == {name: [] for name in NODES}
     assert again == nodes
-    assert len(state.events()) == 2  # nothing happened, nothing is audited
+    assert len(run(state.events())) == 2  # nothing happened, nothing is audited
 
 
 def _in_flight(state: ClusterState, phase: str, generation: int) -> RolloutRecord:
-    return state.begin_rollout(
-        RolloutRecord(
-            rollout_id="r1",
-            phase=phase,
-            generations={"proxy": generation},
-            fingerprints={"proxy": "ab" * 32},
-            previous={"proxy": None},
-            actor=ACTOR,
-            owner="other-host:abcd1234:1:1:update-00",
-            started_at="2026-01-01T00:00:00Z",
+    return run(
+        state.begin_rollout(
+            RolloutRecord(
+                rollout_id="r1",
+                phase=phase,
+                generations={"proxy": generation},
+                fingerprints={"proxy": "ab" * 32},
+                previous={"proxy": None},
+                actor=ACTOR,
+                owner="other-host:abcd1234:1:1:update-00",
+                started_at="2026-01-01T00:00:00Z",
+            )
         )
     )
 
@@ -274,9 +277,9 @@ def test_resolve_in_flight_aborts_an_undecided_rollout(
     asyncio.run(Coordinator(state, agents).resolve_in_flight())
 
     assert agents.calls() == {name: [("abort", "proxy", 1)] for name in NODES}
-    assert state.certificate("proxy") is None
-    assert state.rollout_in_flight() is None
-    [event] = state.events()
+    assert run(state.certificate("proxy")) is None
+    assert run(state.rollout_in_flight()) is None
+    [event] = run(state.events())
     assert (event["action"], event["rollout_id"], event["new_fingerprint"]) == ("abort", "r1", None)
 
 
@@ -286,7 +289,7 @@ def test_resolve_in_flight_rolls_a_decided_rollout_forward(
     proposed = _proposal()
     # What a control plane that died right after its decision leaves: generation 1 desired,
     # the record decided, and no node committed.
-    state.put_certificate(replace(proposed, generation=1))
+    run(state.put_certificate(replace(proposed, generation=1)))
     _in_flight(state, "decided", 1)
 
     asyncio.run(Coordinator(state, agents).resolve_in_flight())
@@ -294,9 +297,9 @@ def test_resolve_in_flight_rolls_a_decided_rollout_forward(
     assert agents.calls() == {
         name: [("stage", "proxy", 1), ("commit", "proxy", 1)] for name in NODES
     }
-    for node in state.nodes():
-        proof = state.applied(node.node_id)["proxy"]
+    for node in run(state.nodes()):
+        proof = run(state.applied(node.node_id))["proxy"]
         assert (proof.generation, proof.ok) == (1, True)
-    assert state.rollout_in_flight() is None
-    [event] = state.events()
+    assert run(state.rollout_in_flight()) is None
+    [event] = run(state.events())
     assert (event["action"], event["rollout_id"]) == ("update", "r1")

@@ -20,6 +20,7 @@ subject (RFC 2253, as Redis Enterprise compares it) is some user's ``certificate
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -28,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +221,14 @@ def client_certificate(scope: Mapping[str, Any]) -> x509.Certificate | None:
     return x509.load_pem_x509_certificate(str(chain[0]).encode())
 
 
+async def _nobody(subject: str) -> User | None:
+    return None
+
+
+async def _no_bundle() -> str | None:
+    return None
+
+
 class Authenticator:
     """Authenticates API requests: HTTP Basic against ``find_user``, or a client certificate
     against the bundle ``trusted_client_cas`` returns (PEM, or None when certificate login is
@@ -227,10 +236,10 @@ class Authenticator:
 
     def __init__(
         self,
-        find_user: Callable[[str], User | None],
+        find_user: Callable[[str], Awaitable[User | None]],
         *,
-        find_certificate_user: Callable[[str], User | None] = lambda subject: None,
-        trusted_client_cas: Callable[[], str | None] = lambda: None,
+        find_certificate_user: Callable[[str], Awaitable[User | None]] = _nobody,
+        trusted_client_cas: Callable[[], Awaitable[str | None]] = _no_bundle,
         throttle: LoginThrottle | None = None,
         cache_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -248,7 +257,7 @@ class Authenticator:
         self._lock = threading.Lock()
         self._cas: tuple[str, list[x509.Certificate]] = ("", [])
 
-    def authenticate_scope(self, scope: Mapping[str, Any]) -> User:
+    async def authenticate_scope(self, scope: Mapping[str, Any]) -> User:
         """The user an ASGI HTTP request authenticates as: HTTP Basic when the request sends an
         Authorization header, else its client certificate. Raises :class:`Unauthorized`."""
         header = None
@@ -261,10 +270,10 @@ class Authenticator:
         if header is None:
             leaf = client_certificate(scope)
             if leaf is not None:
-                return self.authenticate_certificate(leaf)
-        return self.authenticate_basic(header, source=source)
+                return await self.authenticate_certificate(leaf)
+        return await self.authenticate_basic(header, source=source)
 
-    def authenticate_basic(self, header: str | None, *, source: str = "unknown") -> User:
+    async def authenticate_basic(self, header: str | None, *, source: str = "unknown") -> User:
         if not header or not header.lower().startswith("basic "):
             raise Unauthorized(
                 "authentication required: send HTTP Basic credentials (or a client certificate "
@@ -275,10 +284,10 @@ class Authenticator:
             email, _, password = decoded.partition(":")
         except (ValueError, UnicodeDecodeError):
             raise Unauthorized("malformed HTTP Basic credentials") from None
-        return self.authenticate(email, password, source=source)
+        return await self.authenticate(email, password, source=source)
 
-    def authenticate(self, email: str, password: str, *, source: str = "unknown") -> User:
-        user = self._find_user(email)
+    async def authenticate(self, email: str, password: str, *, source: str = "unknown") -> User:
+        user = await self._find_user(email)
         fingerprint = hmac.new(
             self._secret, f"{email}\0{password}\0{user.password_hash if user else ''}".encode(),
             hashlib.sha256,
@@ -298,7 +307,10 @@ class Authenticator:
                 f"too many failed logins for this user or from this address; try again in "
                 f"{max(1, round(wait))} s"
             )
-        ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
+        # scrypt is deliberately slow (tens of ms): never on the event loop.
+        ok = await asyncio.to_thread(
+            verify_password, password, user.password_hash if user else _DUMMY_HASH
+        )
         if user is None or not ok:
             failures = self.throttle.failed(email, source)
             log.warning(
@@ -314,20 +326,20 @@ class Authenticator:
             self._cache[fingerprint] = now + self._cache_seconds
         return user
 
-    def _client_cas(self) -> list[x509.Certificate]:
-        bundle = self._trusted_client_cas()
+    async def _client_cas(self) -> list[x509.Certificate]:
+        bundle = await self._trusted_client_cas()
         if not bundle:
             return []
         if self._cas[0] != bundle:
             self._cas = (bundle, x509.load_pem_x509_certificates(bundle.encode()))
         return self._cas[1]
 
-    def authenticate_certificate(self, leaf: x509.Certificate) -> User:
+    async def authenticate_certificate(self, leaf: x509.Certificate) -> User:
         """The certificate user whose ``certificate_subject_line`` is this client certificate's
         subject. The TLS handshake has proved possession of its key; this checks it against the
         current ``mtls_trusted_ca`` (so a replaced or removed bundle takes effect at once, even on
         open or resumed connections)."""
-        cas = self._client_cas()
+        cas = await self._client_cas()
         if not cas:
             raise Unauthorized(
                 "client-certificate login is off (mtls_trusted_ca is not set); use HTTP Basic"
@@ -346,7 +358,7 @@ class Authenticator:
             raise Unauthorized(
                 f"the client certificate {subject!r} was not issued by a CA of mtls_trusted_ca"
             )
-        user = self._find_certificate_user(subject)
+        user = await self._find_certificate_user(subject)
         if user is None:
             log.warning("certificate login with subject %s matches no user", ascii(subject))
             raise Unauthorized(

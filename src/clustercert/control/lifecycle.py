@@ -94,7 +94,7 @@ class Lifecycle:
 
     # --- alerts ---------------------------------------------------------------------------
 
-    def _inputs(
+    async def _inputs(
         self, records: Sequence[CertRecord]
     ) -> tuple[list[CertificateExpiry], list[NodeCertificate]]:
         desired = [
@@ -104,10 +104,10 @@ class Lifecycle:
         for record, expiry in zip(records, desired, strict=True):
             self._expiry[record.fingerprint] = expiry.not_after
         internal = {r.name: r.source == "internal" for r in records}
-        applied = self.state.all_applied()
+        applied = await self.state.applied_by_node()
         served = [
             NodeCertificate(node.name, name, self._expiry.get(proof.fingerprint), internal[name])
-            for node in self.state.nodes()
+            for node in await self.state.nodes()
             for name, proof in applied.get(node.node_id, {}).items()
             if name in internal
         ]
@@ -117,32 +117,34 @@ class Lifecycle:
         self._expiry = {f: e for f, e in self._expiry.items() if f in live}
         return desired, served
 
-    def _stored(self) -> dict[str, tuple[AlertState, int]]:
+    async def _stored(self) -> dict[str, tuple[AlertState, int]]:
         return {
             name: (AlertState.from_json(name, raw), revision)
-            for name, (raw, revision) in self.state.alert_states().items()
+            for name, (raw, revision) in (await self.state.alert_states()).items()
             if name in ALERT_NAMES
         }
 
-    def current_alerts(self, records: Sequence[CertRecord] | None = None) -> dict[str, AlertState]:
+    async def current_alerts(
+        self, records: Sequence[CertRecord] | None = None
+    ) -> dict[str, AlertState]:
         """Every alert evaluated now against the store (``since`` from the stored states);
         writes nothing. What ``GET /v1/cluster/alerts`` answers."""
-        desired, served = self._inputs(
-            records if records is not None else self.state.certificates()
+        desired, served = await self._inputs(
+            records if records is not None else await self.state.certificates()
         )
-        previous = {name: state for name, (state, _) in self._stored().items()}
-        settings = self.state.settings().alert_settings
+        previous = {name: state for name, (state, _) in (await self._stored()).items()}
+        settings = (await self.state.settings()).alert_settings
         return evaluate(desired, served, settings, self.clock(), previous)
 
-    def check_alerts(self, records: Sequence[CertRecord]) -> dict[str, AlertState]:
+    async def check_alerts(self, records: Sequence[CertRecord]) -> dict[str, AlertState]:
         """Evaluate, record the flips, notify the ones this control plane recorded."""
-        stored = self._stored()
-        desired, served = self._inputs(records)
-        settings = self.state.settings().alert_settings
+        stored = await self._stored()
+        desired, served = await self._inputs(records)
+        settings = (await self.state.settings()).alert_settings
         now = self.clock()
         previous = {name: state for name, (state, _) in stored.items()}
         current = evaluate(desired, served, settings, now, previous)
-        cluster = self.state.cluster_name()
+        cluster = await self.state.cluster_name()
         for name, state in current.items():
             before, revision = stored.get(name, (None, 0))
             was_raised = before.raised if before is not None else False
@@ -152,7 +154,7 @@ class Lifecycle:
                 not state.raised or before is None or _affected(before) == _affected(state)
             ):
                 continue
-            if not self.state.record_alert(name, state.as_json(), revision):
+            if not await self.state.record_alert(name, state.as_json(), revision):
                 continue  # another control plane recorded it and announces it
             if was_raised != state.raised:
                 log.warning(
@@ -172,15 +174,16 @@ class Lifecycle:
     async def renew(self, records: Sequence[CertRecord]) -> list[CertRecord]:
         """Re-issue and roll out what is due now (see :func:`renewal_due`); return what was
         renewed. Raises what the rollout raises."""
-        job = self.state.settings().cert_rotation_job_settings
+        job = (await self.state.settings()).cert_rotation_job_settings
         if not job.enabled:
             return []
         now = self.clock()
-        validity = self.state.internal_cert_validity()
+        validity = await self.state.internal_cert_validity()
         due = renewal_due(records, job.expiry_days_before_rotation, validity, now)
         if not due:
             return []
-        cluster, sans = self.state.cluster_name(), internal_sans(self.state.nodes())
+        cluster = await self.state.cluster_name()
+        sans = internal_sans(await self.state.nodes())
         fresh = [
             issue_internal(self.ca, r.name, cluster, sans, now, 0, ROTATION_ACTOR, validity)
             for r in due
@@ -194,7 +197,7 @@ class Lifecycle:
             await self.coordinator.roll_out(fresh, ROTATION_ACTOR)
         except ClusterCertError as exc:
             self.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
-            if not self._decided(fresh):
+            if not await self._decided(fresh):
                 raise
             # Every node staged and the renewal is desired; the nodes that did not switch yet
             # are the reconciler's (the node alert names them if they lag for long).
@@ -203,13 +206,13 @@ class Lifecycle:
         self.metrics.observe_rollout("ok", time.monotonic() - started)
         return fresh
 
-    def _decided(self, fresh: Sequence[CertRecord]) -> bool:
-        desired = {r.name: r.fingerprint for r in self.state.certificates()}
+    async def _decided(self, fresh: Sequence[CertRecord]) -> bool:
+        desired = {r.name: r.fingerprint for r in await self.state.certificates()}
         return all(desired.get(r.name) == r.fingerprint for r in fresh)
 
     async def run_once(self) -> None:
-        records = self.state.certificates()
-        self.check_alerts(records)
+        records = await self.state.certificates()
+        await self.check_alerts(records)
         if time.monotonic() < self._retry_at:
             return
         try:
@@ -224,7 +227,7 @@ class Lifecycle:
             return
         if renewed:
             self._failures, self._retry_at = 0, 0.0
-            self.check_alerts(self.state.certificates())
+            await self.check_alerts(await self.state.certificates())
 
     async def run_forever(self) -> None:
         """Pass after pass, ``interval`` apart; a failing pass is logged, never fatal."""

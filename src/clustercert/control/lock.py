@@ -93,16 +93,16 @@ async def cluster_lock(
     owner = lock_owner(role)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while not state.store.try_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
-        holder = state.store.lock_holder(ROLLOUT_LOCK)
+    while not await state.try_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
+        holder = await state.lock_holder(ROLLOUT_LOCK)
         if holder is not None and holder_is_gone(holder):
             log.warning(
                 "the cluster lock is held by %s, a control plane process of this host that no "
                 "longer runs; taking it over",
                 holder,
             )
-            state.store.unlock(ROLLOUT_LOCK, holder)  # only if it still holds it: atomic
-            if state.store.try_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
+            await state.unlock(ROLLOUT_LOCK, holder)  # only if it still holds it: atomic
+            if await state.try_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
                 break
         if loop.time() >= deadline:
             raise UpdateInProgress(
@@ -114,7 +114,7 @@ async def cluster_lock(
     async def keep_alive() -> None:
         while True:
             await asyncio.sleep(LOCK_TTL / 3)
-            if not state.store.refresh_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
+            if not await state.refresh_lock(ROLLOUT_LOCK, owner, LOCK_TTL):
                 log.error("lost the cluster lock (%s): its lease ran out", owner)
 
     refresher = asyncio.create_task(keep_alive())
@@ -122,4 +122,4 @@ async def cluster_lock(
         yield owner
     finally:
         refresher.cancel()
-        state.store.unlock(ROLLOUT_LOCK, owner)
+        await state.unlock(ROLLOUT_LOCK, owner)

@@ -1,14 +1,18 @@
 """Prometheus metrics of the control plane, served at ``GET /metrics`` (any logged-in role).
 
 What the store knows (expiry, generations, nodes in sync) is read at scrape time, so every
-control plane sharing a store reports the same; rollout counts and durations are this
-process's own.
+control plane sharing a store reports the same; rollout counts and durations, alert states and
+webhook calls are this process's own. The certificate files this control plane serves or holds
+itself (its API listener's, its internode identity, the internal CA) are in the agents' series,
+``node_cert_expiration_seconds`` (:mod:`clustercert.expiry`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from clustercert.clock import parse_iso, utc_now
 from clustercert.control.alerts import ALERT_NAMES, AlertState
-from clustercert.control.state import ClusterState
+from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, NodeRecord
 from clustercert.expiry import expiration_family
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -25,16 +29,22 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """What the store said at the start of a scrape (read off the event loop)."""
+
+    nodes: list[NodeRecord]
+    certificates: list[CertRecord]
+    applied: dict[int, dict[str, AppliedRecord]]
+    cluster: str = ""
+    now: dt.datetime = field(default_factory=utc_now)
+
+
 class _StoreCollector(Collector):
-    def __init__(
-        self,
-        state: ClusterState,
-        clock: Callable[[], dt.datetime],
-        node: str,
-        own_files: Callable[[], Mapping[str, Path]],
-    ) -> None:
-        self.state = state
-        self.clock = clock
+    """Renders the snapshot a scrape took: prometheus_client collects synchronously."""
+
+    def __init__(self, node: str, own_files: Callable[[], Mapping[str, Path]]) -> None:
+        self.snapshot = _Snapshot([], [], {})
         self.node = node
         self.own_files = own_files
 
@@ -61,17 +71,17 @@ class _StoreCollector(Collector):
             "Seconds until each desired certificate expires (source: internal or user).",
             labels=["cluster", "logical_name", "source"],
         )
-        cluster, now = self.state.cluster_name(), self.clock()
-        nodes = self.state.nodes()
-        applied = {n.node_id: self.state.applied(n.node_id) for n in nodes}
-        for record in self.state.certificates():
+        snapshot = self.snapshot
+        nodes, applied = snapshot.nodes, snapshot.applied
+        for record in snapshot.certificates:
             expiry = parse_iso(record.not_after)
             not_after.add_metric([record.name], expiry.timestamp())
             expiration.add_metric(
-                [cluster, record.name, record.source], (expiry - now).total_seconds()
+                [snapshot.cluster, record.name, record.source],
+                (expiry - snapshot.now).total_seconds(),
             )
             generation.add_metric([record.name], record.generation)
-            proven = [applied[n.node_id].get(record.name) for n in nodes]
+            proven = [applied.get(n.node_id, {}).get(record.name) for n in nodes]
             in_sync.add_metric(
                 [record.name],
                 sum(1 for p in proven if p and p.ok and p.generation == record.generation),
@@ -79,13 +89,12 @@ class _StoreCollector(Collector):
         total = GaugeMetricFamily("clustercert_nodes", "Nodes that joined the cluster.")
         total.add_metric([], len(nodes))
         yield from (not_after, expiration, generation, in_sync, total)
-        # What this control plane serves and holds itself, in the agents' series.
-        yield expiration_family(cluster, self.node, self.own_files(), now)
+        yield expiration_family(snapshot.cluster, self.node, self.own_files(), snapshot.now)
 
 
 class Metrics:
     """``node`` and ``own_files`` label and list the certificate files this control plane
-    itself serves or holds (its API listener's, its internode identity, the internal CA)."""
+    itself serves or holds."""
 
     def __init__(
         self,
@@ -95,8 +104,12 @@ class Metrics:
         node: str = "control-plane",
         own_files: Callable[[], Mapping[str, Path]] = dict,
     ) -> None:
+        self.state = state
+        self.clock = clock
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(state, clock, node, own_files))
+        self._store = _StoreCollector(node, own_files)
+        self.registry.register(self._store)
+        self._rendering = asyncio.Lock()
         self.rollouts = Counter(
             "clustercert_rollouts",
             "Certificate rollouts by result (ok, or the error_code that ended them).",
@@ -109,7 +122,6 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
-
         self.alert_active = Gauge(
             "clustercert_alert_active",
             "1 while the alert (alert_settings, GET /v1/cluster/alerts) is raised, else 0.",
@@ -136,5 +148,15 @@ class Metrics:
         self.rollouts.labels(result).inc()
         self.rollout_seconds.observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    async def render(self) -> bytes:
+        """The exposition text, with the store's figures as of now."""
+        async with self._rendering:  # one snapshot per scrape, even when scrapes overlap
+            self._store.snapshot = _Snapshot(
+                await self.state.nodes(),
+                await self.state.certificates(),
+                await self.state.applied_by_node(),
+                await self.state.cluster_name(),
+                self.clock(),
+            )
+            # Reading the certificate files is blocking I/O too: off the loop.
+            return await asyncio.to_thread(generate_latest, self.registry)

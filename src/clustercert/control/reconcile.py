@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from clustercert.control.lock import cluster_lock
 from clustercert.control.rollout import Coordinator
-from clustercert.control.state import CertRecord, NodeRecord
+from clustercert.control.state import AppliedRecord, CertRecord, NodeRecord
 from clustercert.errors import AgentUnavailable, ClusterCertError, UpdateInProgress
 from clustercert.internode import StatusAnswer
 
@@ -50,10 +50,11 @@ class Reconciler:
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
+    @staticmethod
     def _missing(
-        self, node: NodeRecord, status: StatusAnswer, desired: Sequence[CertRecord]
+        status: StatusAnswer, applied: dict[str, AppliedRecord], desired: Sequence[CertRecord]
     ) -> list[CertRecord]:
-        applied = self.state.applied(node.node_id)
+        """What ``desired`` the node does not hold (``status``) or has not proved (``applied``)."""
         missing = []
         for record in desired:
             entry = status.certificates.get(record.name)
@@ -94,8 +95,11 @@ class Reconciler:
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
 
-    async def reconcile_node(self, node: NodeRecord, desired: Sequence[CertRecord]) -> bool:
-        """One node, one pass: True when it holds everything ``desired`` afterwards."""
+    async def reconcile_node(
+        self, node: NodeRecord, desired: Sequence[CertRecord], applied: dict[str, AppliedRecord]
+    ) -> bool:
+        """One node, one pass: True when it holds everything ``desired`` afterwards
+        (``applied``: what it last proved)."""
         client = await self.coordinator.pool.client(node)
         try:
             status = await client.status()
@@ -103,7 +107,7 @@ class Reconciler:
             log.debug("reconcile: %s", exc.description)
             return False
         await self._tidy(node, status, desired)
-        missing = self._missing(node, status, desired)
+        missing = self._missing(status, applied, desired)
         if not missing:
             return True
         outcome = await self.coordinator.push(node, missing)
@@ -156,12 +160,15 @@ class Reconciler:
 
     async def _pass(self) -> bool:
         now = self._now()
-        nodes = self.state.nodes()
+        nodes = await self.state.nodes()
         await self._wake_returned(nodes, now)
         due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
         # Read (and unseal) the desired certificates once per pass, not twice per node.
-        desired = self.state.certificates() if due else []
-        results = await asyncio.gather(*(self.reconcile_node(n, desired) for n in due))
+        desired = await self.state.certificates() if due else []
+        applied = await self.state.applied_by_node() if due else {}
+        results = await asyncio.gather(
+            *(self.reconcile_node(n, desired, applied.get(n.node_id, {})) for n in due)
+        )
         for node, ok in zip(due, results, strict=True):
             if ok:
                 self._failures.pop(node.node_id, None)

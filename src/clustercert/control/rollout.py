@@ -36,7 +36,6 @@ from clustercert.control.faults import FaultPlan, Seam, no_seam, seam_for
 from clustercert.control.lock import cluster_lock
 from clustercert.control.outcomes import NodeOutcome, Progress
 from clustercert.control.state import (
-    ROLLOUT_KEY,
     AppliedRecord,
     CertRecord,
     ClusterState,
@@ -45,7 +44,6 @@ from clustercert.control.state import (
 )
 from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
 from clustercert.internode import CommitAnswer, ServiceProof
-from clustercert.store import Put
 
 # NodeOutcome is re-exported for the API module, which imports it from here.
 __all__ = ["Coordinator", "NodeOutcome"]
@@ -91,8 +89,8 @@ class Coordinator:
         async with cluster_lock(self.state, self.lock_wait) as owner:
             await self.resolve_in_flight()
             await seam("after_validation", "")
-            nodes = self.state.nodes()
-            fresh, resumed, current = self._plan(proposed)
+            nodes = await self.state.nodes()
+            fresh, resumed, current = await self._plan(proposed)
             self.progress = Progress([r.name for r in proposed], {n.name: "waiting" for n in nodes})
             try:
                 if fresh:
@@ -118,8 +116,8 @@ class Coordinator:
         they are reported with NodesNotUpdated (409)."""
         async with cluster_lock(self.state, self.lock_wait):
             await self.resolve_in_flight()
-            nodes = self.state.nodes()
-            self.state.delete_certificate(record)
+            nodes = await self.state.nodes()
+            await self.state.delete_certificate(record)
 
             async def remove_on(node: NodeRecord) -> NodeOutcome:
                 client = await self.pool.client(node)
@@ -130,7 +128,7 @@ class Coordinator:
                 return NodeOutcome(node, step="remove")
 
             outcomes = await asyncio.gather(*(remove_on(n) for n in nodes))
-            self.state.add_event(
+            await self.state.add_event(
                 CertificateEvent(
                     self.clock(),
                     actor,
@@ -162,7 +160,7 @@ class Coordinator:
         abort an undecided one on every node, roll a decided one forward to every node that
         has not proved it, write its audit event, forget it. Call with the cluster lock held.
         Nodes that do not answer are left to the reconciler (undecided files: ``_tidy``)."""
-        record = self.state.rollout_in_flight()
+        record = await self.state.rollout_in_flight()
         if record is None:
             return
         decided = record.phase == "decided"
@@ -178,19 +176,24 @@ class Coordinator:
             else "stopped before its decision: aborting it on every node",
         )
         if decided:
-            desired = {r.name: r for r in self.state.certificates()}
+            desired = {r.name: r for r in await self.state.certificates()}
             records = [
                 desired[name]
                 for name, generation in sorted(record.generations.items())
                 if name in desired and desired[name].generation == generation
             ]
-            nodes = self.state.nodes()
-            outcomes = list(await asyncio.gather(*(self._catch_up(n, records) for n in nodes)))
+            nodes = await self.state.nodes()
+            applied = await self.state.applied_by_node()
+            outcomes = list(
+                await asyncio.gather(
+                    *(self._catch_up(n, records, applied.get(n.node_id, {})) for n in nodes)
+                )
+            )
             if records:
                 self.on_committed(records)
         else:
-            outcomes = await self._abort_everywhere(record, self.state.nodes())
-        self._audit_in_flight(record, outcomes)
+            outcomes = await self._abort_everywhere(record, await self.state.nodes())
+        await self._audit_in_flight(record, outcomes)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
             "rollout %s %s%s",
@@ -198,7 +201,7 @@ class Coordinator:
             "rolled forward" if decided else "aborted",
             f"; the reconciler goes on with {', '.join(lagging)}" if lagging else " everywhere",
         )
-        self.state.end_rollout(record)
+        await self.state.end_rollout(record)
 
     # --- the protocol, step by step -------------------------------------------------------
 
@@ -215,16 +218,16 @@ class Coordinator:
         """Stage, decide, commit ``fresh`` (new generations); ``resumed`` (already desired,
         same content) ride along without a new decision. Called with the lock held."""
         records = [*fresh, *resumed]
-        in_flight = self._begin(fresh, current, actor, owner)
+        in_flight = await self._begin(fresh, current, actor, owner)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
         if not all(o.ok for o in staged):
             await self._abort_staged(in_flight, staged)
         try:
-            decided = self._decide(fresh, actor, in_flight)
+            decided = await self._decide(fresh, actor, in_flight)
         except UpdateInProgress:
             await self._abort_everywhere(in_flight, nodes)
             with contextlib.suppress(StoreConflict):
-                self.state.end_rollout(in_flight)
+                await self.state.end_rollout(in_flight)
             raise
         log.info("rollout %s decided: %s", decided.rollout_id, _names(fresh))
         if self.progress is not None:
@@ -234,24 +237,24 @@ class Coordinator:
         outcomes = list(
             await asyncio.gather(*(self._commit_node(n, records, seam, proofs) for n in nodes))
         )
-        self._record(records, current, actor, outcomes, proofs)
-        self.state.end_rollout(decided)
+        await self._record(records, current, actor, outcomes, proofs)
+        await self.state.end_rollout(decided)
         return outcomes
 
     # 1. plan: which records need a new generation, and the rollout record that says so
 
-    def _plan(
+    async def _plan(
         self, proposed: Sequence[CertRecord]
     ) -> tuple[list[CertRecord], list[CertRecord], dict[str, CertRecord | None]]:
         """Split ``proposed`` into fresh records (numbered with their new generation) and
         resumed ones (already desired with the same content: a retry); also return what each
         name's desired record was before."""
-        used = self.state.generations_used()
+        used = await self.state.generations_used()
         fresh: list[CertRecord] = []
         resumed: list[CertRecord] = []
         current: dict[str, CertRecord | None] = {}
         for item in proposed:
-            existing = self.state.certificate(item.name)
+            existing = await self.state.certificate(item.name)
             current[item.name] = existing
             if (
                 existing is not None
@@ -268,7 +271,7 @@ class Coordinator:
             fresh.append(replace(item, generation=generation, revision=revision))
         return fresh, resumed, current
 
-    def _begin(
+    async def _begin(
         self,
         fresh: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
@@ -288,7 +291,7 @@ class Coordinator:
             started_at=iso(self.clock()),
         )
         try:
-            return self.state.begin_rollout(record)
+            return await self.state.begin_rollout(record)
         except StoreConflict as exc:
             raise UpdateInProgress(
                 f"another rollout is recorded in flight ({exc.description}); retry"
@@ -314,7 +317,7 @@ class Coordinator:
     async def _abort_staged(self, in_flight: RolloutRecord, staged: list[NodeOutcome]) -> NoReturn:
         """Some node failed to stage: abort on every node, forget the rollout, raise 409."""
         await self._abort_everywhere(in_flight, [o.node for o in staged])
-        self.state.end_rollout(in_flight)
+        await self.state.end_rollout(in_flight)
         failed = [o.node.name for o in staged if not o.ok]
         for outcome in staged:
             if outcome.ok:
@@ -346,30 +349,16 @@ class Coordinator:
 
     # 3. decide
 
-    def _decide(
+    async def _decide(
         self, records: Sequence[CertRecord], actor: str, in_flight: RolloutRecord
     ) -> RolloutRecord:
         """The decision: ONE atomic store commit makes every new generation desired and marks
         the rollout ``decided``. Before it, a crash means abort; after it, roll forward."""
         now = iso(self.clock())
         decided = replace(in_flight, phase="decided")
-        ops = [
-            Put(
-                "certs/" + r.name,
-                self.state.encode_cert(replace(r, updated_at=now, updated_by=actor)),
-                expect_revision=r.revision,
-            )
-            for r in records
-        ]
-        ops.append(
-            Put(
-                ROLLOUT_KEY,
-                self.state.encode_rollout(decided),
-                expect_revision=in_flight.revision,
-            )
-        )
+        desired = [replace(r, updated_at=now, updated_by=actor) for r in records]
         try:
-            revision = self.state.store.commit(ops)
+            revision = await self.state.commit_decision(desired, decided, in_flight.revision)
         except StoreConflict as exc:
             raise UpdateInProgress(
                 f"the certificate changed while this update was staged ({exc.description}); retry"
@@ -400,7 +389,7 @@ class Coordinator:
             outcome.results.append(answer)
             proof = self._verify(record, answer)
             if proofs is None:
-                self.state.record_applied(node.node_id, record.name, proof)
+                await self.state.record_applied(node.node_id, record.name, proof)
             else:
                 proofs.append((node.node_id, record.name, proof))
             if not proof.ok:
@@ -424,7 +413,7 @@ class Coordinator:
 
     # 6. record: the proofs, the audit events
 
-    def _record(
+    async def _record(
         self,
         records: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
@@ -432,11 +421,11 @@ class Coordinator:
         outcomes: Sequence[NodeOutcome],
         proofs: Proofs,
     ) -> None:
-        self.state.record_applied_many(proofs)
+        await self.state.record_applied_many(proofs)
         self.on_committed(records)
-        self._audit(records, current, actor, outcomes)
+        await self._audit(records, current, actor, outcomes)
 
-    def _audit(
+    async def _audit(
         self,
         records: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
@@ -446,7 +435,7 @@ class Coordinator:
     ) -> None:
         for record in records:
             old = current.get(record.name)
-            self.state.add_event(
+            await self.state.add_event(
                 CertificateEvent(
                     self.clock(),
                     actor,
@@ -459,12 +448,14 @@ class Coordinator:
                 )
             )
 
-    def _audit_in_flight(self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]) -> None:
+    async def _audit_in_flight(
+        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]
+    ) -> None:
         """The event of a rollout finished by :meth:`resolve_in_flight`: ``update`` when it
         was rolled forward, ``abort`` when it was not decided."""
         decided = record.phase == "decided"
         for name, generation in sorted(record.generations.items()):
-            self.state.add_event(
+            await self.state.add_event(
                 CertificateEvent(
                     self.clock(),
                     record.actor,
@@ -485,20 +476,28 @@ class Coordinator:
     ) -> list[NodeOutcome]:
         """A retry of what the store already desires: push it to the nodes that have not
         proved it; a no-op when none lags."""
-        lagging_anywhere = any(not self._applied_ok(n, r) for n in nodes for r in records)
-        outcomes = list(await asyncio.gather(*(self._catch_up(n, records) for n in nodes)))
+        applied = await self.state.applied_by_node()
+        lagging_anywhere = any(
+            not _proved(applied.get(n.node_id, {}), r) for n in nodes for r in records
+        )
+        outcomes = list(
+            await asyncio.gather(
+                *(self._catch_up(n, records, applied.get(n.node_id, {})) for n in nodes)
+            )
+        )
         if lagging_anywhere:
             self.on_committed(records)
-            self._audit(records, {}, actor, outcomes, action="retry")
+            await self._audit(records, {}, actor, outcomes, action="retry")
         return outcomes
 
-    async def _catch_up(self, node: NodeRecord, records: Sequence[CertRecord]) -> NodeOutcome:
-        """Push to ``node`` the ``records`` it has not proved; when it proved them all, its
-        outcome reports what it proved."""
-        lagging = [r for r in records if not self._applied_ok(node, r)]
+    async def _catch_up(
+        self, node: NodeRecord, records: Sequence[CertRecord], applied: dict[str, AppliedRecord]
+    ) -> NodeOutcome:
+        """Push to ``node`` the ``records`` it has not proved (``applied``: what it proved);
+        when it proved them all, its outcome reports what it proved."""
+        lagging = [r for r in records if not _proved(applied, r)]
         if lagging:
             return await self.push(node, lagging)
-        applied = self.state.applied(node.node_id)
         results = [
             CommitAnswer(
                 r.name,
@@ -512,10 +511,6 @@ class Coordinator:
         ]
         return NodeOutcome(node, results=results)
 
-    def _applied_ok(self, node: NodeRecord, record: CertRecord) -> bool:
-        applied = self.state.applied(node.node_id).get(record.name)
-        return applied is not None and applied.ok and applied.generation == record.generation
-
     def _mark(self, node: NodeRecord, state: str) -> None:
         if self.progress is not None and node.name in self.progress.nodes:
             self.progress.nodes[node.name] = state
@@ -523,3 +518,9 @@ class Coordinator:
 
 def _names(records: Sequence[CertRecord]) -> str:
     return ", ".join(f"{r.name}@{r.generation}" for r in records)
+
+
+def _proved(applied: dict[str, AppliedRecord], record: CertRecord) -> bool:
+    """Whether a node's proofs (``applied``) show it serves ``record``'s generation."""
+    proof = applied.get(record.name)
+    return proof is not None and proof.ok and proof.generation == record.generation

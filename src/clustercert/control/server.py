@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
+from clustercert.web.app import build_console
 
-__all__ = ["ServerSettings", "serve"]
+__all__ = ["CertificateListener", "ServerSettings", "serve"]
 
 log = logging.getLogger("clustercert.server")
 
@@ -50,49 +52,106 @@ class ServerSettings:
     lock_wait: float = 30.0
     reconcile_interval: float = 1.0
     reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
+    console: tuple[str, int] | None = ("127.0.0.1", 8443)  # the web console's HOST, PORT; None: off
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
     lifecycle_interval: float = 5.0  # alerts and the rotation job (docs/alerts.md)
     webhook_ca_file: Path | None = None  # trusted for the alert webhook, besides the system CAs
 
 
-class ApiListener:
-    """The API listener's certificate files and hot-swappable context (the `api` name), and
-    the CAs it trusts for client-certificate login (the `mtls_trusted_ca` bundle, if set)."""
+class CertificateListener:
+    """A listener's certificate files and hot-swappable context for one certificate name:
+    ``api`` for the REST API, ``cm`` for the console. The files live under
+    ``DIR/run/<name>-<port>/``; when the name's generation changes (a rollout through this
+    process, or another control plane's seen in the store), new handshakes get the new
+    certificate and open connections keep theirs."""
 
-    def __init__(self, directory: ClusterDirectory, state: ClusterState, port: int) -> None:
-        self.files = CertificateFiles(directory.run_dir / f"api-{port}")
+    def __init__(
+        self,
+        directory: ClusterDirectory,
+        state: ClusterState,
+        record: CertRecord,
+        port: int,
+        *,
+        request_client_cert: bool = False,
+        client_ca_pem: str | None = None,
+    ) -> None:
+        """Serve ``record`` (read with :func:`required_certificate`) on ``port``."""
+        self.name = name = record.name
+        self.files = CertificateFiles(directory.run_dir / f"{name}-{port}")
         self.state = state
-        record = state.certificate("api")
-        if record is None or record.key is None:
-            raise ConfigError("the store holds no `api` certificate; was the cluster initialised?")
         paths = self._write(record)
         assert paths.key is not None
         self.context = ReloadableServerContext(
             paths.cert,
             paths.key,
-            request_client_cert=True,
-            client_ca_pem=_trusted_client_cas(state),
+            request_client_cert=request_client_cert,
+            client_ca_pem=client_ca_pem,
         )
         self.generation = record.generation
-        self._seen = {"api": record.revision, "mtls_trusted_ca": state.revision("mtls_trusted_ca")}
+        self._seen = {name: record.revision}
 
-    def refresh(self) -> None:
-        """Follow the store: another control plane, or a DELETE, may have changed what this
-        listener serves or trusts (a rollout through this process calls on_committed). Runs
-        every second: records are read (and keys unsealed) only when their revision moved."""
-        if self._moved("api"):
-            api = self.state.certificate("api")
-            if api is not None:
-                self.on_committed([api])
-        if self._moved("mtls_trusted_ca"):
-            self._trust(_trusted_client_cas(self.state))
+    async def refresh(self) -> None:
+        """Follow the store: another control plane may have changed what this listener serves
+        (a rollout through this process calls on_committed). Runs every second: the record is
+        read (and its key unsealed) only when its revision moved."""
+        if await self._moved(self.name):
+            record = await self.state.certificate(self.name)
+            if record is not None:
+                self.on_committed([record])
 
-    def _moved(self, name: str) -> bool:
-        revision = self.state.revision(name)
+    async def _moved(self, name: str) -> bool:
+        revision = await self.state.revision(name)
         moved = revision != self._seen.get(name)
         self._seen[name] = revision
         return moved
+
+    def _write(self, record: CertRecord) -> GenerationPaths:
+        self.files.stage(record.name, record.generation, record.certificate, record.key)
+        return self.files.activate(record.name, record.generation)
+
+    def cert_path(self) -> Path | None:
+        """The certificate file this listener serves now."""
+        paths = self.files.paths(self.name, self.generation)
+        return paths.cert if paths is not None else None
+
+    def on_committed(self, records: Sequence[CertRecord]) -> None:
+        for record in records:
+            if record.name == self.name and record.generation != self.generation:
+                paths = self._write(record)
+                assert paths.key is not None
+                self.context.reload(paths.cert, paths.key)
+                self.generation = record.generation
+                log.info("%s listener now serves generation %d", self.name, record.generation)
+
+
+class ApiListener(CertificateListener):
+    """The API listener (the `api` name), and the CAs it trusts for client-certificate login
+    (the `mtls_trusted_ca` bundle, if set)."""
+
+    def __init__(
+        self,
+        directory: ClusterDirectory,
+        state: ClusterState,
+        api: CertRecord,
+        port: int,
+        trusted_cas: CertRecord | None,
+    ) -> None:
+        super().__init__(
+            directory,
+            state,
+            api,
+            port,
+            request_client_cert=True,
+            client_ca_pem=trusted_cas.certificate if trusted_cas else None,
+        )
+        self._seen["mtls_trusted_ca"] = trusted_cas.revision if trusted_cas else 0
+
+    async def refresh(self) -> None:
+        """Also follow ``mtls_trusted_ca`` (a DELETE removes it without a rollout)."""
+        await super().refresh()
+        if await self._moved("mtls_trusted_ca"):
+            self._trust(await _trusted_client_cas(self.state))
 
     def _trust(self, bundle: str | None) -> None:
         if bundle != self.context.client_ca_pem:
@@ -102,25 +161,11 @@ class ApiListener:
                 "trusts the new mtls_trusted_ca" if bundle else "is off (no mtls_trusted_ca)",
             )
 
-    def _write(self, record: CertRecord) -> GenerationPaths:
-        self.files.stage("api", record.generation, record.certificate, record.key)
-        return self.files.activate("api", record.generation)
-
-    def cert_path(self) -> Path | None:
-        """The certificate file this listener serves now."""
-        paths = self.files.paths("api", self.generation)
-        return paths.cert if paths is not None else None
-
     def on_committed(self, records: Sequence[CertRecord]) -> None:
+        super().on_committed(records)
         for record in records:
             if record.name == "mtls_trusted_ca":
                 self._trust(record.certificate)
-            if record.name == "api" and record.generation != self.generation:
-                paths = self._write(record)
-                assert paths.key is not None
-                self.context.reload(paths.cert, paths.key)
-                self.generation = record.generation
-                log.info("api listener now serves generation %d", record.generation)
 
 
 def api_config(
@@ -145,21 +190,62 @@ def api_config(
     )
 
 
-def _trusted_client_cas(state: ClusterState) -> str | None:
+async def required_certificate(state: ClusterState, name: str) -> CertRecord:
+    """The stored ``name`` with its key, which a listener needs to start."""
+    record = await state.certificate(name)
+    if record is None or record.key is None:
+        raise ConfigError(f"the store holds no `{name}` certificate; was the cluster initialised?")
+    return record
+
+
+async def _trusted_client_cas(state: ClusterState) -> str | None:
     """The mtls_trusted_ca bundle as stored now: certificate login follows a change at once,
     on connections already open too (new handshakes follow within the refresh interval)."""
-    record = state.certificate("mtls_trusted_ca")
+    record = await state.certificate("mtls_trusted_ca")
     return record.certificate if record else None
 
 
-async def _follow_store(listener: ApiListener, interval: float) -> None:
-    """Keep the API listener in step with the store (bounded by the server's lifetime)."""
+async def _follow_store(listeners: Sequence[CertificateListener], interval: float) -> None:
+    """Keep the listeners in step with the store (bounded by the server's lifetime)."""
     while True:
         await asyncio.sleep(max(interval, 0.2))
-        try:
-            listener.refresh()
-        except Exception:
-            log.exception("could not refresh the API listener from the store; retrying")
+        for listener in listeners:
+            try:
+                await listener.refresh()
+            except Exception:
+                log.exception(
+                    "could not refresh the %s listener from the store; retrying", listener.name
+                )
+
+
+def _bind_console(host: str, port: int) -> socket.socket:
+    """The console's socket, bound before anything is served: a port in use is a clear error
+    at start (uvicorn would exit the process from inside its task)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"the web console cannot listen on {host}:{port} ({exc.strerror}); choose another "
+            "address with --console-listen HOST:PORT, or run without it: --no-console"
+        ) from None
+    return sock
+
+
+def _committed(listeners: Sequence[CertificateListener], records: Sequence[CertRecord]) -> None:
+    for listener in listeners:
+        listener.on_committed(records)
+
+
+class _FollowingServer(uvicorn.Server):
+    """A second listener in the same process (the console): the API server owns SIGINT and
+    SIGTERM (uvicorn restores and re-raises them when it stops); this one stops with it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -179,7 +265,20 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     try:
         state = directory.state(store)
         ca = directory.ca()
-        listener = ApiListener(directory, state, settings.port)
+        listener = ApiListener(
+            directory,
+            state,
+            await required_certificate(state, "api"),
+            settings.port,
+            await state.certificate("mtls_trusted_ca"),
+        )
+        listeners: list[CertificateListener] = [listener]
+        if settings.console is not None:
+            console_socket = _bind_console(*settings.console)
+            console_listener = CertificateListener(
+                directory, state, await required_certificate(state, "cm"), settings.console[1]
+            )
+            listeners.append(console_listener)
         pool = AgentPool(
             internode_client_context(
                 directory.ca_file, directory.identity_cert, directory.identity_key
@@ -194,7 +293,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             state,
             pool,
             lock_wait=settings.lock_wait,
-            on_committed=listener.on_committed,
+            on_committed=lambda records: _committed(listeners, records),
             fault=fault,
         )
         reconciler = Reconciler(
@@ -208,9 +307,10 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 "control_plane_identity": directory.identity_cert,
                 "internal_ca": directory.ca_file,
             }
-            served = listener.cert_path()
-            if served is not None:
-                files["api"] = served
+            for each in listeners:  # api, and cm when the console runs
+                served = each.cert_path()
+                if served is not None:
+                    files[each.name] = served
             return files
 
         metrics = Metrics(
@@ -242,14 +342,22 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         # Started before the listener, so its first pass (the recovery) normally has the lock
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
-        following = asyncio.create_task(_follow_store(listener, settings.reconcile_interval))
+        following = asyncio.create_task(_follow_store(listeners, settings.reconcile_interval))
         watching = asyncio.create_task(lifecycle.run_forever())
         notifying = asyncio.create_task(notifier.run())
+        tasks = [reconciling, following, watching, notifying]
+        if settings.console is not None:
+            host, port = settings.console
+            console = _FollowingServer(
+                api_config(build_console(control), console_listener.context.base, host, port)
+            )
+            tasks.append(asyncio.create_task(console.serve(sockets=[console_socket])))
+            log.info("web console listening on https://%s:%d", host, port)
         log.info("control plane listening on https://%s:%d", settings.host, settings.port)
         try:
             await server.serve()
         finally:
-            for task in (reconciling, following, watching, notifying):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -1,11 +1,12 @@
-"""What the OpenAPI document says about request and response bodies.
+"""The API's success bodies, and what the OpenAPI document says about bodies.
 
-Routes read their bodies themselves (so that authentication and permission come before body
-checks, DESIGN §4.2), which leaves FastAPI nothing to document. These models and helpers put the
-bodies back into the document, for clients and for the schemathesis fuzz run that holds every
-answer to it; they never change what a route does.
+Each model here IS a route's answer: the route builds it and FastAPI serialises it (its return
+annotation), except the rollout answers, which :func:`rollout_answer` dumps once (below). The
+same models document the answers, for clients and for the schemathesis fuzz run that holds
+every answer to the document. Routes read their request bodies themselves (so authentication
+and permission come first, DESIGN §4.2), so :func:`request_body` puts those into the document.
 
-Usage on a route: ``@app.put(path, openapi_extra=request_body(Model), responses=answers(Ok,
+Usage on a route: ``@router.put(path, openapi_extra=request_body(Model), responses=answers(Ok,
 400, 401))``.
 """
 
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, TypeAdapter
+
+from clustercert.control.state import User
 
 __all__ = [
     "CertificateAnswer",
@@ -26,18 +30,22 @@ __all__ = [
     "NodeAnswer",
     "NodeOutcomeBody",
     "RotateAnswer",
+    "RotatedCertificate",
     "UserBody",
     "ValidateAnswer",
     "answers",
     "request_body",
+    "rollout_answer",
 ]
 
 
-class _Doc(BaseModel):
+class _Answer(BaseModel):
+    # Extra fields pass through (node outcomes come from control/rollout.py as they are) and
+    # the document tells clients to tolerate additions.
     model_config = ConfigDict(extra="allow")
 
 
-class ErrorBody(_Doc):
+class ErrorBody(_Answer):
     """DESIGN §4.3."""
 
     error_code: str
@@ -47,7 +55,7 @@ class ErrorBody(_Doc):
     nodes: list[dict[str, Any]] | None = None
 
 
-class NodeOutcomeBody(_Doc):
+class NodeOutcomeBody(_Answer):
     node_id: int
     name: str
     ok: bool
@@ -57,49 +65,48 @@ class NodeOutcomeBody(_Doc):
     certificates: list[dict[str, Any]] = []
 
 
-class CertificateAnswer(_Doc):
+class RotatedCertificate(_Answer):
     name: str
     generation: int
     fingerprint_sha256: str
     not_after: str
+
+
+class CertificateSummary(RotatedCertificate):
     warnings: list[str]
+
+
+class CertificateAnswer(CertificateSummary):
     nodes: list[NodeOutcomeBody]
 
 
-class CertificateSummary(_Doc):
-    name: str
-    generation: int
-    fingerprint_sha256: str
-    not_after: str
-    warnings: list[str] = []
-
-
-class CertificatesAnswer(_Doc):
+class CertificatesAnswer(_Answer):
     certificates: list[CertificateSummary]
     nodes: list[NodeOutcomeBody]
 
 
-class RotateAnswer(CertificatesAnswer):
-    pass
+class RotateAnswer(_Answer):
+    certificates: list[RotatedCertificate]
+    nodes: list[NodeOutcomeBody]
 
 
-class ValidateAnswer(_Doc):
+class ValidateAnswer(_Answer):
     valid: bool
     certificates: list[dict[str, Any]]
 
 
-class DeletedAnswer(_Doc):
+class DeletedAnswer(_Answer):
     name: str
     deleted: bool
     nodes: list[NodeOutcomeBody]
 
 
-class EventsAnswer(_Doc):
+class EventsAnswer(_Answer):
     total: int
     events: list[dict[str, Any]]
 
 
-class NodeServed(_Doc):
+class NodeServed(_Answer):
     node_id: int
     name: str
     generation: int | None
@@ -109,7 +116,7 @@ class NodeServed(_Doc):
     verified_at: str | None
 
 
-class CertificateDetail(_Doc):
+class CertificateDetail(_Answer):
     name: str
     generation: int
     source: str
@@ -122,7 +129,7 @@ class CertificateDetail(_Doc):
     nodes: list[NodeServed]
 
 
-class NodeAnswer(_Doc):
+class NodeAnswer(_Answer):
     uid: int
     name: str
     agent_url: str
@@ -131,20 +138,32 @@ class NodeAnswer(_Doc):
     certificates: dict[str, dict[str, Any]]
 
 
-class JoinAnswer(_Doc):
+class JoinAnswer(_Answer):
     node_id: int
     certificate: str
     ca_certificate: str
     cluster_name: str
 
 
-class UserBody(_Doc):
+class UserBody(_Answer):
     uid: int
     email: str
     name: str
     role: str
     auth_method: Literal["regular", "certificate"]
+    # Absent (not null) for regular users: routes answering users set response_model_exclude_none.
     certificate_subject_line: str | None = None
+
+    @classmethod
+    def of(cls, user: User) -> UserBody:
+        """What the API shows of a user: these fields, never the password hash."""
+        return cls.model_validate(user, from_attributes=True)
+
+
+def rollout_answer(body: BaseModel) -> JSONResponse:
+    """A rollout's answer, dumped once: it skips FastAPI's response-model validation, whose
+    cost grew with every node in the body (measured by ``make bench``)."""
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 _REASONS = {

@@ -1,0 +1,101 @@
+"""``/v1/nodes``: the joined nodes and what each serves; ``/v1/internal/join``: a node agent
+joins with a one-time token and a CSR (authenticated by the token, not by a user)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from clustercert import pki
+from clustercert.control.answers import JoinAnswer, NodeAnswer, answers, request_body
+from clustercert.control.audit import NodeEvent
+from clustercert.control.http import Plane, StrictModel, Viewer, parse_model, read_json
+from clustercert.control.plane import ControlPlane
+from clustercert.control.state import AppliedRecord, NodeRecord
+from clustercert.errors import InvalidSchema, NotFound, Unauthorized
+
+__all__ = ["JoinBody", "agent_host", "router"]
+
+router = APIRouter()
+
+
+class JoinBody(StrictModel):
+    token: str
+    name: str
+    agent_url: str
+    csr: str
+
+
+@router.get("/v1/nodes", responses=answers(list[NodeAnswer], 401, 403))
+async def nodes(cp: Plane, user: Viewer) -> list[NodeAnswer]:
+    desired = await _desired_generations(cp)
+    applied = await cp.state.applied_by_node()
+    return [_node_answer(n, desired, applied.get(n.node_id, {})) for n in await cp.state.nodes()]
+
+
+@router.get("/v1/nodes/{node_id}", responses=answers(NodeAnswer, 400, 401, 403, 404))
+async def node(node_id: int, cp: Plane, user: Viewer) -> NodeAnswer:
+    record = await cp.state.node(node_id)
+    if record is None:
+        raise NotFound(f"no node with id {node_id}")
+    desired = await _desired_generations(cp)
+    return _node_answer(record, desired, await cp.state.applied(record.node_id))
+
+
+@router.post(
+    "/v1/internal/join",
+    openapi_extra=request_body(JoinBody),
+    responses=answers(JoinAnswer, 400, 401, 408, 413, 415),
+)
+async def join(request: Request, cp: Plane) -> JoinAnswer:
+    body = parse_model(JoinBody, await read_json(request))
+    now = cp.clock()
+    if not await cp.state.consume_join_token(body.token, now):
+        raise Unauthorized("the join token is unknown, already used or expired")
+    host = agent_host(body.agent_url)
+    try:
+        certificate = pki.sign_csr(
+            cp.ca, body.csr, body.name, sans=(host,), eku={"serverAuth"}, now=now
+        )
+    except ValueError as exc:
+        raise InvalidSchema(f"csr: {exc}") from None
+    node = await cp.state.add_node(body.name, body.agent_url, now)
+    cp.reconciler.wake(node.node_id)
+    await cp.state.add_event(
+        NodeEvent(now, f"node:{body.name}", "join", node_id=node.node_id, agent_url=body.agent_url)
+    )
+    return JoinAnswer(
+        node_id=node.node_id,
+        certificate=certificate,
+        ca_certificate=cp.ca.cert_pem,
+        cluster_name=await cp.state.cluster_name(),
+    )
+
+
+def agent_host(url: str) -> str:
+    """The host of an agent URL (``https://host:port``), without IPv6 brackets."""
+    return url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
+async def _desired_generations(cp: ControlPlane) -> dict[str, int]:
+    return {r.name: r.generation for r in await cp.state.certificates()}
+
+
+def _node_answer(
+    node: NodeRecord, desired: dict[str, int], applied: dict[str, AppliedRecord]
+) -> NodeAnswer:
+    """A node as the API shows it (``applied``: what it last proved)."""
+    in_sync = all(
+        (a := applied.get(name)) is not None and a.ok and a.generation == generation
+        for name, generation in desired.items()
+    )
+    return NodeAnswer(
+        uid=node.node_id,
+        name=node.name,
+        agent_url=node.agent_url,
+        joined_at=node.joined_at,
+        in_sync=in_sync,
+        certificates={
+            name: {"generation": a.generation, "fingerprint": a.fingerprint, "ok": a.ok}
+            for name, a in applied.items()
+        },
+    )
