@@ -167,8 +167,8 @@ def test_settings_need_json_and_update_cluster(alerting: DemoCluster) -> None:
 
 
 def test_the_control_plane_exports_the_expiry_of_its_own_files(alerting: DemoCluster) -> None:
-    """Its API listener's certificate, its internode identity and the internal CA, in the
-    agents' series (so the same Prometheus rules watch them)."""
+    """Its API and console listeners' certificates, its internode identity and the internal
+    CA, in the agents' series (so the same Prometheus rules watch them)."""
     with api(alerting) as client:
         before = time.time()
         text = client.get("/metrics").text
@@ -181,7 +181,7 @@ def test_the_control_plane_exports_the_expiry_of_its_own_files(alerting: DemoClu
             if sample.name == "node_cert_expiration_seconds":
                 assert sample.labels["node"] == node and sample.labels["cluster"] == "cluster.local"
                 found[sample.labels["logical_name"]] = (Path(sample.labels["path"]), sample.value)
-    assert set(found) == {"api", "control_plane_identity", "internal_ca"}
+    assert set(found) == {"api", "cm", "control_plane_identity", "internal_ca"}
     directory = alerting.cluster
     assert found["internal_ca"][0] == directory.ca_file
     assert found["control_plane_identity"][0] == directory.identity_cert
