@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := redis-server openssl etcd-server curl chromium prometheus
 
-.PHONY: install demo test lint typecheck pytest check-rules bench bench-quick clean fuzz soak
+.PHONY: install demo test test-fast lint typecheck pytest check-rules bench bench-quick clean fuzz soak
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ check-rules: install
 
 test: lint typecheck check-rules pytest
 
+# The inner loop: every test that starts no process (control plane, agents, redis, etcd, browser).
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not cluster"
+
 # Benchmarks (docs/benchmarks.md): they rewrite their own section of that document.
 bench: install
 	$(PY) -m bench.run
@@ -48,14 +52,14 @@ bench-quick: install
 # Schemathesis against the API's OpenAPI document on a real cluster, far past the suite's sample.
 fuzz: install
 	CLUSTERCERT_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),300) CLUSTERCERT_FUZZ_RANDOM=1 \
-		$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+		$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/control/test_fuzz.py
 
 # Fault injection, every case SOAK_REPEAT times (docs/reliability.md); figures: build/reliability.json.
 soak: install
 	mkdir -p build
 	CLUSTERCERT_SOAK_REPEAT=$(or $(SOAK_REPEAT),10) CLUSTERCERT_RELIABILITY_OUT=build/reliability.json \
 		$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=3600 \
-		tests/test_reliability.py tests/test_reliability_units.py
+		tests/control/test_recovery.py tests/control/test_recovery_units.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

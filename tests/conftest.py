@@ -35,3 +35,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCluster]:
     running = start_cluster(tmp_path_factory)
     yield running
     running.stop()
+
+
+# Fixtures that start processes (control plane, agents, redis-server, etcd, a browser): a test
+# that uses one, directly or through another fixture, is a `cluster` test, so that
+# `pytest -m "not cluster"` is the fast in-process loop. Modules whose tests start processes
+# in their own bodies say so with `pytestmark = pytest.mark.cluster`.
+PROCESS_FIXTURES = frozenset(
+    {
+        "cluster", "ctx", "fuzzed_cluster", "fault_cluster", "mixed_cluster", "small_cluster",
+        "paused_cluster", "etcd_server", "etcd", "browser",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_etcd = callspec is not None and callspec.params.get("backend") == "etcd"
+        if fixtures & PROCESS_FIXTURES or on_etcd:
+            item.add_marker(pytest.mark.cluster)

@@ -1,6 +1,6 @@
 """Helpers for the store contract suite: a real etcd process, a fake clock, a not-etcd server.
 
-The pytest fixtures built from these live in ``tests/test_store_contract.py``.
+The pytest fixtures built from these live in ``tests/store/test_contract.py``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from clusterkit import served_fingerprint, wait_until
 
 from clustercert.demo import CONSOLE_PORT, free_port
+
+pytestmark = pytest.mark.cluster  # runs `clustercert demo` itself
 
 
 def _alive(pid: int) -> bool:

@@ -5,8 +5,8 @@ field is rejected with an error naming the message and the field.
 
 The last tests drive the agent's HTTP edge in-process (httpx's ASGI transport: no TLS, no
 services) to show a bad request is refused there with 422 and nothing lands on disk; the
-real-process suites (test_update_cert.py, test_security_internode.py) cover the same edge over
-mutual TLS.
+real-process suites (control/test_update_cert.py, agent/test_internode_auth.py) cover the same
+edge over mutual TLS.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The cluster lock (src/clustercert/control/lock.py), without a cluster: who holds it and
 whether that holder is gone, taking it over from a dead previous incarnation, waiting for a
-live holder and then 409. Moved here from test_reliability_units.py, unchanged.
+live holder and then 409. Moved here from control/test_recovery_units.py, unchanged.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ The agents here are FAKES: :class:`FakeAgent` stands in for a remote agent proce
 ``Agents`` protocol (it keeps staged and current generations in memory and can be told to
 refuse a stage or a commit), so the protocol's decisions can be checked in milliseconds against
 a real store (SQLite through ``open_store``, keys sealed with ``KeySealer``). The real-process
-suites, test_reliability.py and test_rollout_faults.py, cover the same protocol for real:
-control plane, agents and redis-server processes over mutual TLS, killed at every step.
+suites, control/test_recovery.py and control/test_rollout_faults.py, cover the same protocol
+for real: control plane, agents and redis-server processes over mutual TLS, killed at every
+step.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ Layout::
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import secrets
@@ -33,6 +32,7 @@ from clustercert.control.state import (
     CertRecord,
     ClusterState,
     NodeRecord,
+    run_blocking,
 )
 from clustercert.errors import ConfigError
 from clustercert.names import NAMES
@@ -99,7 +99,7 @@ class ClusterDirectory:
     def new_join_token(self, now: dt.datetime, ttl: dt.timedelta) -> str:
         """A one-time join token, for commands that run outside any event loop."""
         with self.open_store() as store:
-            return asyncio.run(self.state(store).new_join_token(now, ttl))
+            return run_blocking(self.state(store).new_join_token(now, ttl))
 
 
 def internal_sans(nodes: Iterable[NodeRecord]) -> tuple[str, ...]:
@@ -201,5 +201,5 @@ def init_cluster(
     with directory.open_store() as opened:
         meta = {"name": name, "internal_cert_seconds": int(internal_validity.total_seconds())}
         opened.put("meta/cluster", json.dumps(meta), expect_revision=0)
-        asyncio.run(seed(directory.state(opened)))
+        run_blocking(seed(directory.state(opened)))
     return InitResult(directory, admin_email, password, admin_password is None)

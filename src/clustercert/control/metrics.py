@@ -21,7 +21,13 @@ from prometheus_client.registry import Collector
 
 from clustercert.clock import parse_iso, utc_now
 from clustercert.control.alerts import ALERT_NAMES, AlertState
-from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, NodeRecord
+from clustercert.control.state import (
+    AppliedRecord,
+    CertRecord,
+    ClusterState,
+    NodeRecord,
+    proves,
+)
 from clustercert.expiry import expiration_family
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -84,7 +90,7 @@ class _StoreCollector(Collector):
             proven = [applied.get(n.node_id, {}).get(record.name) for n in nodes]
             in_sync.add_metric(
                 [record.name],
-                sum(1 for p in proven if p and p.ok and p.generation == record.generation),
+                sum(1 for p in proven if proves(p, record.generation)),
             )
         total = GaugeMetricFamily("clustercert_nodes", "Nodes that joined the cluster.")
         total.add_metric([], len(nodes))

@@ -27,7 +27,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from clustercert.clock import iso, utc_now
 from clustercert.control.agents import Agents
@@ -41,6 +41,7 @@ from clustercert.control.state import (
     ClusterState,
     NodeRecord,
     RolloutRecord,
+    proves,
 )
 from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
 from clustercert.internode import CommitAnswer, ServiceProof
@@ -73,6 +74,11 @@ class Coordinator:
         self.on_committed = on_committed
         self.fault = fault
         self.progress: Progress | None = None
+
+    def progress_answer(self) -> dict[str, Any]:
+        """The rollout this control plane is running, node by node (``in_progress`` false when
+        none is): what ``GET /v1/cluster/certificates/rollout`` and the console answer."""
+        return self.progress.as_json() if self.progress is not None else {"in_progress": False}
 
     # --- the entry points -----------------------------------------------------------------
 
@@ -478,7 +484,9 @@ class Coordinator:
         proved it; a no-op when none lags."""
         applied = await self.state.applied_by_node()
         lagging_anywhere = any(
-            not _proved(applied.get(n.node_id, {}), r) for n in nodes for r in records
+            not proves(applied.get(n.node_id, {}).get(r.name), r.generation)
+            for n in nodes
+            for r in records
         )
         outcomes = list(
             await asyncio.gather(
@@ -495,7 +503,7 @@ class Coordinator:
     ) -> NodeOutcome:
         """Push to ``node`` the ``records`` it has not proved (``applied``: what it proved);
         when it proved them all, its outcome reports what it proved."""
-        lagging = [r for r in records if not _proved(applied, r)]
+        lagging = [r for r in records if not proves(applied.get(r.name), r.generation)]
         if lagging:
             return await self.push(node, lagging)
         results = [
@@ -518,9 +526,3 @@ class Coordinator:
 
 def _names(records: Sequence[CertRecord]) -> str:
     return ", ".join(f"{r.name}@{r.generation}" for r in records)
-
-
-def _proved(applied: dict[str, AppliedRecord], record: CertRecord) -> bool:
-    """Whether a node's proofs (``applied``) show it serves ``record``'s generation."""
-    proof = applied.get(record.name)
-    return proof is not None and proof.ok and proof.generation == record.generation

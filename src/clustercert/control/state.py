@@ -20,6 +20,7 @@ Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
@@ -46,6 +47,8 @@ __all__ = [
     "NodeRecord",
     "RolloutRecord",
     "User",
+    "proves",
+    "run_blocking",
 ]
 
 # Redis Enterprise's internal certificates live 90 days and are renewed 60 days before expiry.
@@ -69,6 +72,14 @@ def _in_thread(
 
     off_loop.__name__, off_loop.__doc__ = method.__name__, method.__doc__
     return off_loop
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, _R]) -> _R:
+    """Run a :class:`ClusterState` coroutine from synchronous code (commands, the demo). It
+    runs on its own thread and loop, so it works even where the calling thread already runs
+    an event loop (e.g. a test driving Playwright's sync API)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blocking") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,12 @@ class AppliedRecord:
     ok: bool
     services: list[dict[str, Any]] = field(default_factory=list)
     at: str = ""
+
+
+def proves(applied: AppliedRecord | None, generation: int) -> bool:
+    """Whether a node's proof (``applied``, None when it proved nothing) shows it serves
+    ``generation``: the one "in sync" rule of the API, the console and the rollout."""
+    return applied is not None and applied.ok and applied.generation == generation
 
 
 @dataclass(frozen=True)

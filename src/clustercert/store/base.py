@@ -1,7 +1,7 @@
 """The state-store interface (DESIGN §9): a small key-value contract with compare-and-set.
 
 Every backend (:mod:`clustercert.store.sqlite`, :mod:`clustercert.store.etcd`) implements
-:class:`Store` and passes the same contract suite (``tests/test_store_contract.py``).
+:class:`Store` and passes the same contract suite (``tests/store/test_contract.py``).
 
 Contract shared by every method:
 

@@ -13,7 +13,7 @@ from cryptography import x509
 
 from clustercert import pki
 from clustercert.clock import parse_iso
-from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, NodeRecord
+from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, NodeRecord, proves
 from clustercert.names import NAMES, CertificateName
 
 __all__ = [
@@ -50,12 +50,11 @@ class Badge:
 
 
 def _badge(node: NodeRecord, applied: AppliedRecord | None, desired: int) -> Badge:
+    if proves(applied, desired):
+        return Badge(node.name, "in-sync", desired)
     if applied is None:
         return Badge(node.name, "lagging", None)
-    if not applied.ok:
-        return Badge(node.name, "failed", applied.generation)
-    state = "in-sync" if applied.generation == desired else "lagging"
-    return Badge(node.name, state, applied.generation)
+    return Badge(node.name, "lagging" if applied.ok else "failed", applied.generation)
 
 
 @dataclass(frozen=True)

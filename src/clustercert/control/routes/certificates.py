@@ -42,7 +42,7 @@ from clustercert.control.http import (
 )
 from clustercert.control.plane import ControlPlane
 from clustercert.control.rollout import NodeOutcome
-from clustercert.control.state import CertRecord
+from clustercert.control.state import CertRecord, proves
 from clustercert.errors import (
     CertificateNotFound,
     InvalidSchema,
@@ -206,8 +206,7 @@ async def events(cp: Plane, user: Viewer, limit: int = 50, offset: int = 0) -> E
 async def rollout_progress(cp: Plane, user: Viewer) -> dict[str, Any]:
     """The rollout this control plane is running, node by node (``in_progress`` false when
     none is)."""
-    progress = cp.coordinator.progress
-    return progress.as_json() if progress is not None else {"in_progress": False}
+    return cp.coordinator.progress_answer()
 
 
 @router.get("/v1/cluster/certificates/{name}", responses=answers(CertificateDetail, 401, 403, 404))
@@ -226,7 +225,7 @@ async def get_certificate(name: str, cp: Plane, user: Viewer) -> CertificateDeta
                 node_id=node.node_id,
                 name=node.name,
                 generation=applied.generation if applied else None,
-                in_sync=bool(applied and applied.ok and applied.generation == record.generation),
+                in_sync=proves(applied, record.generation),
                 fingerprint=applied.fingerprint if applied else None,
                 services=applied.services if applied else [],
                 verified_at=applied.at if applied else None,

@@ -10,7 +10,7 @@ from clustercert.control.answers import JoinAnswer, NodeAnswer, answers, request
 from clustercert.control.audit import NodeEvent
 from clustercert.control.http import Plane, StrictModel, Viewer, parse_model, read_json
 from clustercert.control.plane import ControlPlane
-from clustercert.control.state import AppliedRecord, NodeRecord
+from clustercert.control.state import AppliedRecord, NodeRecord, proves
 from clustercert.errors import InvalidSchema, NotFound, Unauthorized
 
 __all__ = ["JoinBody", "agent_host", "router"]
@@ -84,10 +84,7 @@ def _node_answer(
     node: NodeRecord, desired: dict[str, int], applied: dict[str, AppliedRecord]
 ) -> NodeAnswer:
     """A node as the API shows it (``applied``: what it last proved)."""
-    in_sync = all(
-        (a := applied.get(name)) is not None and a.ok and a.generation == generation
-        for name, generation in desired.items()
-    )
+    in_sync = all(proves(applied.get(name), g) for name, g in desired.items())
     return NodeAnswer(
         uid=node.node_id,
         name=node.name,

@@ -1,6 +1,6 @@
 """What the console's pages show (web/views.py), read from a real cluster directory's SQLite
 store with records written directly: expiry days and warning, and each node's badge state.
-In-process; the browser tests (test_console.py) show the same rows on a running cluster."""
+In-process; the browser tests (web/test_console.py) show the same rows on a running cluster."""
 
 from __future__ import annotations
 

@@ -44,9 +44,9 @@ from clustercert.names import NAMES
 pytestmark = pytest.mark.cluster
 
 ADMIN = "admin@cluster.local"
-VIEWER = "console-viewer@cluster.local"  # not test_update_cert.py's viewer
+VIEWER = "console-viewer@cluster.local"  # not control/test_update_cert.py's viewer
 VIEWER_PASSWORD = "viewer password 1"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "console.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "console.png"
 CHROMIUM = "/usr/bin/chromium"
 
 

@@ -1,5 +1,5 @@
 """Console sessions (web/sessions.py) with an injected clock: lifetime, bound, CSRF check.
-In-process and fast; the browser tests (test_console.py) drive the same store for real."""
+In-process and fast; the browser tests (web/test_console.py) drive the same store for real."""
 
 from __future__ import annotations
 
