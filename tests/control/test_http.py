@@ -24,6 +24,7 @@ BODY_ROUTES = [
     ("PUT", "/v1/cluster/certificates"),
     ("POST", "/v1/cluster/certificates/validate"),
     ("POST", "/v1/cluster/certificates/rotate"),
+    ("PUT", "/v1/cluster"),
 ]
 
 
@@ -61,7 +62,8 @@ def every_route() -> list[tuple[str, str]]:
 
 def test_every_route_but_join_authenticates_before_parameters_and_body(api: InProcess) -> None:
     routes = every_route()
-    assert len(routes) == 18  # 14 certificate, node and meta routes, 4 user routes
+    # 14 certificate, node and meta routes, 3 cluster settings and alerts routes, 4 user routes
+    assert len(routes) == 21
     before = api.snapshot()
 
     async def scenario() -> None:

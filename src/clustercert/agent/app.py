@@ -42,7 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
-from clustercert.agent.metrics import MetricsListener
+from clustercert.agent.metrics import MetricsListener, NodeLabels
 from clustercert.agent.services import CommandService, RedisService, ReloadFailed, Service
 from clustercert.agent.trust import PinnedRoots, chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
@@ -82,14 +82,21 @@ class Identity:
     cert_file: Path
     key_file: Path
     ca_file: Path
+    cluster: str = ""  # the cluster's name (empty for a node that joined before it was sent)
 
     @classmethod
     def load(cls, directory: Path) -> Identity | None:
         meta = directory / "node.json"
         if not meta.exists():
             return None
-        node_id = int(json.loads(meta.read_text())["node_id"])
-        return cls(node_id, directory / "cert.pem", directory / "key.pem", directory / "ca.pem")
+        raw = json.loads(meta.read_text())
+        return cls(
+            int(raw["node_id"]),
+            directory / "cert.pem",
+            directory / "key.pem",
+            directory / "ca.pem",
+            str(raw.get("cluster", "")),
+        )
 
 
 def join(config: AgentConfig, directory: Path) -> Identity:
@@ -123,7 +130,8 @@ def join(config: AgentConfig, directory: Path) -> Identity:
     write_atomically(directory / "key.pem", pki.key_to_pem(key).encode())
     write_atomically(directory / "cert.pem", answer["certificate"].encode(), 0o644)
     write_atomically(directory / "ca.pem", answer["ca_certificate"].encode(), 0o644)
-    write_atomically(directory / "node.json", json.dumps({"node_id": answer["node_id"]}).encode())
+    meta = {"node_id": answer["node_id"], "cluster": answer.get("cluster_name", "")}
+    write_atomically(directory / "node.json", json.dumps(meta).encode())
     identity = Identity.load(directory)
     assert identity is not None
     log.info("joined the cluster as node %s (%s)", answer["node_id"], config.name)
@@ -155,8 +163,13 @@ class Agent:
                 config, self.config.probe_timeout, self.identity.ca_file, self.config.data_dir
             )
         if config.type == "metrics":
+            identity = {
+                "node_identity": self.identity.cert_file,
+                "internal_ca": self.identity.ca_file,
+            }
+            labels = NodeLabels(self.identity.cluster, str(self.identity.node_id), identity)
             return MetricsListener(
-                config, self.config.probe_timeout, self.files, self.identity.ca_file
+                config, self.config.probe_timeout, self.files, self.identity.ca_file, labels
             )
         return CommandService(config, self.config.probe_timeout)
 

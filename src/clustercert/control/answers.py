@@ -146,6 +146,7 @@ class JoinAnswer(_Answer):
     node_id: int
     certificate: str
     ca_certificate: str
+    cluster_name: str
 
 
 class UserBody(_Answer):

@@ -15,12 +15,20 @@ from typing import Any
 
 from clustercert.clock import iso
 
-__all__ = ["AuditEvent", "CertificateEvent", "NodeEvent", "TrustEvent", "UserEvent"]
+__all__ = [
+    "AuditEvent",
+    "CertificateEvent",
+    "NodeEvent",
+    "SettingsEvent",
+    "TrustEvent",
+    "UserEvent",
+]
 
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """What every event has: when (UTC), who (an e-mail, ``node:NAME`` or ``init``), what."""
+    """What every event has: when (UTC), who (an e-mail, ``node:NAME``, ``init`` or
+    ``rotation-job``), what."""
 
     at: dt.datetime
     who: str
@@ -93,3 +101,17 @@ class UserEvent(AuditEvent):
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "uid": self.uid, "email": self.email, "role": self.role,
                 "auth_method": self.auth_method}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SettingsEvent(AuditEvent):
+    """The cluster settings changed (``settings``): each changed key's dotted path with its old
+    and new value (a webhook URL is shown without its query string, which may hold a secret)."""
+
+    changes: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **super().to_json(),
+            "changes": {k: {"old": old, "new": new} for k, (old, new) in self.changes.items()},
+        }

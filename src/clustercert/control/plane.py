@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from clustercert import pki
 from clustercert.clock import iso, utc_now
 from clustercert.control.auth import Authenticator
+from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.metrics import Metrics
 from clustercert.control.outcomes import NodeOutcome
 from clustercert.control.reconcile import Reconciler
@@ -33,6 +34,7 @@ class ControlPlane:
     trust: TrustStore
     ca: pki.CertificateAuthority
     metrics: Metrics
+    lifecycle: Lifecycle  # alerts and the rotation job (GET /v1/cluster/alerts reads it)
     clock: Callable[[], dt.datetime] = utc_now
     join_token_ttl: dt.timedelta = dt.timedelta(hours=1)
 

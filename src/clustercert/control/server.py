@@ -15,6 +15,7 @@ import socket
 import ssl
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -25,6 +26,7 @@ from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
 from clustercert.control.directory import ClusterDirectory
 from clustercert.control.faults import FAULT_ENV, FaultPlan
+from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
@@ -32,6 +34,7 @@ from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.control.trust import TrustKeeper
+from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
 from clustercert.internode import CONTROL_PLANE_URI
 from clustercert.tls import ReloadableServerContext
@@ -58,6 +61,8 @@ class ServerSettings:
     watch_resync: float = 120.0
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
+    lifecycle_interval: float = 5.0  # alerts and the rotation job (docs/alerts.md)
+    webhook_ca_file: Path | None = None  # trusted for the alert webhook, besides the system CAs
 
 
 class CertificateListener:
@@ -110,6 +115,11 @@ class CertificateListener:
     def _write(self, record: CertRecord) -> GenerationPaths:
         self.files.stage(record.name, record.generation, record.certificate, record.key)
         return self.files.activate(record.name, record.generation)
+
+    def cert_path(self) -> Path | None:
+        """The certificate file this listener serves now."""
+        paths = self.files.paths(self.name, self.generation)
+        return paths.cert if paths is not None else None
 
     def on_committed(self, records: Sequence[CertRecord]) -> None:
         for record in records:
@@ -244,6 +254,17 @@ class _FollowingServer(uvicorn.Server):
         yield
 
 
+def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system CAs, plus ``ca_file`` (a private CA that signed the webhook receiver)."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--webhook-ca-file {ca_file}: {exc}") from exc
+    return context
+
+
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM."""
     store = directory.open_store(settings.store)
@@ -296,6 +317,27 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             resync=settings.watch_resync,
         )
         pool.on_unavailable = reconciler.suspect
+
+        def own_files() -> dict[str, Path]:
+            files = {
+                "control_plane_identity": directory.identity_cert,
+                "internal_ca": directory.ca_file,
+            }
+            for each in listeners:  # api, and cm when the console runs
+                served = each.cert_path()
+                if served is not None:
+                    files[each.name] = served
+            return files
+
+        metrics = Metrics(
+            state, node=f"control-plane@{settings.host}:{settings.port}", own_files=own_files
+        )
+        notifier = WebhookNotifier(
+            _webhook_context(settings.webhook_ca_file), observe=metrics.observe_webhook
+        )
+        lifecycle = Lifecycle(
+            state, coordinator, ca, metrics, notifier, interval=settings.lifecycle_interval
+        )
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
@@ -306,7 +348,8 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 trusted_client_cas=lambda: _trusted_client_cas(state),
             ),
             trust=trust,
-            metrics=Metrics(state),
+            metrics=metrics,
+            lifecycle=lifecycle,
             ca=ca,
         )
         server = uvicorn.Server(
@@ -316,7 +359,9 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
         following = asyncio.create_task(_follow_store(listeners, settings.reconcile_interval))
-        tasks = [reconciling, following]
+        watching = asyncio.create_task(lifecycle.run_forever())
+        notifying = asyncio.create_task(notifier.run())
+        tasks = [reconciling, following, watching, notifying]
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

@@ -31,7 +31,7 @@ from clustercert.control.answers import (
     request_body,
     rollout_answer,
 )
-from clustercert.control.directory import DEFAULT_SANS, issue_internal
+from clustercert.control.directory import internal_sans, issue_internal
 from clustercert.control.http import (
     Plane,
     StrictModel,
@@ -42,7 +42,6 @@ from clustercert.control.http import (
 )
 from clustercert.control.plane import ControlPlane
 from clustercert.control.rollout import NodeOutcome
-from clustercert.control.routes.nodes import agent_host
 from clustercert.control.state import CertRecord, proves
 from clustercert.errors import (
     CertificateNotFound,
@@ -189,11 +188,10 @@ async def rotate(request: Request, cp: Plane, user: Updater) -> JSONResponse:
     body = parse_model(RotateBody, data)
     records = [await cp.state.certificate(n) for n in await _rotation_names(cp, body.name)]
     current = [r for r in records if r is not None]
-    now = cp.clock()
-    sans = (*DEFAULT_SANS, *sorted({agent_host(n.agent_url) for n in await cp.state.nodes()}))
+    now, validity = cp.clock(), await cp.state.internal_cert_validity()
+    cluster, sans = await cp.state.cluster_name(), internal_sans(await cp.state.nodes())
     fresh = [
-        issue_internal(cp.ca, r.name, await cp.state.cluster_name(), sans, now, 0, user.email)
-        for r in current
+        issue_internal(cp.ca, r.name, cluster, sans, now, 0, user.email, validity) for r in current
     ]
     outcomes = await cp.roll_out(fresh, user)
     stored = [await cp.state.certificate(r.name) or r for r in fresh]
