@@ -635,8 +635,12 @@ def alerts(**options: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    as_json = options.pop("as_json")
     with _client(options) as client:
         answer = client.call("GET", "/v1/cluster/alerts")
+    if as_json:
+        _echo_json(answer)
+        return
     table = Table("alert", "state", "threshold", "since", "certificates (source, days left)",
                   box=None)  # fmt: skip
     for name, alert in sorted(answer.items()):
