@@ -1,9 +1,9 @@
 # Every target that runs code depends on `install`, so a fresh machine needs nothing else.
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := redis-server openssl etcd-server curl chromium
+DEBS := redis-server openssl etcd-server curl chromium prometheus
 
-.PHONY: install lock demo test test-fast lint typecheck pytest bench bench-quick clean fuzz soak
+.PHONY: install lock demo test test-fast lint typecheck pytest check-rules bench bench-quick bench-scale clean fuzz soak
 
 install: $(VENV)/.installed
 
@@ -44,7 +44,12 @@ typecheck: install
 pytest: install
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+# The shipped Prometheus alerting rules: syntax (check rules) and behaviour (test rules).
+check-rules: install
+	promtool check rules deploy/prometheus/clustercert-alerts.yml
+	cd deploy/prometheus && promtool test rules clustercert-alerts.test.yml
+
+test: lint typecheck check-rules pytest
 
 # The inner loop: every test that starts no process (control plane, agents, redis, etcd, browser).
 test-fast: install
@@ -56,6 +61,10 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench.run --quick
+
+# The control plane with 100, 300 and 1,000 hollow nodes (bench/hollow.py, a load generator).
+bench-scale: install
+	$(PY) -m bench.scale
 
 # Schemathesis against the API's OpenAPI document on a real cluster, far past the suite's sample.
 fuzz: install

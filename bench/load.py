@@ -29,6 +29,9 @@ class LoadConfig:
     ports: tuple[int, ...]
     cafiles: tuple[str, ...]  # every CA whose certificates redis may serve
     server_name: str
+    # The client certificate and key every connection presents: redis requires one
+    # (tls-auth-clients yes; the demo's operator certificate, cluster.json's redis_client).
+    client_cert: tuple[str, str] | None = None
     workers: int = 8
     max_connections: int = 200_000
     max_seconds: float = 600.0
@@ -53,6 +56,8 @@ def _context(config: LoadConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     for cafile in config.cafiles:
         ctx.load_verify_locations(cafile=cafile)
+    if config.client_cert is not None:
+        ctx.load_cert_chain(*config.client_cert)
     return ctx
 
 

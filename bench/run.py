@@ -92,10 +92,12 @@ def measure_load(cluster: BenchCluster, issuer: Issuer, plan: Plan, workdir: Pat
     leaves = [issuer.issue() for _ in range(plan.load_rotations)]
     bench_ca = workdir / "bench-root.pem"
     bench_ca.write_text(issuer.root_pem)
+    cert_file, key_file = cluster.demo.redis_client
     config = LoadConfig(
         ports=tuple(t.tls_port for t in cluster.targets()),
         cafiles=(str(bench_ca), str(cluster.ca_file)),
         server_name=SERVER_NAME,
+        client_cert=(str(cert_file), str(key_file)),
         workers=plan.load_workers,
         max_connections=500_000,
         max_seconds=600.0,

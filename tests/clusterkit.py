@@ -16,11 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from certfactory import CA
+import redis
+from certfactory import CA, Leaf
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-from clustercert.demo import DemoCluster
+from clustercert import pki
+from clustercert.clock import utc_now
+from clustercert.control.faults import FAULT_ENV
+from clustercert.demo import DemoCluster, DemoNode
 
-__all__ = ["api", "desired_fingerprints", "served_by_node", "served_fingerprint", "wait_until"]
+__all__ = [
+    "api",
+    "desired_fingerprints",
+    "fingerprint",
+    "internal_proxy_body",
+    "leaf_for",
+    "link_up",
+    "marker",
+    "prove_replication",
+    "redis_admin",
+    "redis_tls",
+    "restart_server",
+    "served_by_node",
+    "served_fingerprint",
+    "trusted_by",
+    "wait_until",
+]
 
 
 def served_fingerprint(host: str, port: int, server_name: str | None = None) -> str:
@@ -104,6 +126,17 @@ def proxy_body() -> tuple[dict[str, str], str]:
     return body, leaf.fingerprint
 
 
+def internal_proxy_body(cluster: DemoCluster) -> tuple[dict[str, str], str]:
+    """An update_cert body for `proxy` issued by the cluster's internal CA, which every node
+    trusts already: the update has no trust phase and goes straight to staging."""
+    pair = pki.issue_leaf(
+        cluster.cluster.ca(), "redis.example", sans=("redis.example", "localhost"),
+        eku={"serverAuth"}, now=utc_now(),
+    )  # fmt: skip
+    leaf = x509.load_pem_x509_certificates(pair.cert_pem.encode())[0]
+    return {"name": "proxy", "certificate": pair.cert_pem, "key": pair.key_pem}, fingerprint(leaf)
+
+
 def put(cluster: DemoCluster, body: dict[str, str]) -> httpx.Response:
     """PUT /v1/cluster/update_cert as admin."""
     with api(cluster) as client:
@@ -115,3 +148,85 @@ def thaw(cluster: DemoCluster) -> None:
     for node in cluster.nodes:
         if node.process is not None and node.process.poll() is None:
             os.kill(node.process.pid, signal.SIGCONT)
+
+
+def restart_server(cluster: DemoCluster, fault: str | None = None) -> None:
+    """Stop the control plane (if running) and start it again, with ``fault`` armed."""
+    server = cluster.server
+    if server is not None and server.poll() is None:
+        server.terminate()
+        server.wait(timeout=20)
+    saved = os.environ.pop(FAULT_ENV, None)
+    try:
+        if fault:
+            os.environ[FAULT_ENV] = fault
+        cluster.start_server()
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+        if saved is not None:
+            os.environ[FAULT_ENV] = saved
+    cluster.wait_for_api(30)
+
+
+def marker(cluster: DemoCluster, step: str) -> Path:
+    """The file a control plane paused at ``step`` waits on (delete it to go on)."""
+    return cluster.directory / "run" / f"fault-paused-{step}"
+
+
+# --- the demo's replicated redis ---------------------------------------------------------------
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def leaf_for(ca: CA, name: str) -> Leaf:
+    """A leaf from ``ca`` for ``proxy`` (serverAuth) or a client-and-server name."""
+    eku = ["serverAuth"] if name == "proxy" else ["serverAuth", "clientAuth"]
+    return ca.issue("redis.example", sans=["redis.example", "localhost"], eku=eku)
+
+
+def redis_admin(node: DemoNode) -> redis.Redis:
+    """The node's redis over its unix socket (what the agent uses; no TLS)."""
+    return redis.Redis(unix_socket_path=str(node.directory / "redis.sock"), socket_timeout=10)
+
+
+def redis_tls(cluster: DemoCluster, node: DemoNode) -> redis.Redis:
+    """A TLS client of ``node`` presenting the operator's client certificate."""
+    cert_file, key_file = cluster.redis_client
+    return redis.Redis(
+        host="127.0.0.1", port=node.redis_port, ssl=True, ssl_cert_reqs="none",
+        ssl_check_hostname=False, ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
+        socket_timeout=10,
+    )  # fmt: skip
+
+
+def link_up(node: DemoNode) -> bool:
+    return bool(redis_admin(node).info("replication").get("master_link_status") == "up")
+
+
+def trusted_by(node: DemoNode) -> set[str]:
+    """The fingerprints of the CAs the node's redis trusts now (its tls-ca-cert-file)."""
+    path = Path(redis_admin(node).config_get("tls-ca-cert-file")["tls-ca-cert-file"])
+    return {fingerprint(c) for c in x509.load_pem_x509_certificates(path.read_bytes())}
+
+
+def prove_replication(cluster: DemoCluster, value: str) -> float:
+    """Drop every replica's link on the primary (node-1), wait until each replica is linked
+    again, then write ``value`` on the primary and read it on every replica, all over TLS.
+    Returns the relink time (printed; never asserted)."""
+    primary, replicas = cluster.nodes[0], cluster.nodes[1:]
+    started = time.monotonic()
+    killed = redis_admin(primary).execute_command("CLIENT", "KILL", "TYPE", "replica")
+    assert killed == len(replicas)
+    for node in replicas:
+        wait_until(lambda n=node: link_up(n), timeout=15, interval=0.01, what=f"{node.name} link")
+    relinked = time.monotonic() - started
+    print(f"  {len(replicas)} replicas relinked in {relinked:.3f} s after CLIENT KILL")
+    assert redis_tls(cluster, primary).set("proof", value)
+    for node in replicas:
+        wait_until(
+            lambda n=node: redis_tls(cluster, n).get("proof") == value.encode(),
+            timeout=10, interval=0.01, what=f"the write to reach {node.name}",
+        )  # fmt: skip
+    return relinked

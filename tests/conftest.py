@@ -10,7 +10,10 @@ ADMIN_PASSWORD = "correct horse battery staple"
 
 
 def start_cluster(
-    tmp_path_factory: pytest.TempPathFactory, nodes: int = 3, *server_args: str
+    tmp_path_factory: pytest.TempPathFactory,
+    nodes: int = 3,
+    *server_args: str,
+    redis: str = "replicated",
 ) -> DemoCluster:
     cluster = DemoCluster(
         tmp_path_factory.mktemp("cluster"),
@@ -19,6 +22,7 @@ def start_cluster(
         console_port=free_port(),  # not the default 8443: tests run beside a demo, or each other
         admin_password=ADMIN_PASSWORD,
         server_args=tuple(server_args),
+        redis=redis,
     )
     try:
         cluster.start()

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from certfactory import CA, Leaf, key_pem, new_key
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
-from clustercert.cli import main
+from clustercert.cli import cli, main
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 AT = ["--at", "2030-01-01T00:00:00Z"]
@@ -197,3 +199,27 @@ def test_console_script(files: dict[str, Path]) -> None:
     )  # fmt: skip
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["error_code"] == "missing_key"
+
+
+def test_every_help_text_stands_alone() -> None:
+    """Issue #11: no help refers to a document the user does not have ("DESIGN §3"), and
+    every client command offers --json."""
+    runner = CliRunner()
+
+    def walk(command: click.Command, path: list[str]) -> list[tuple[list[str], str]]:
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        found = [(path, result.output)]
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                found += walk(sub, [*path, name])
+        return found
+
+    helps = walk(cli, [])
+    assert len(helps) > 15
+    for path, text in helps:
+        assert "DESIGN" not in text and "§" not in text, path
+    remote = [t for _, t in helps if "--cluster-file" in t]
+    assert len(remote) >= 9 and all("--json" in t for t in remote)
+    set_help = dict((" ".join(p), t) for p, t in helps)["certificates set"]
+    assert "- reads stdin" in set_help and "private key" in set_help

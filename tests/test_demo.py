@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -32,7 +33,7 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
-def _run_demo(directory: Path, port: int) -> tuple[subprocess.Popen[str], dict[str, object]]:
+def _run_demo(directory: Path, port: int) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "clustercert", "demo", "--nodes", "2", "--dir", str(directory),
          "--port", str(port)],
@@ -40,14 +41,24 @@ def _run_demo(directory: Path, port: int) -> tuple[subprocess.Popen[str], dict[s
     )  # fmt: skip
     cluster_file = directory / "cluster.json"
 
-    def fresh() -> dict[str, object] | None:
+    def fresh() -> dict[str, Any] | None:
         try:
-            info: dict[str, object] = json.loads(cluster_file.read_text())
+            info: dict[str, Any] = json.loads(cluster_file.read_text())
         except (FileNotFoundError, ValueError):
             return None
         return info if info.get("server_pid") else None  # not the stale marker below
 
     return process, wait_until(fresh, timeout=120, what="a fresh cluster.json")
+
+
+def _redis_cli(info: dict[str, Any], node: dict[str, Any], *command: str) -> str:
+    """The redis-cli command the demo prints, against ``node``."""
+    client = info["redis_client"]
+    return subprocess.run(
+        ["redis-cli", "--tls", "--cert", client["cert_file"], "--key", client["key_file"],
+         "--cacert", client["ca_file"], "-p", str(node["redis"]["tls_port"]), *command],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout.strip()  # fmt: skip
 
 
 def _stop(process: subprocess.Popen[str]) -> str:
@@ -95,10 +106,19 @@ def test_demo_writes_cluster_json_and_stops_every_process(tmp_path: Path) -> Non
             served_fingerprint("127.0.0.1", node["redis"]["tls_port"])  # TLS answers
             pids += [node["agent_pid"], node["redis"]["pid"]]
         assert all(_alive(pid) for pid in pids)
+        assert [n["redis"]["role"] for n in nodes] == ["primary", "replica"]
+        # The operator's client certificate opens redis (tls-auth-clients yes), and a write on
+        # the primary reaches the replica over the TLS replication link.
+        assert _redis_cli(info, nodes[0], "SET", "demo-key", "v1") == "OK"
+        wait_until(
+            lambda: _redis_cli(info, nodes[1], "GET", "demo-key") == "v1",
+            timeout=10, what="the write to reach the replica",
+        )  # fmt: skip
     finally:
         output = _stop(process)
     assert process.returncode == 0, output
     assert "curl" in output and "update_cert" in output
+    assert f"redis-cli --tls --cert {info['redis_client']['cert_file']}" in output
     assert f"console:   {console}" in output
     deadline = time.monotonic() + 20
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:

@@ -12,20 +12,25 @@ edge over mutual TLS.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from certfactory import CA
+from certfactory import CA, cert_pem
+from clusterkit import fingerprint
 
+from clustercert import pki
 from clustercert.agent.app import Agent, Identity, build_app
 from clustercert.agent.config import AgentConfig
 from clustercert.internode import (
+    CONTROL_PLANE_URI,
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
+    LinkProof,
     MessageError,
     RemoveAnswer,
     ServedFingerprint,
@@ -34,6 +39,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
     certificate_name,
 )
 
@@ -47,6 +54,27 @@ MESSAGES: list[Any] = [
     ServiceProof("nginx", "api", False, None, "still serves the old certificate"),
     CommitAnswer("proxy", 3, FP, True, (PROOF,)),
     CommitAnswer("mtls_trusted_ca", 2, FP, True, ()),
+    LinkProof("redis", "proxy", "2 replica(s) of this primary", True, 0.036),
+    CommitAnswer(
+        "data_internode_encryption",
+        3,
+        FP,
+        False,
+        (PROOF,),
+        (
+            LinkProof(
+                "redis",
+                "data_internode_encryption",
+                "replication from 127.0.0.1:1",
+                False,
+                5.0,
+                "did not come back",
+            ),
+        ),
+    ),
+    TrustRequest(("-----BEGIN CERTIFICATE-----\n",)),
+    TrustAnswer((FP,), {"redis": (FP, "cd" * 32)}),
+    StatusAnswer(3, "node-3", {}, None, (FP,)),
     AbortAnswer("proxy", 4),
     RemoveAnswer("ldap_client"),
     ServedFingerprint("redis", None),
@@ -116,7 +144,7 @@ def _commit(**changes: Any) -> dict[str, Any]:
         (
             _commit(extra=1),
             r"^commit answer: unknown field 'extra'; "
-            r"expected name, generation, fingerprint, ok, services$",
+            r"expected name, generation, fingerprint, ok, services, links$",
         ),
         (_commit(ok="yes"), r"^commit answer: ok must be true or false, got str$"),
         (_commit(generation=True), r"^commit answer: generation must be an integer, got bool$"),
@@ -217,11 +245,30 @@ def _agent(tmp_path: Path) -> Agent:
     return Agent(config, identity)
 
 
+def _control_plane_pem() -> str:
+    """A client certificate with the control plane's URI SAN, as the TLS extension shows it."""
+    now = dt.datetime.now(dt.UTC)
+    ca = pki.new_ca("test internal CA", now=now)
+    pair = pki.issue_leaf(
+        ca, "clustercert-control-plane", sans=(CONTROL_PLANE_URI,), eku={"clientAuth"}, now=now
+    )
+    return pair.cert_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+
+
+CONTROL_PLANE_PEM = _control_plane_pem()
+
+
 def _call(agent: Agent, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """One request to the agent's app, in-process (httpx's ASGI transport)."""
+    """One request to the agent's app, in-process (httpx's ASGI transport), made with the
+    control plane's certificate in the TLS extension that uvicorn's protocol would fill."""
+    app = build_app(agent)
+
+    async def as_control_plane(scope: Any, receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [CONTROL_PLANE_PEM]}
+        await app(scope, receive, send)
 
     async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=build_app(agent))
+        transport = httpx.ASGITransport(app=as_control_plane)
         async with httpx.AsyncClient(transport=transport, base_url="http://agent") as client:
             return await client.request(method, path, **kwargs)
 
@@ -273,3 +320,63 @@ def test_the_agent_answers_with_the_messages(tmp_path: Path) -> None:
     removed = _call(agent, "DELETE", "/internal/certificates/proxy")
     assert RemoveAnswer.from_json(removed.json()) == RemoveAnswer("proxy")
     assert agent.files.names() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"{not json", "the body is not JSON"),
+        (b'{"root": []}', "trust request: missing field 'roots'"),
+        (b'{"roots": "PEM"}', "trust request: roots must be a list of strings, got str"),
+        (b'{"roots": ["not a certificate"]}', "trust request: a root is not a PEM certificate"),
+    ],
+)
+def test_the_agent_refuses_a_bad_trust_request_and_keeps_its_pins(
+    tmp_path: Path, body: bytes, error: str
+) -> None:
+    agent = _agent(tmp_path)
+    root = CA.new().cert
+    pinned = _call(agent, "PUT", "/internal/trust", json=TrustRequest((cert_pem(root),)).to_json())
+    assert TrustAnswer.from_json(pinned.json()) == TrustAnswer((fingerprint(root),), {})
+    answer = _call(agent, "PUT", "/internal/trust", content=body)
+    assert answer.status_code == 422
+    assert error in answer.json()["error"]
+    status = StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json())
+    assert status.pinned == (fingerprint(root),)  # unchanged
+
+
+def test_an_empty_trust_request_unpins_every_root(tmp_path: Path) -> None:
+    agent = _agent(tmp_path)
+    pem = cert_pem(CA.new().cert)
+    _call(agent, "PUT", "/internal/trust", json=TrustRequest((pem,)).to_json())
+    answer = _call(agent, "PUT", "/internal/trust", json=TrustRequest(()).to_json())
+    assert TrustAnswer.from_json(answer.json()) == TrustAnswer((), {})
+    assert StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json()).pinned == ()
+
+
+@pytest.mark.parametrize(
+    ("key_of", "error"),
+    [
+        ("other", "the key does not match the certificate"),
+        ("garbage", "the pair does not load"),
+    ],
+)
+def test_the_agent_refuses_a_pair_that_does_not_match(
+    tmp_path: Path, key_of: str, error: str
+) -> None:
+    agent = _agent(tmp_path)
+    leaf = CA.new().issue("node-1.cluster.local")
+    other = CA.new().issue("node-1.cluster.local")
+    key = other.key_pem if key_of == "other" else "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END"
+    answer = _call(
+        agent,
+        "PUT",
+        "/internal/certificates/proxy/1",
+        json=StageRequest(leaf.full_chain_pem, key).to_json(),
+    )
+    assert answer.status_code == 422
+    assert error in answer.json()["error"]
+    status = StatusAnswer.from_json(_call(agent, "GET", "/internal/status").json())
+    # Nothing landed: no generation current, none staged, no leftover on disk.
+    assert status.certificates == {"proxy": CertificateStatus(None, None, ())}
+    assert [p.name for p in (agent.files.root / "proxy").iterdir()] == []

@@ -15,8 +15,15 @@ from typing import Any
 
 import httpx
 
-from clustercert.errors import ConfigError, error_for
-from clustercert.tlsdiag import explain
+from clustercert.errors import (
+    ApiCertificateUntrusted,
+    ApiUnreachable,
+    ClusterCertError,
+    ConfigError,
+    NodesNotUpdated,
+    error_for,
+)
+from clustercert.tlsdiag import explain, is_name_mismatch
 
 __all__ = ["ApiClient", "Connection"]
 
@@ -85,13 +92,10 @@ class ApiClient:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)
+        except httpx.ConnectError as exc:
+            raise _connect_error(self.url, exc) from exc
         except httpx.HTTPError as exc:
-            raise explain(
-                exc, self.url, "the API",
-                name_fix="start the control plane with `clustercert server --advertise "
-                "{host}` (a new cluster: `clustercert init --san {host}`)",
-                ca_fix="pass the cluster's CA with --ca-file DIR/ca.pem (or CLUSTERCERT_CA_FILE)",
-            ) from exc  # fmt: skip
+            raise ApiUnreachable(f"no answer from {self.url}: {exc or type(exc).__name__}") from exc
         try:
             answer = response.json()
         except ValueError:
@@ -101,5 +105,32 @@ class ApiClient:
             error = error_for(str(answer.get("error_code")), description)
             error.errors = answer.get("errors")
             error.nodes = answer.get("nodes")
+            if isinstance(error, NodesNotUpdated):
+                error.step, error.changed = answer.get("step"), bool(answer.get("changed"))
             raise error
         return answer
+
+
+def _connect_error(url: str, exc: httpx.ConnectError) -> ClusterCertError:
+    """What a failed connection means to an operator: nobody listens, or the API's certificate
+    is not one the CLI can verify (then the fix is --ca-file), or does not name the host in the
+    URL (then the fix is a name it carries, or --advertise / --san)."""
+    if is_name_mismatch(exc):
+        return explain(
+            exc, url, "the API",
+            name_fix="start the control plane with `clustercert server --advertise "
+            "{host}` (a new cluster: `clustercert init --san {host}`)",
+            ca_fix="pass the cluster's CA with --ca-file DIR/ca.pem (or CLUSTERCERT_CA_FILE)",
+        )  # fmt: skip
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        reason = cause.verify_message if isinstance(cause, ssl.SSLCertVerificationError) else exc
+        return ApiCertificateUntrusted(
+            f"cannot verify the certificate of {url}: {reason}; pass the CA that issued it with "
+            "--ca-file (or CLUSTERCERT_CA_FILE), e.g. the cluster directory's ca.pem"
+        )
+    text = str(exc)
+    reason = "connection refused" if "refused" in text.lower() else text or "connection failed"
+    return ApiUnreachable(f"cannot connect to {url}: {reason}")

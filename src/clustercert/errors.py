@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AgentUnavailable",
+    "ApiCertificateUntrusted",
+    "ApiUnreachable",
     "BadRequest",
     "CertificateExpired",
     "CertificateNotFound",
@@ -20,6 +22,7 @@ __all__ = [
     "ClusterCertError",
     "ConfigError",
     "EncryptedKey",
+    "GenerationMismatch",
     "InsecureSignature",
     "InsufficientPermissions",
     "InvalidCertificate",
@@ -294,7 +297,39 @@ class UnsupportedMediaType(ClusterCertError):
 
 
 class NodesNotUpdated(ClusterCertError):
+    """Some node did not do its part. ``step`` says where the rollout stopped and ``changed``
+    whether the request took effect: ``trust`` (a new root could not be pinned on every node:
+    aborted, nothing changed), ``stage`` (aborted, nothing changed), ``commit`` (decided:
+    the certificate is desired and lagging nodes converge by themselves), ``remove`` (deleted
+    from the store; nodes that still hold the files are cleaned by the reconciler)."""
+
     error_code = "nodes_not_updated"
+    http_status = 409
+    exit_code = EXIT_NOT_UPDATED
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        step: str | None = None,
+        nodes: list[dict[str, Any]] | None = None,
+    ) -> None:
+        # step is None only where an answer is rebuilt without one (error_for): nothing known.
+        super().__init__(description, nodes=nodes)
+        self.step = step
+        self.changed = step in ("commit", "remove")
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        if self.step is not None:
+            body |= {"step": self.step, "changed": self.changed}
+        return body
+
+
+class GenerationMismatch(ClusterCertError):
+    """The certificate moved since the caller read it (``expected_generation`` / ``If-Match``)."""
+
+    error_code = "generation_mismatch"
     http_status = 409
     exit_code = EXIT_NOT_UPDATED
 
@@ -327,6 +362,20 @@ class AgentUnavailable(ClusterCertError):
     """A node agent could not be reached or answered with an error."""
 
     error_code = "agent_unavailable"
+    http_status = 502
+
+
+class ApiUnreachable(ClusterCertError):
+    """The CLI could not connect to the control plane's API (client side only)."""
+
+    error_code = "api_unreachable"
+    http_status = 502
+
+
+class ApiCertificateUntrusted(ClusterCertError):
+    """The CLI could not verify the API's certificate (client side only)."""
+
+    error_code = "api_certificate_untrusted"
     http_status = 502
 
 

@@ -169,7 +169,7 @@ def _throwaway_identity() -> _Identity:
         sans=["handshake-check.invalid"],
         eku=["serverAuth"],
         now=dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
-        days=36_500,
+        validity=dt.timedelta(days=36_500),
     )
     return _Identity(pair.cert_pem, pair.key_pem)
 

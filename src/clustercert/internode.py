@@ -7,20 +7,29 @@ match (not an object, a field missing, renamed or of the wrong type) raises
 :class:`MessageError` naming the message and the field: the agent answers it with an error
 (422), the control plane's client turns it into ``AgentUnavailable``.
 
-The calls (only the control plane's internal-CA identity may make them, over mutual TLS):
+The calls (only the control plane's internal-CA identity may make them, over mutual TLS; the
+agent tells it from other internal-CA client certificates by its URI SAN
+:data:`CONTROL_PLANE_URI`, see :func:`has_identity`):
 
 ========================================================  ===============  =================
 call                                                      request body     answer
 ========================================================  ===============  =================
 ``GET    /internal/status[?probe=true]``                  none             StatusAnswer
+``GET    /internal/status?wait=SECONDS[&boot=ID]``        none             StatusAnswer
 ``PUT    /internal/certificates/{name}/{generation}``     StageRequest     StageAnswer
 ``POST   /internal/certificates/{name}/{generation}/commit``  none         CommitAnswer
 ``DELETE /internal/certificates/{name}/{generation}``     none             AbortAnswer
 ``DELETE /internal/certificates/{name}``                  none             RemoveAnswer
+``PUT    /internal/trust``                                TrustRequest     TrustAnswer
 ========================================================  ===============  =================
 
 Commit, abort and remove requests carry no body: the path names what they act on
 (:class:`Target`; a remove request only a :func:`certificate_name`).
+
+A status request with ``wait`` is a watch (a long-poll, docs/decisions.md "Node status without
+polling"): the agent answers at once when ``boot`` is not its own boot id (it restarted since
+the caller last saw it), otherwise when ``wait`` seconds have passed (at most
+:data:`MAX_WATCH_SECONDS`); while it stops, it refuses the watch (503).
 """
 
 from __future__ import annotations
@@ -29,12 +38,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+
 from clustercert.names import NAMES
 
 __all__ = [
+    "CONTROL_PLANE_URI",
+    "MAX_WATCH_SECONDS",
+    "METRICS_SCRAPER_URI",
     "AbortAnswer",
     "CertificateStatus",
     "CommitAnswer",
+    "LinkProof",
     "MessageError",
     "RemoveAnswer",
     "ServedFingerprint",
@@ -43,8 +58,28 @@ __all__ = [
     "StageRequest",
     "StatusAnswer",
     "Target",
+    "TrustAnswer",
+    "TrustRequest",
     "certificate_name",
+    "has_identity",
 ]
+
+# URI SANs marking what an internal-CA client certificate may do: the control plane's
+# identity calls the internode API; a metrics scraper's only reads the agents' metrics.
+CONTROL_PLANE_URI = "urn:clustercert:control-plane"
+METRICS_SCRAPER_URI = "urn:clustercert:metrics-scraper"
+
+
+def has_identity(leaf: x509.Certificate, uri: str) -> bool:
+    """Whether ``leaf`` carries the URI SAN ``uri`` (the TLS handshake has checked its CA)."""
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return uri in sans.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+MAX_WATCH_SECONDS = 900.0  # the longest an agent holds a watch before it answers
 
 
 class MessageError(ValueError):
@@ -108,6 +143,18 @@ class _Fields:
         if isinstance(value, list) and all(_is_int(v) for v in value):
             return tuple(value)
         raise self._wrong(field, "a list of integers")
+
+    def real(self, field: str) -> float:
+        value = self.data[field]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise self._wrong(field, "a number")
+
+    def texts(self, field: str) -> tuple[str, ...]:
+        value = self.data[field]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise self._wrong(field, "a list of strings")
 
     def flag(self, field: str) -> bool:
         value = self.data[field]
@@ -240,27 +287,72 @@ class ServiceProof:
 
 
 @dataclass(frozen=True)
+class LinkProof:
+    """A link that had to re-establish with the new credentials after a commit (a redis
+    replication link): whether it did, how long it took from the forced reconnect, and why not.
+    ``link`` says which, e.g. "replication from 127.0.0.1:6379"."""
+
+    service: str
+    certificate: str
+    link: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+
+    @classmethod
+    def from_json(cls, data: object) -> LinkProof:
+        fields = _Fields(
+            "link proof", data, ("service", "certificate", "link", "ok", "seconds", "error")
+        )
+        return cls(
+            fields.text("service"),
+            fields.text("certificate"),
+            fields.text("link"),
+            fields.flag("ok"),
+            fields.real("seconds"),
+            fields.optional_text("error"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "certificate": self.certificate,
+            "link": self.link,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
 class CommitAnswer:
-    """A commit's result: the generation now current, its leaf's fingerprint, and one proof
-    per service using the name; ``ok`` only when every service proved it."""
+    """A commit's result: the generation now current, its leaf's fingerprint, one proof per
+    service using the name and one per link that re-established with it (absent from older
+    answers); ``ok`` only when every service and link proved it."""
 
     name: str
     generation: int
     fingerprint: str
     ok: bool
     services: tuple[ServiceProof, ...] = ()
+    links: tuple[LinkProof, ...] = ()
 
     @classmethod
     def from_json(cls, data: object) -> CommitAnswer:
         fields = _Fields(
-            "commit answer", data, ("name", "generation", "fingerprint", "ok", "services")
+            "commit answer",
+            data,
+            ("name", "generation", "fingerprint", "ok", "services"),
+            ("links",),
         )
+        links = fields.items("links") if "links" in fields.data else []
         return cls(
             fields.text("name"),
             fields.number("generation"),
             fields.text("fingerprint"),
             fields.flag("ok"),
             tuple(ServiceProof.from_json(s) for s in fields.items("services")),
+            tuple(LinkProof.from_json(k) for k in links),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -270,7 +362,13 @@ class CommitAnswer:
             "fingerprint": self.fingerprint,
             "ok": self.ok,
             "services": [s.to_json() for s in self.services],
+            **({"links": [k.to_json() for k in self.links]} if self.links else {}),
         }
+
+    def errors(self) -> list[str]:
+        """Why it is not ok: each failing service's and link's error."""
+        proofs: list[ServiceProof | LinkProof] = [*self.services, *self.links]
+        return [p.error or f"{p.service} did not prove {p.certificate}" for p in proofs if not p.ok]
 
 
 @dataclass(frozen=True)
@@ -361,17 +459,28 @@ class CertificateStatus:
 
 @dataclass(frozen=True)
 class StatusAnswer:
-    """What a node holds, per certificate name (:class:`CertificateStatus`), and the pid of
-    the redis-server it supervises, if any (informational: absent from older answers)."""
+    """What a node holds, per certificate name (:class:`CertificateStatus`), the pid of the
+    redis-server it supervises, if any (informational), and the agent's boot id: a random id
+    the agent picks when it starts, so the control plane tells a restarted agent from the one
+    it watched. Both are absent from older answers."""
 
     node_id: int
     name: str
     certificates: Mapping[str, CertificateStatus]
     redis_pid: int | None = None
+    # SHA-256 fingerprints of the roots pinned on the node (PUT /internal/trust); None from an
+    # agent that does not report them.
+    pinned: tuple[str, ...] | None = None
+    boot_id: str | None = None
 
     @classmethod
     def from_json(cls, data: object) -> StatusAnswer:
-        fields = _Fields("status answer", data, ("node_id", "name", "certificates"), ("redis_pid",))
+        fields = _Fields(
+            "status answer",
+            data,
+            ("node_id", "name", "certificates"),
+            ("redis_pid", "pinned", "boot_id"),
+        )
         return cls(
             fields.number("node_id"),
             fields.text("name"),
@@ -380,12 +489,58 @@ class StatusAnswer:
                 for name, entry in fields.mapping("certificates").items()
             },
             fields.optional_number("redis_pid"),
+            fields.texts("pinned") if "pinned" in fields.data else None,
+            fields.optional_text("boot_id"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
             "node_id": self.node_id,
             "name": self.name,
             "certificates": {n: c.to_json() for n, c in self.certificates.items()},
             "redis_pid": self.redis_pid,
+            **({"pinned": list(self.pinned)} if self.pinned is not None else {}),
+            **({"boot_id": self.boot_id} if self.boot_id is not None else {}),
+        }
+        return answer
+
+
+@dataclass(frozen=True)
+class TrustRequest:
+    """The roots (PEM, one certificate each) to pin in every trust bundle of the node; it
+    replaces the pinned set (an empty list unpins every root)."""
+
+    roots: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: object) -> TrustRequest:
+        fields = _Fields("trust request", data, ("roots",))
+        return cls(fields.texts("roots"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"roots": list(self.roots)}
+
+
+@dataclass(frozen=True)
+class TrustAnswer:
+    """What the node trusts now: the pinned roots' fingerprints and, per service with a trust
+    bundle, the fingerprints of every CA in the bundle it loaded."""
+
+    pinned: tuple[str, ...]
+    bundles: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def from_json(cls, data: object) -> TrustAnswer:
+        fields = _Fields("trust answer", data, ("pinned", "bundles"))
+        bundles: dict[str, tuple[str, ...]] = {}
+        for service, roots in fields.mapping("bundles").items():
+            if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+                raise MessageError(f"trust answer: bundles.{service} must be a list of strings")
+            bundles[str(service)] = tuple(roots)
+        return cls(fields.texts("pinned"), bundles)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pinned": list(self.pinned),
+            "bundles": {s: list(r) for s, r in self.bundles.items()},
         }

@@ -177,6 +177,9 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 def _general_names(sans: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for san in sans:
+        if san.startswith("urn:"):
+            names.append(x509.UniformResourceIdentifier(san))
+            continue
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(san)))
         except ValueError:
@@ -191,9 +194,10 @@ def _base_builder(
     *,
     is_ca: bool,
     now: dt.datetime,
-    days: int,
+    validity: dt.timedelta,
 ) -> x509.CertificateBuilder:
-    """What every internal certificate has: validity, basic constraints, key usage, SKI."""
+    """What every internal certificate has: validity (from ``now``, backdated a little for
+    clock skew), basic constraints, key usage, SKI."""
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -201,7 +205,7 @@ def _base_builder(
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -221,11 +225,13 @@ def _base_builder(
     )
 
 
-def new_ca(common_name: str, *, now: dt.datetime, days: int = 3650) -> CertificateAuthority:
-    """A self-signed ECDSA P-256 root CA valid for ``days`` from ``now``."""
+def new_ca(
+    common_name: str, *, now: dt.datetime, validity: dt.timedelta = dt.timedelta(days=3650)
+) -> CertificateAuthority:
+    """A self-signed ECDSA P-256 root CA valid for ``validity`` from ``now``."""
     key = new_private_key()
     name = _name(common_name, "clustercert")
-    builder = _base_builder(name, name, key.public_key(), is_ca=True, now=now, days=days)
+    builder = _base_builder(name, name, key.public_key(), is_ca=True, now=now, validity=validity)
     return CertificateAuthority(builder.sign(key, hashes.SHA256()), key)
 
 
@@ -237,10 +243,10 @@ def _leaf_builder(
     sans: Sequence[str],
     eku: Iterable[str],
     now: dt.datetime,
-    days: int,
+    validity: dt.timedelta,
 ) -> x509.CertificateBuilder:
     builder = _base_builder(
-        subject, ca.cert.subject, public, is_ca=False, now=now, days=days
+        subject, ca.cert.subject, public, is_ca=False, now=now, validity=validity
     ).add_extension(
         x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
     )
@@ -261,12 +267,12 @@ def issue_leaf(
     sans: Sequence[str],
     eku: Iterable[str],
     now: dt.datetime,
-    days: int = 365,
+    validity: dt.timedelta = dt.timedelta(days=365),
 ) -> IssuedPair:
     """Issue an ECDSA P-256 leaf signed by ``ca``; the chain returned is leaf then CA."""
     key = new_private_key()
     builder = _leaf_builder(
-        ca, _name(common_name), key.public_key(), sans=sans, eku=eku, now=now, days=days
+        ca, _name(common_name), key.public_key(), sans=sans, eku=eku, now=now, validity=validity
     )
     cert = builder.sign(ca.key, hashes.SHA256())
     return IssuedPair(certificates_to_pem([cert, ca.cert]), key_to_pem(key))
@@ -280,7 +286,7 @@ def sign_csr(
     sans: Sequence[str],
     eku: Iterable[str],
     now: dt.datetime,
-    days: int = 365,
+    validity: dt.timedelta = dt.timedelta(days=365),
 ) -> str:
     """Sign a CSR's public key for ``common_name`` (the CSR's own subject is ignored).
 
@@ -294,7 +300,9 @@ def sign_csr(
         public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
     ):
         raise ValueError(f"unsupported CSR key type {type(public).__name__}")
-    builder = _leaf_builder(ca, _name(common_name), public, sans=sans, eku=eku, now=now, days=days)
+    builder = _leaf_builder(
+        ca, _name(common_name), public, sans=sans, eku=eku, now=now, validity=validity
+    )
     return certificates_to_pem([builder.sign(ca.key, hashes.SHA256())])
 
 

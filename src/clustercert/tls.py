@@ -16,11 +16,13 @@ that presents none is unaffected.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ReloadableServerContext", "client_context", "server_context"]
+__all__ = ["ReloadableServerContext", "client_context", "expose_peer_certificate", "server_context"]
 
 
 def server_context(
@@ -121,3 +123,28 @@ class ReloadableServerContext:
         with self._lock:
             new = self._build(*self._files, pem)
             self._current, self._client_ca_pem = new, pem
+
+
+def expose_peer_certificate(protocol: Any, transport: asyncio.Transport) -> None:
+    """Show the ASGI app of a uvicorn protocol (call from ``connection_made``) the TLS peer's
+    certificate, which uvicorn does not: ``scope["extensions"]["tls"]["client_cert_chain"]``
+    (PEM, leaf only: Python 3.11's ``ssl`` exposes no verified chain)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return
+    der = ssl_object.getpeercert(binary_form=True)
+    tls = {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": None,
+        "client_cert_error": None,
+        "tls_version": None,
+        "cipher_suite": None,
+    }
+    app = protocol.app
+
+    async def with_tls(scope: Any, receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = tls
+        await app(scope, receive, send)
+
+    protocol.app = with_tls

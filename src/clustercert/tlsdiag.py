@@ -18,7 +18,11 @@ from clustercert.errors import AgentUnavailable, ClusterCertError, ConfigError
 from clustercert.hosts import host_of
 from clustercert.pki import subject_alt_names
 
-__all__ = ["explain", "served_names"]
+__all__ = [
+    "explain",
+    "is_name_mismatch",
+    "served_names",
+]
 
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH = {62, 64}
@@ -52,6 +56,13 @@ def served_names(url: str, timeout: float = 5.0) -> list[str] | None:
     except (OSError, ssl.SSLError):
         return None
     return subject_alt_names(x509.load_der_x509_certificate(der)) if der else None
+
+
+def is_name_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` is a TLS verification failure because the certificate does not name
+    the host the client asked for."""
+    failure = _verification_error(exc)
+    return failure is not None and failure.verify_code in _NAME_MISMATCH
 
 
 def explain(

@@ -20,13 +20,21 @@ import httpx
 import pytest
 from certfactory import CA
 from clusterkit import api
+from cryptography import x509
 
 from clustercert import pki
+from clustercert.cli import main
 from clustercert.control.agents import AgentClient, internode_client_context
+from clustercert.control.directory import init_cluster
 from clustercert.control.state import NodeRecord
 from clustercert.demo import DemoCluster
 from clustercert.errors import AgentUnavailable
-from clustercert.internode import StatusAnswer
+from clustercert.internode import (
+    CONTROL_PLANE_URI,
+    METRICS_SCRAPER_URI,
+    StatusAnswer,
+    has_identity,
+)
 
 UTC = dt.UTC
 
@@ -193,3 +201,68 @@ def test_an_expired_or_unknown_join_token_is_refused(cluster: DemoCluster) -> No
         assert refused.json()["error_code"] == "unauthorized"
     almost = _token(cluster, dt.datetime.now(UTC) - dt.timedelta(minutes=59), dt.timedelta(hours=1))
     assert _join(cluster, almost).status_code == 200  # the boundary is the expiry, not before
+
+
+INTERNODE_CALLS = [
+    ("GET", "/internal/status"),
+    ("PUT", "/internal/certificates/proxy/99"),
+    ("POST", "/internal/certificates/proxy/99/commit"),
+    ("DELETE", "/internal/certificates/proxy/99"),
+    ("DELETE", "/internal/certificates/proxy"),
+]
+
+
+def test_a_metrics_scraper_certificate_reads_metrics_but_calls_no_internode_route(
+    cluster: DemoCluster, tmp_path: Path
+) -> None:
+    """Issue #11: an internal-CA clientAuth certificate is not enough for the internode API;
+    the agent wants the control plane's URI SAN. `metrics-client-cert` issues one for Prometheus
+    that the metrics listener takes (real agent processes)."""
+    directory = cluster.cluster
+    cert, key = tmp_path / "scraper.pem", tmp_path / "scraper.key"
+    argv = ["metrics-client-cert", "--dir", str(directory.path)]
+    assert main([*argv, "--out-cert", str(cert), "--out-key", str(key)]) == 0
+    leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    assert has_identity(leaf, METRICS_SCRAPER_URI)
+    assert not has_identity(leaf, CONTROL_PLANE_URI)
+    assert key.stat().st_mode & 0o777 == 0o600
+    control_plane = (directory.identity_cert, directory.identity_key)
+    with _agent_client(cluster, control_plane) as client:
+        before = client.get("/internal/status").json()
+    body = {"certificate": "x", "key": None}
+    with _agent_client(cluster, (cert, key)) as scraper:
+        for method, path in INTERNODE_CALLS:
+            response = scraper.request(method, path, json=body if method == "PUT" else None)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json() == {
+                "error": f"only the control plane ({CONTROL_PLANE_URI}) may call this agent"
+            }
+        node = cluster.nodes[0]
+        metrics = scraper.get(f"https://127.0.0.1:{node.metrics_port}/metrics")
+        assert metrics.status_code == 200
+        assert "clustercert_node_certificate_generation" in metrics.text
+    with _agent_client(cluster, control_plane) as client:
+        assert client.get("/internal/status").json() == before  # nothing changed
+
+
+def test_an_old_control_plane_identity_is_reissued_with_its_uri(tmp_path: Path) -> None:
+    """A directory made before agents checked the URI SAN: the server reissues the identity
+    at start (ensure_control_plane_identity), from the CA; a current one is kept."""
+    now = dt.datetime.now(UTC)
+    made = init_cluster(
+        tmp_path / "c", name="old.local", admin_email="a@x", admin_password="pw", now=now
+    )
+    directory = made.directory
+    old = pki.issue_leaf(
+        directory.ca(), "clustercert-control-plane", sans=(), eku={"clientAuth"}, now=now
+    )
+    directory.identity_cert.write_text(old.cert_pem)
+    directory.identity_key.write_text(old.key_pem)
+    assert directory.ensure_control_plane_identity(now) is True
+    leaf = x509.load_pem_x509_certificates(directory.identity_cert.read_bytes())[0]
+    assert has_identity(leaf, CONTROL_PLANE_URI)
+    assert pki.is_issued_by(leaf, directory.ca().cert)
+    ssl.create_default_context().load_cert_chain(directory.identity_cert, directory.identity_key)
+    kept = directory.identity_cert.read_bytes()
+    assert directory.ensure_control_plane_identity(now) is False
+    assert directory.identity_cert.read_bytes() == kept

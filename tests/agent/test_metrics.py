@@ -4,12 +4,19 @@
 from __future__ import annotations
 
 import ssl
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 from clusterkit import api, served_fingerprint
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
+from clustercert import pki
 from clustercert.demo import DemoCluster
+
+pytestmark = pytest.mark.cluster
 
 
 def _scraper(cluster: DemoCluster) -> httpx.Client:
@@ -56,3 +63,44 @@ def test_metrics_listener_refuses_clients_without_a_cluster_certificate(
         pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
     ):
         anonymous.get(f"https://127.0.0.1:{node.metrics_port}/metrics")
+
+
+def _series(text: str, metric: str) -> dict[str, tuple[dict[str, str], float]]:
+    """``metric``'s samples by logical_name: (labels, value)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metric:
+                found[sample.labels["logical_name"]] = (sample.labels, sample.value)
+    return found
+
+
+def test_node_cert_expiration_seconds_has_redis_enterprise_labels(cluster: DemoCluster) -> None:
+    """One series per certificate the node serves (the file its services use), plus its
+    internode identity and trusted CA: seconds left, as Redis Enterprise exports them."""
+    node = cluster.nodes[0]
+    with _scraper(cluster) as scraper, api(cluster) as client:
+        before = time.time()
+        text = scraper.get(f"https://127.0.0.1:{node.metrics_port}/metrics").text
+        after = time.time()
+        nodes = {n["name"]: n for n in client.get("/v1/nodes").json()}
+        certificates = {
+            name: client.get(f"/v1/cluster/certificates/{name}").json()
+            for name in ("proxy", "metrics_exporter")
+        }
+    series = _series(text, "node_cert_expiration_seconds")
+    assert {"proxy", "syncer", "metrics_exporter", "node_identity", "internal_ca"} <= set(series)
+    for name, (labels, seconds) in series.items():
+        assert labels["cluster"] == "cluster.local", labels
+        assert labels["node"] == str(nodes[node.name]["uid"])
+        path = Path(labels["path"])
+        assert path.is_file() and path.is_relative_to(node.directory)
+        leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        # Seconds left at scrape time, which lies between before and after.
+        expiry = leaf.not_valid_after_utc.timestamp()
+        assert expiry - after <= seconds <= expiry - before, name
+    for name, detail in certificates.items():
+        labels, seconds = series[name]
+        served = x509.load_pem_x509_certificates(Path(labels["path"]).read_bytes())[0]
+        assert pki.fingerprint_sha256(served) == detail["fingerprint_sha256"]
+        assert f"/{detail['generation']}/" in labels["path"]

@@ -21,6 +21,7 @@ from clustercert.control.agents import AgentPool
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator, hash_password
 from clustercert.control.directory import init_cluster
+from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
@@ -93,6 +94,7 @@ def in_process(path: Path) -> Iterator[InProcess]:
             run(state.create_user(email, role, role, hash_password(PASSWORD)))
         ca = directory.ca()
         coordinator = Coordinator(state, AgentPool(ssl.create_default_context(), 2.0))
+        metrics = Metrics(state)
         yield InProcess(
             ControlPlane(
                 state=state,
@@ -101,7 +103,8 @@ def in_process(path: Path) -> Iterator[InProcess]:
                 authenticator=Authenticator(state.user),
                 trust=TrustStore.system(extra=[ca.cert]),
                 ca=ca,
-                metrics=Metrics(state),
+                metrics=metrics,
+                lifecycle=Lifecycle(state, coordinator, ca, metrics),
             ),
             store,
         )

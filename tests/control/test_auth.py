@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import ssl
 import stat
 import time
 from asyncio import run
@@ -201,6 +202,14 @@ ENDPOINTS: list[Endpoint] = [
     ),
     Endpoint("POST", "/v1/internal/join", "token", lambda c: _JOIN),
     Endpoint("GET", "/v1/internal/ca", "public"),
+    Endpoint("GET", "/v1/cluster", "view"),
+    Endpoint(
+        "PUT",
+        "/v1/cluster",
+        "update",
+        lambda c: {"cert_rotation_job_settings": {"expiry_days_before_rotation": 60}},
+    ),
+    Endpoint("GET", "/v1/cluster/alerts", "view"),
 ]
 
 PERMITTED = {
@@ -267,7 +276,7 @@ def test_the_matrix_covers_every_documented_endpoint(ctx: Ctx) -> None:
         for method in operations
     }
     assert documented == {(e.method, e.template) for e in ENDPOINTS}
-    assert len(ENDPOINTS) * len(PRINCIPALS) == 144
+    assert len(ENDPOINTS) * len(PRINCIPALS) == 168
 
 
 # --- users -----------------------------------------------------------------------------------
@@ -424,6 +433,35 @@ def test_repeated_failures_are_slowed_down_and_logged_alike_for_unknown_users(ct
     assert "failed login for 'ghost@sec.test' from 127.0.0.1" in log
     assert "refused without a check" in log
     assert "guess" not in log and "slow-but-right" not in log
+
+
+def test_an_outsider_guessing_from_elsewhere_does_not_lock_the_user_out(ctx: Ctx) -> None:
+    """Issue #11: failures from one address (127.0.0.2) slow that address down but never
+    refuse the account's correct password from another address (127.0.0.1)."""
+    with ctx.admin() as admin:
+        created = admin.post(
+            "/v1/users", json={"email": "victim@sec.test", "password": "victim-right",
+                               "role": "db_viewer"},
+        )  # fmt: skip
+    assert created.status_code == 200
+    verify = ssl.create_default_context(cafile=str(ctx.cluster.cluster.ca_file))
+    transport = httpx.HTTPTransport(local_address="127.0.0.2", verify=verify)
+    with httpx.Client(base_url=ctx.cluster.api_url, transport=transport, timeout=60) as outsider:
+        answers = [
+            outsider.get("/v1/nodes", auth=("victim@sec.test", f"guess{i}")) for i in range(8)
+        ]
+        assert [a.status_code for a in answers] == [401] * 8
+        texts = [a.json()["description"] for a in answers]
+        assert texts[:5] == ["wrong username or password"] * 5
+        assert all(t.startswith("too many failed logins from this address") for t in texts[5:])
+        # The outsider stays delayed even with the right password.
+        late = outsider.get("/v1/nodes", auth=("victim@sec.test", "victim-right"))
+        assert late.status_code == 401 and late.json()["error_code"] == "unauthorized"
+    # The user, from its own address and never logged in before (nothing cached): let in.
+    assert ctx.request(("victim@sec.test", "victim-right"), "GET", "/v1/nodes").status_code == 200
+    log = (ctx.cluster.directory / "logs" / "server.log").read_text()
+    assert "failed login for 'victim@sec.test' from 127.0.0.2" in log
+    assert "victim-right" not in log
 
 
 def test_unknown_and_known_users_cost_the_same(ctx: Ctx) -> None:

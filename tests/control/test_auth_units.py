@@ -43,13 +43,14 @@ def test_the_throttle_schedule() -> None:
     for delay in expected:
         throttle.failed("a@x", "h")
         assert throttle.wait_seconds("a@x", "h") == pytest.approx(delay)
-        assert throttle.wait_seconds("A@X", "elsewhere") == pytest.approx(delay)  # per account
+        assert throttle.wait_seconds("A@X", "h") == pytest.approx(delay)  # case-insensitive
+        assert throttle.wait_seconds("a@x", "elsewhere") == 0  # another source is not slowed
         clock.now += delay - 0.01
         assert throttle.wait_seconds("a@x", "h") == pytest.approx(0.01)
         clock.now += 0.01
         assert throttle.wait_seconds("a@x", "h") == 0
     assert throttle.wait_seconds("b@x", "h") == 0  # another account is not slowed
-    throttle.succeeded("a@x")
+    throttle.succeeded("a@x", "h")
     assert throttle.wait_seconds("a@x", "h") == 0
 
 
@@ -74,6 +75,56 @@ def test_the_throttle_per_source_catches_spraying() -> None:
         throttle.failed(f"user{i}@x", "10.0.0.1")
     assert throttle.wait_seconds("fresh@x", "10.0.0.1") == 2.0
     assert throttle.wait_seconds("fresh@x", "10.0.0.2") == 0
+
+
+def test_the_account_wide_counter_only_holds_back_wrong_answers() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(free_per_account=100, free_account_wide=3, clock=clock)
+    for i in range(4):
+        throttle.failed("a@x", f"10.0.0.{i}")
+    assert throttle.account_wait("A@x") == 2.0
+    assert throttle.wait_seconds("a@x", "10.0.0.9") == 0  # never a refusal
+    assert throttle.account_wait("b@x") == 0
+
+
+def test_an_outsider_guessing_cannot_lock_the_admin_out() -> None:
+    """Issue #11: an attacker failing over and over from one address is itself refused with
+    growing delays, while the admin's correct password from another address still logs in;
+    once every source together has failed too often, wrong answers (only) are held back."""
+    clock = Clock()
+    admin = User(1, "admin@x", "A", "admin", hash_password("the-right-one"))
+    slept: list[float] = []
+
+    async def find_user(email: str) -> User | None:
+        return admin if email == "admin@x" else None
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    throttle = LoginThrottle(free_per_account=2, free_account_wide=3, clock=clock)
+    auth = Authenticator(find_user, throttle=throttle, clock=clock, sleep=sleep)
+    answers = []
+    for _ in range(6):
+        with pytest.raises(Unauthorized) as refused:
+            run(auth.authenticate("admin@x", "guess", source="203.0.113.9"))
+        answers.append(refused.value.description)
+        clock.now += 0.1  # faster than the attacker's delay allows
+    assert answers[:2] == ["wrong username or password"] * 2
+    assert all(a.startswith("too many failed logins from this address") for a in answers[2:])
+    assert throttle.wait_seconds("admin@x", "203.0.113.9") > 0  # the attacker is delayed
+    # The admin, elsewhere, with the right password: in at once, no wait, no refusal.
+    assert run(auth.authenticate("admin@x", "the-right-one", source="10.0.0.5")) == admin
+    assert slept == []
+    # Many sources guessing: past the account-wide budget a wrong answer is held back ...
+    for i in range(3):
+        with pytest.raises(Unauthorized, match="wrong username or password"):
+            run(auth.authenticate("admin@x", f"guess{i}", source=f"198.51.100.{i}"))
+    assert slept and slept[-1] > 0
+    # ... and a right one is still not.
+    held = len(slept)
+    auth2 = Authenticator(find_user, throttle=throttle, clock=clock, sleep=sleep)  # no cache
+    assert run(auth2.authenticate("admin@x", "the-right-one", source="10.0.0.6")) == admin
+    assert len(slept) == held
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ and the CLI over it, end to end on the shared 3-node cluster."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -293,6 +294,44 @@ def test_cli_set_and_rladmin_syntax(
     assert set(served_by_node(cluster).values()) == {other.fingerprint}
 
 
+def test_cli_json_stdin_and_full_values_off_a_terminal(
+    cluster: DemoCluster,
+    cluster_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue #11: `--cert -` reads stdin; `--json` prints the API's answer; a table written to
+    a pipe (capsys is not a terminal) carries whole fingerprints, never "…"."""
+    leaf = _leaf()
+    _, key = _write(leaf, tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(leaf.full_chain_pem))
+    assert main(
+        ["certificates", "set", "proxy", "--cert", "-", "--key", str(key), "--json",
+         "--cluster-file", cluster_file]
+    ) == 0  # fmt: skip
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["fingerprint_sha256"] == leaf.fingerprint
+    assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
+
+    assert main(["certificates", "list", "--json", "--cluster-file", cluster_file]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed["proxy"]["fingerprint_sha256"] == leaf.fingerprint
+    assert main(["certificates", "list", "--cluster-file", cluster_file]) == 0
+    table = capsys.readouterr().out
+    assert leaf.fingerprint in table and "…" not in table
+    assert main(["users", "list", "--json", "--cluster-file", cluster_file]) == 0
+    assert "admin@cluster.local" in {u["email"] for u in json.loads(capsys.readouterr().out)}
+
+    # Both from stdin cannot work: refused before anything is sent.
+    assert main(
+        ["certificates", "set", "proxy", "--cert", "-", "--key", "-", "--cluster-file",
+         cluster_file]
+    ) == 2  # fmt: skip
+    assert "only one of --cert and --key" in capsys.readouterr().err
+    assert set(served_by_node(cluster).values()) == {leaf.fingerprint}
+
+
 def test_cli_errors_exit_with_the_error_tree_code(
     cluster_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -308,6 +347,27 @@ def test_cli_errors_exit_with_the_error_tree_code(
     assert "required_certificate" in capsys.readouterr().err
     assert main(["certificates", "list", "--url", "https://127.0.0.1:1", "--user", "a",
                  "--password", "b"]) == 6  # fmt: skip
+    assert capsys.readouterr().err == (
+        "error: api_unreachable: cannot connect to https://127.0.0.1:1: connection refused\n"
+    )
+
+
+def test_cli_names_an_api_certificate_it_cannot_verify(
+    cluster: DemoCluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --ca-file the demo API's internal-CA certificate does not verify against the
+    system roots: the CLI says so and names the fix, instead of "agent_unavailable"."""
+    for name in ("CLUSTERCERT_CA_FILE", "CLUSTERCERT_CLUSTER_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster.admin_password is not None
+    code = main(["certificates", "list", "--url", cluster.api_url, "--user",
+                 "admin@cluster.local", "--password", cluster.admin_password])  # fmt: skip
+    assert code == 6
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: api_certificate_untrusted: cannot verify the certificate of {cluster.api_url}: "
+    )
+    assert "--ca-file" in err
 
 
 def test_redis_docs_curl_recipe_runs_verbatim(cluster: DemoCluster, tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ error mapping answers 400/401/403/404/405/413/415 with the error body (DESIGN §
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from certfactory import CA
 from fastapi.routing import APIRoute
 from inprocess import ADMIN, MANAGER, VIEWER, InProcess, basic, in_process, run
 from starlette.routing import BaseRoute
@@ -22,6 +24,7 @@ BODY_ROUTES = [
     ("PUT", "/v1/cluster/certificates"),
     ("POST", "/v1/cluster/certificates/validate"),
     ("POST", "/v1/cluster/certificates/rotate"),
+    ("PUT", "/v1/cluster"),
 ]
 
 
@@ -59,7 +62,8 @@ def every_route() -> list[tuple[str, str]]:
 
 def test_every_route_but_join_authenticates_before_parameters_and_body(api: InProcess) -> None:
     routes = every_route()
-    assert len(routes) == 20  # 16 certificate, node and meta routes, 4 user routes
+    # 16 certificate, node and meta routes, 3 cluster settings and alerts routes, 4 user routes
+    assert len(routes) == 23
     before = api.snapshot()
 
     async def scenario() -> None:
@@ -164,6 +168,47 @@ def test_body_checks_after_permission_in_order(api: InProcess) -> None:
         in assert_error(schema, 400, "invalid_schema")["message"]
     )
     assert_error(unknown, 403, "unknown_certificate")
+    assert api.snapshot() == before
+
+
+def test_duplicate_json_keys_are_refused(api: InProcess) -> None:
+    """Issue #11: not "the last one wins" — a proxy or auditor could read the other value."""
+    before = api.snapshot()
+    leaf = CA.new().issue("proxy.cluster.local")
+    pem, key = json.dumps(leaf.full_chain_pem), json.dumps(leaf.key_pem)
+    twice = f'{{"name": "proxy", "certificate": {pem}, "key": {key}, "name": "cm"}}'.encode()
+    nested = b'{"certificates": [{"name": "proxy", "certificate": "x", "certificate": "y"}]}'
+
+    async def scenario() -> list[httpx.Response]:
+        async with api.client() as admin:
+            headers = {"Content-Type": "application/json"}
+            return [
+                await admin.put("/v1/cluster/update_cert", content=twice, headers=headers),
+                await admin.put("/v1/cluster/certificates", content=nested, headers=headers),
+            ]
+
+    top, inner = run(scenario())
+    assert "duplicate key 'name'" in assert_error(top, 400, "invalid_json")["message"]
+    assert "duplicate key 'certificate'" in assert_error(inner, 400, "invalid_json")["message"]
+    assert api.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("limit=0", "limit"), ("limit=501", "limit"), ("limit=-3", "limit"), ("offset=-1", "offset")],
+)
+def test_out_of_range_paging_is_400_not_clamped(api: InProcess, query: str, field: str) -> None:
+    before = api.snapshot()
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with api.client(auth=VIEWER) as viewer:
+            path = "/v1/cluster/certificates/events"
+            return await viewer.get(f"{path}?{query}"), await viewer.get(f"{path}?limit=500")
+
+    refused, edge = run(scenario())
+    body = assert_error(refused, 400, "invalid_schema")
+    assert body["message"].startswith(f"invalid request parameter: query.{field}: ")
+    assert edge.status_code == 200 and edge.json()["total"] == before["events"]
     assert api.snapshot() == before
 
 

@@ -32,10 +32,21 @@ import httpx
 import pytest
 import redis
 from certfactory import CA
-from clusterkit import accepts, api, proxy_body, put, served_fingerprint, thaw, wait_until
+from clusterkit import (
+    accepts,
+    api,
+    internal_proxy_body,
+    marker,
+    proxy_body,
+    put,
+    restart_server,
+    served_fingerprint,
+    thaw,
+    wait_until,
+)
 from conftest import start_cluster
 
-from clustercert.control.faults import FAULT_ENV, FAULT_STEPS
+from clustercert.control.faults import FAULT_STEPS
 from clustercert.control.lock import ROLLOUT_LOCK
 from clustercert.demo import DemoCluster, DemoNode, free_port
 
@@ -202,34 +213,12 @@ def figures() -> Iterator[None]:
 # --- driving the processes ------------------------------------------------------------------------
 
 
-def restart_server(cluster: DemoCluster, fault: str | None = None) -> None:
-    """Stop the control plane (if running) and start it again, with ``fault`` armed."""
-    server = cluster.server
-    if server is not None and server.poll() is None:
-        server.terminate()
-        server.wait(timeout=20)
-    saved = os.environ.pop(FAULT_ENV, None)
-    try:
-        if fault:
-            os.environ[FAULT_ENV] = fault
-        cluster.start_server()
-    finally:
-        os.environ.pop(FAULT_ENV, None)
-        if saved is not None:
-            os.environ[FAULT_ENV] = saved
-    cluster.wait_for_api(30)
-
-
 def events(cluster: DemoCluster) -> list[dict[str, Any]]:
     with api(cluster) as client:
         answer: list[dict[str, Any]] = client.get(
             "/v1/cluster/certificates/events", params={"limit": 50}
         ).json()["events"]
     return answer
-
-
-def marker(cluster: DemoCluster, step: str) -> Path:
-    return cluster.directory / "run" / f"fault-paused-{step}"
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +478,9 @@ def test_redis_that_refuses_the_files_keeps_the_old_certificate_then_converges(
     admin = redis.Redis(unix_socket_path=str(refusing.directory / "redis.sock"))
     admin.execute_command("ACL", "SETUSER", "default", "-config|set")
     try:
-        body, fingerprint = proxy_body()
+        # From a root every node trusts already: a new root would stop at the trust phase,
+        # before anything is staged (test_trust_phases.py); this test is about the commit.
+        body, fingerprint = internal_proxy_body(cluster)
         response = put(cluster, body)
         assert response.status_code == 409, response.text
         assert response.json()["error_code"] == "nodes_not_updated"

@@ -43,7 +43,8 @@ class FakeAgent:
 
     name: str
     refuse_stage: bool = False
-    refuse_commit: bool = False
+    refuse_commit: bool = False  # and refuse remove
+    frozen: bool = False  # stage times out (as the real client reports it); abort never returns
     staged: dict[tuple[str, int], str] = field(default_factory=dict)  # -> certificate PEM
     current: dict[str, int] = field(default_factory=dict)
     calls: list[tuple[str, str, int]] = field(default_factory=list)
@@ -55,6 +56,8 @@ class FakeAgent:
         self.calls.append(("stage", name, generation))
         if self.refuse_stage:
             raise AgentUnavailable(f"{self.name} refused stage of {name}: disk full")
+        if self.frozen:
+            raise AgentUnavailable(f"{self.name} did not answer stage of {name} within 1 s")
         self.staged[(name, generation)] = certificate
 
     async def commit(self, name: str, generation: int) -> CommitAnswer:
@@ -69,10 +72,14 @@ class FakeAgent:
 
     async def abort(self, name: str, generation: int) -> None:
         self.calls.append(("abort", name, generation))
+        if self.frozen:
+            await asyncio.Event().wait()  # like a node that stopped answering: forever
         self.staged.pop((name, generation), None)
 
     async def remove(self, name: str) -> None:
         self.calls.append(("remove", name, 0))
+        if self.refuse_commit:
+            raise AgentUnavailable(f"{self.name} did not answer remove of {name} within 1 s")
 
 
 class FakeAgents:
@@ -161,7 +168,7 @@ def test_every_node_stages_then_every_node_commits(state: ClusterState, agents: 
     )
 
 
-def test_one_node_fails_to_stage_so_every_node_aborts_and_nothing_changes(
+def test_one_node_fails_to_stage_so_the_others_abort_and_nothing_changes(
     state: ClusterState, agents: FakeAgents
 ) -> None:
     _roll_out(state, agents, first := _proposal("first.cluster.local"))
@@ -176,6 +183,7 @@ def test_one_node_fails_to_stage_so_every_node_aborts_and_nothing_changes(
     assert info.value.http_status == 409
     body = info.value.to_body()
     assert body["error_code"] == "nodes_not_updated"
+    assert (body["step"], body["changed"]) == ("stage", False)
     assert "the update was aborted and no node changed" in body["description"]
     by_name = {n["name"]: n for n in body["nodes"]}
     assert (by_name["node-2"]["ok"], by_name["node-2"]["step"]) == (False, "stage")
@@ -183,17 +191,51 @@ def test_one_node_fails_to_stage_so_every_node_aborts_and_nothing_changes(
     for name in ("node-1", "node-3"):
         assert by_name[name]["ok"] is False
         assert by_name[name]["error"] == "aborted: another node failed to stage"
-    # Abort reached every node, the one that refused included; nothing was committed.
-    for agent_calls in agents.calls().values():
-        assert ("abort", "proxy", 2) in agent_calls
-        assert not [c for c in agent_calls if c[0] == "commit"]
+    # Abort reached the nodes that staged, not the one that failed (the reconciler tidies it);
+    # nothing was committed.
+    calls = agents.calls()
+    assert calls["node-2"] == [("stage", "proxy", 2)]
+    for name in ("node-1", "node-3"):
+        assert calls[name] == [("stage", "proxy", 2), ("abort", "proxy", 2)]
     # Nothing desired changed, nothing new was proved, nothing is left in flight.
     assert run(state.certificate("proxy")) == before
     assert before is not None and before.fingerprint == first.fingerprint
     assert {n.node_id: run(state.applied(n.node_id)) for n in run(state.nodes())} == applied_before
     assert run(state.rollout_in_flight()) is None
     assert run(state.generations_used()) == {"proxy": 2}  # the aborted number is never reused
-    assert [e["action"] for e in run(state.events())] == ["update"]  # only the first rollout's
+    # The abort is audited, with each node's reason (newest event first).
+    abort, update = run(state.events())
+    assert (abort["action"], update["action"]) == ("abort", "update")
+    assert (abort["name"], abort["generation"], abort["new_fingerprint"]) == ("proxy", 2, None)
+    assert abort["old_fingerprint"] == first.fingerprint and "recovered" not in abort
+    reasons = {n["name"]: (n["ok"], n["error"]) for n in abort["nodes"]}
+    assert reasons["node-1"] == reasons["node-3"] == (True, None)
+    assert reasons["node-2"][0] is False
+    assert reasons["node-2"][1].startswith("not aborted: ") and "disk full" in reasons["node-2"][1]
+
+
+def test_a_frozen_node_costs_the_stage_timeout_once_not_twice(
+    state: ClusterState, agents: FakeAgents
+) -> None:
+    """The frozen node's stage times out; it is not sent an abort (which would wait out the
+    same timeout again: here it would never return), so the 409 comes back at once."""
+    agents.by_name["node-3"].frozen = True
+
+    async def roll_out() -> None:
+        await asyncio.wait_for(Coordinator(state, agents).roll_out([_proposal()], ACTOR), 10)
+
+    with pytest.raises(NodesNotUpdated) as info:
+        asyncio.run(roll_out())
+
+    body = info.value.to_body()
+    assert (body["step"], body["changed"]) == ("stage", False)
+    assert "within 1 s" in {n["name"]: n for n in body["nodes"]}["node-3"]["error"]
+    assert agents.calls()["node-3"] == [("stage", "proxy", 1)]
+    assert run(state.certificate("proxy")) is None
+    assert run(state.rollout_in_flight()) is None
+    [abort] = run(state.events())
+    assert abort["action"] == "abort"
+    assert [n["ok"] for n in abort["nodes"]] == [True, True, False]
 
 
 def test_one_node_fails_to_commit_after_the_decision(
@@ -207,6 +249,7 @@ def test_one_node_fails_to_commit_after_the_decision(
 
     assert info.value.http_status == 409
     assert "recorded as desired" in info.value.description
+    assert (info.value.to_body()["step"], info.value.to_body()["changed"]) == ("commit", True)
     by_name = {n["name"]: n for n in info.value.to_body()["nodes"]}
     assert (by_name["node-3"]["ok"], by_name["node-3"]["certificates"]) == (False, [])
     assert by_name["node-1"]["ok"] and by_name["node-2"]["ok"]
@@ -220,6 +263,27 @@ def test_one_node_fails_to_commit_after_the_decision(
     assert proved["node-3"] is None
     assert all(p is not None and p.ok for n, p in proved.items() if n != "node-3")
     assert run(state.rollout_in_flight()) is None
+
+
+def test_a_node_that_misses_a_removal_gets_a_409_that_says_the_store_changed(
+    state: ClusterState, agents: FakeAgents
+) -> None:
+    _roll_out(state, agents, _proposal())
+    agents.by_name["node-1"].refuse_commit = True
+    record = run(state.certificate("proxy"))
+    assert record is not None
+
+    with pytest.raises(NodesNotUpdated) as info:
+        asyncio.run(Coordinator(state, agents).remove(record, ACTOR))
+
+    body = info.value.to_body()
+    assert (body["error_code"], body["step"], body["changed"]) == (
+        "nodes_not_updated",
+        "remove",
+        True,
+    )
+    assert [n["ok"] for n in body["nodes"]] == [False, True, True]
+    assert run(state.certificate("proxy")) is None
 
 
 def test_a_retry_pushes_only_to_the_lagging_node_and_then_is_a_no_op(

@@ -19,6 +19,7 @@ from certfactory import CA
 from clusterkit import (
     accepts,
     api,
+    internal_proxy_body,
     proxy_body,
     put,
     served_by_node,
@@ -66,7 +67,7 @@ def test_frozen_agent_during_stage_gives_409_and_changes_nothing(
     before = served_by_node(small_cluster)
     frozen = small_cluster.nodes[1]
     assert frozen.process is not None
-    body, _ = proxy_body()
+    body, _ = internal_proxy_body(small_cluster)  # no trust phase: the freeze hits the stage
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, api(small_cluster) as watcher:
@@ -87,16 +88,24 @@ def test_frozen_agent_during_stage_gives_409_and_changes_nothing(
     assert response.status_code == 409, response.text
     answer = response.json()
     assert answer["error_code"] == "nodes_not_updated"
+    assert (answer["step"], answer["changed"]) == ("stage", False)
     assert "aborted" in answer["description"] and "no node changed" in answer["description"]
     by_name = {n["name"]: n for n in answer["nodes"]}
     assert by_name[frozen.name]["ok"] is False
     assert by_name[frozen.name]["step"] == "stage"
     assert f"within {AGENT_TIMEOUT}" in by_name[frozen.name]["error"]
     assert served_by_node(small_cluster) == before
-    # Nothing was recorded: the store still desires the old certificate.
+    # Nothing was recorded: the store still desires the old certificate. The abort is audited;
+    # the frozen node was not sent one (its undecided files are the reconciler's to tidy).
     with api(small_cluster) as client:
         detail = client.get("/v1/cluster/certificates/proxy").json()
+        [abort, *_] = client.get("/v1/cluster/certificates/events").json()["events"]
     assert detail["fingerprint_sha256"] == before[small_cluster.nodes[0].name]
+    assert (abort["action"], abort["name"], abort["new_fingerprint"]) == ("abort", "proxy", None)
+    reasons = {n["name"]: n for n in abort["nodes"]}
+    assert reasons[frozen.name]["ok"] is False
+    assert reasons[frozen.name]["error"].startswith("not aborted: ")
+    assert all(n["ok"] for name, n in reasons.items() if name != frozen.name)
 
 
 def test_agent_gone_during_stage_gives_409_then_the_node_catches_up(

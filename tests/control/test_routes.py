@@ -158,3 +158,49 @@ def test_user_answers_show_a_subject_only_for_certificate_users(api: InProcess) 
     assert request(api, "DELETE", f"/v1/users/{uid}", auth=MANAGER).json() == regular.json()
     gone = request(api, "GET", f"/v1/users/{uid}", auth=MANAGER)
     assert (gone.status_code, gone.json()["error_code"]) == (404, "not_found")
+
+
+def test_a_conditional_update_is_refused_when_the_certificate_moved(api: InProcess) -> None:
+    """Optimistic concurrency (issue #11): the caller sends the generation it read, in the
+    body (``expected_generation``) or as ``If-Match`` (the ETag of GET); 409
+    generation_mismatch, nothing changed, when someone else replaced it since."""
+    read = request(api, "GET", "/v1/cluster/certificates/proxy")
+    seen = read.json()["generation"]
+    assert read.headers["ETag"] == f'"{seen}"'
+    first, _ = proxy_body()
+    ok = request(api, "PUT", "/v1/cluster/update_cert", {**first, "expected_generation": seen})
+    assert ok.status_code == 200, ok.text
+    moved = ok.json()["generation"]
+    # A retry of the same upload with the same (now stale) generation is not a conflict.
+    again = request(api, "PUT", "/v1/cluster/update_cert", {**first, "expected_generation": seen})
+    assert (again.status_code, again.json()["generation"]) == (200, moved)
+    before = api.snapshot()
+
+    second, _ = proxy_body()
+
+    async def conditional(headers: dict[str, str], body: Any) -> httpx.Response:
+        async with api.client() as client:
+            return await client.put("/v1/cluster/update_cert", json=body, headers=headers)
+
+    stale_body = request(
+        api, "PUT", "/v1/cluster/update_cert", {**second, "expected_generation": seen}
+    )
+    stale_header = run(conditional({"If-Match": f'"{seen}"'}, second))
+    batch = request(
+        api, "PUT", "/v1/cluster/certificates",
+        {"certificates": [{**second, "expected_generation": seen}]},
+    )  # fmt: skip
+    for response in (stale_body, stale_header, batch):
+        assert response.status_code == 409, response.text
+        body = response.json()
+        assert body["error_code"] == "generation_mismatch"
+        assert body["description"] == (
+            f"proxy is at generation {moved}, not {seen} as expected: it changed since it was "
+            "read; read it again and decide"
+        )
+    bad = run(conditional({"If-Match": "*"}, second))
+    assert (bad.status_code, bad.json()["error_code"]) == (400, "invalid_schema")
+    assert api.snapshot() == before
+    current = run(conditional({"If-Match": f'"{moved}"'}, second))
+    assert current.status_code == 200, current.text
+    assert current.json()["generation"] > moved

@@ -85,9 +85,11 @@ def test_a_client_connected_before_the_rotation_keeps_working(cluster: DemoClust
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    cert_file, key_file = cluster.redis_client  # redis requires a client certificate
     client = redis.Redis(
         host="127.0.0.1", port=node.redis_port, ssl=True, ssl_cert_reqs="none",
         ssl_check_hostname=False, single_connection_client=True,
+        ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
     )  # fmt: skip
     try:
         assert client.set("before", "1")

@@ -1,42 +1,62 @@
 """The node agent: joins once with a token, then serves the internode API over mutual TLS.
 
-The calls and their messages are :mod:`clustercert.internode` (only the control plane, holding
-an internal-CA clientAuth certificate, may call): status (generations on disk, and what is
-served), stage (check the pair, write it durably), commit (switch services, verify), abort
-(remove a staged generation), remove (every file of an optional name). Requests are parsed into
-those messages at the edge; one that does not match is refused with 422 and the reason.
+The calls and their messages are :mod:`clustercert.internode` (only the control plane may call:
+the TLS handshake requires an internal-CA clientAuth certificate, and every request must come
+with one that carries the control plane's URI SAN, or it is answered 403): status (generations
+on disk, and what is served), stage (check the pair, write it durably), commit (switch services,
+verify, prove the links that use the name), abort (remove a staged generation), remove (every
+file of an optional name), trust (the roots pinned in every trust bundle, agent/trust.py).
+Requests are parsed into those messages at the edge; one that does not match is refused with
+422 and the reason.
+
+A status request with ``wait`` is the control plane's watch (a long-poll, see
+:mod:`clustercert.internode`): the agent holds it until the wait ends, answers at once if the
+caller knew another incarnation (``boot``), and refuses it (503) as soon as the agent stops, so
+that a stopping agent closes its connections and the control plane learns it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import secrets
 import signal
+import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvicorn
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clustercert import pki
+from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.discovery import control_plane_context, explain_join_failure
-from clustercert.agent.metrics import MetricsListener
-from clustercert.agent.services import CommandService, RedisService, Service
+from clustercert.agent.metrics import MetricsListener, NodeLabels
+from clustercert.agent.services import CommandService, RedisService, ReloadFailed, Service
+from clustercert.agent.trust import PinnedRoots, chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
 from clustercert.errors import ConfigError
 from clustercert.internode import (
+    CONTROL_PLANE_URI,
+    MAX_WATCH_SECONDS,
     AbortAnswer,
     CertificateStatus,
     CommitAnswer,
+    LinkProof,
     MessageError,
     RemoveAnswer,
     ServedFingerprint,
@@ -45,10 +65,13 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
     certificate_name,
+    has_identity,
 )
 from clustercert.jointoken import JoinToken
-from clustercert.tls import server_context
+from clustercert.tls import expose_peer_certificate, server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
 
@@ -63,14 +86,21 @@ class Identity:
     cert_file: Path
     key_file: Path
     ca_file: Path
+    cluster: str = ""  # the cluster's name (empty for a node that joined before it was sent)
 
     @classmethod
     def load(cls, directory: Path) -> Identity | None:
         meta = directory / "node.json"
         if not meta.exists():
             return None
-        node_id = int(json.loads(meta.read_text())["node_id"])
-        return cls(node_id, directory / "cert.pem", directory / "key.pem", directory / "ca.pem")
+        raw = json.loads(meta.read_text())
+        return cls(
+            int(raw["node_id"]),
+            directory / "cert.pem",
+            directory / "key.pem",
+            directory / "ca.pem",
+            str(raw.get("cluster", "")),
+        )
 
 
 def join(config: AgentConfig, directory: Path) -> Identity:
@@ -104,7 +134,11 @@ def join(config: AgentConfig, directory: Path) -> Identity:
     write_atomically(directory / "key.pem", pki.key_to_pem(key).encode())
     write_atomically(directory / "cert.pem", answer["certificate"].encode(), 0o644)
     write_atomically(directory / "ca.pem", answer["ca_certificate"].encode(), 0o644)
-    meta = {"node_id": answer["node_id"], "agent_url": config.advertise_url}
+    meta = {
+        "node_id": answer["node_id"],
+        "agent_url": config.advertise_url,
+        "cluster": answer.get("cluster_name", ""),
+    }
     write_atomically(directory / "node.json", json.dumps(meta).encode())
     identity = Identity.load(directory)
     assert identity is not None
@@ -153,6 +187,10 @@ class Agent:
         self.services: list[Service] = [self._service(s) for s in config.services]
         self._lock = asyncio.Lock()
         self._fingerprints: dict[tuple[str, int], str] = {}
+        self._roots: dict[tuple[str, int], list[x509.Certificate]] = {}
+        self.pinned = PinnedRoots(config.data_dir / "trust")
+        self.boot_id = secrets.token_hex(8)  # this incarnation (StatusAnswer.boot_id)
+        self.stopping = asyncio.Event()  # set when the agent begins to stop: watches end
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -160,8 +198,13 @@ class Agent:
                 config, self.config.probe_timeout, self.identity.ca_file, self.config.data_dir
             )
         if config.type == "metrics":
+            identity = {
+                "node_identity": self.identity.cert_file,
+                "internal_ca": self.identity.ca_file,
+            }
+            labels = NodeLabels(self.identity.cluster, str(self.identity.node_id), identity)
             return MetricsListener(
-                config, self.config.probe_timeout, self.files, self.identity.ca_file
+                config, self.config.probe_timeout, self.files, self.identity.ca_file, labels
             )
         return CommandService(config, self.config.probe_timeout)
 
@@ -175,6 +218,12 @@ class Agent:
         return current
 
     async def start(self) -> None:
+        try:
+            await self._refresh_trust()
+        except ReloadFailed:
+            log.exception(
+                "a trust bundle could not be loaded; the next stage or trust call retries"
+            )
         current = self.current_paths()
         for service in self.services:
             try:
@@ -195,6 +244,52 @@ class Agent:
         if key not in self._fingerprints:
             self._fingerprints[key] = _leaf_fingerprint(paths.cert.read_text())
         return self._fingerprints[key]
+
+    def _chain_roots(self, name: str, paths: GenerationPaths) -> list[x509.Certificate]:
+        key = (name, paths.generation)
+        if key not in self._roots:
+            self._roots[key] = chain_roots(x509.load_pem_x509_certificates(paths.cert.read_bytes()))
+        return self._roots[key]
+
+    async def _refresh_trust(self) -> dict[str, tuple[str, ...]]:
+        """Point every service with a trust bundle at: the pinned roots, and the roots of the
+        current and staged generations of the names its peers present (see agent/trust.py).
+        The generation kept for rollback does not count: its root stays only while pinned.
+        Returns each service's bundle (CA fingerprints); raises ReloadFailed when a service
+        refuses its new bundle."""
+        pinned = self.pinned.load()
+        bundles: dict[str, tuple[str, ...]] = {}
+        for service in self.services:
+            roots = list(pinned)
+            for name in sorted(service.trust_names()):
+                current = self.files.current(name)
+                for generation in self.files.generations(name):
+                    paths = self.files.paths(name, generation)
+                    if paths is not None and (current is None or generation >= current):
+                        roots += self._chain_roots(name, paths)
+            held = await service.trust(roots)
+            if held is not None:
+                bundles[service.name] = held
+        return bundles
+
+    async def trust(self, request: TrustRequest) -> TrustAnswer:
+        """Pin ``request.roots`` (replacing the pinned set) and reload every trust bundle."""
+        try:
+            roots = [x509.load_pem_x509_certificate(pem.encode()) for pem in request.roots]
+        except ValueError as exc:
+            raise MessageError(f"trust request: a root is not a PEM certificate: {exc}") from None
+        async with self._lock:
+            before = self.pinned.load()
+            self.pinned.save(roots)
+            try:
+                bundles = await self._refresh_trust()
+            except ReloadFailed as exc:
+                # Pinned means loaded: the status must not claim roots no bundle holds.
+                self.pinned.save(before)
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
+                raise StageRejected(f"the trust bundle was refused: {exc}") from exc
+            return TrustAnswer(tuple(sorted(pki.fingerprint_sha256(r) for r in roots)), bundles)
 
     async def status(self, probe: bool) -> StatusAnswer:
         certificates: dict[str, CertificateStatus] = {}
@@ -223,44 +318,91 @@ class Agent:
             self.config.name,
             certificates,
             redis_pids[0] if redis_pids else None,
+            tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
+            self.boot_id,
         )
 
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        """The control plane's long-poll: the status once ``wait`` seconds (at most
+        MAX_WATCH_SECONDS) have passed, at once when ``boot_id`` is not this incarnation's.
+        Raises AgentStopping as soon as the agent begins to stop."""
+        if boot_id == self.boot_id:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), min(wait, MAX_WATCH_SECONDS))
+        if self.stopping.is_set():
+            raise AgentStopping("the agent is stopping")
+        return await self.status(probe=False)
+
     async def stage(self, name: str, generation: int, body: StageRequest) -> StageAnswer:
-        """Write the pair durably as ``generation`` once it loads into a TLS context (checked
-        before the files take their final name: a pair that does not match never lands)."""
+        """Write the pair durably as ``generation`` once the files written parse and match
+        (checked before they take their final name: a pair that does not match never lands)."""
         async with self._lock:
-            self.files.stage(name, generation, body.certificate, body.key, check=_loads_together)
+            self.files.stage(name, generation, body.certificate, body.key, check=_pair_matches)
+            # A staged root enters every bundle before any node switches (DESIGN §3).
+            try:
+                await self._refresh_trust()
+            except ReloadFailed as exc:
+                self.files.discard(name, generation)
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
+                raise StageRejected(f"the trust bundle with this root was refused: {exc}") from exc
             return StageAnswer(name, generation)
 
     async def commit(self, name: str, generation: int) -> CommitAnswer:
         async with self._lock:
-            try:
-                paths = self.files.activate(name, generation)
-            except FileNotFoundError as exc:
-                raise StageRejected(str(exc)) from exc
+            paths = self.files.paths(name, generation)
+            if paths is None:
+                raise StageRejected(f"{name} generation {generation} is not staged")
             expected = self._fingerprint(name, paths)
-            results: list[ServiceProof] = []
-            for service in self.services:
-                if name in service.certificates():
-                    results.append(await service.apply(name, paths, expected))
-            ok = all(r.ok for r in results)
+            # The durable switch of `current` (two fsyncs, in a worker thread) and the reloads
+            # overlap; both end before the answer, and nobody records the node's proof before
+            # the answer, so a crash in between leaves the node to the reconciler.
+            switched = asyncio.create_task(
+                asyncio.to_thread(self.files.activate, name, generation, prune=False)
+            )
+            try:
+                results: list[ServiceProof] = []
+                links: list[LinkProof] = []
+                for service in self.services:
+                    if name in service.certificates():
+                        result = await service.apply(name, paths, expected)
+                        results.append(result)
+                        if result.ok:
+                            links += await service.prove_links(name)
+            finally:
+                await switched
+            answer = CommitAnswer(name, generation, expected, True, tuple(results), tuple(links))
+            failures = answer.errors()
             log.info(
-                "commit %s generation %d: %s",
-                name, generation, "verified" if ok else "FAILED " + "; ".join(
-                    r.error or "" for r in results if not r.ok
-                ),
+                "commit %s generation %d: %s%s",
+                name, generation, "verified" if not failures else "FAILED " + "; ".join(failures),
+                "".join(f"; {k.link} relinked in {k.seconds:.3f} s" for k in links if k.ok),
             )  # fmt: skip
-            return CommitAnswer(name, generation, expected, ok, tuple(results))
+            return replace(answer, ok=not failures)
+
+    async def prune(self, name: str) -> None:
+        """Delete the generations of ``name`` older than the previous one: run after a commit
+        has answered, so that the rollout does not wait for it."""
+        async with self._lock:
+            self.files.prune(name)
+            # The generation before the previous one is gone: its root may leave the bundles.
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
 
     async def abort(self, name: str, generation: int) -> AbortAnswer:
         async with self._lock:
             self.files.discard(name, generation)
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
             return AbortAnswer(name, generation)
 
     async def remove(self, name: str) -> RemoveAnswer:
         async with self._lock:
             self.files.remove(name)
             self._fingerprints = {k: v for k, v in self._fingerprints.items() if k[0] != name}
+            self._roots = {k: v for k, v in self._roots.items() if k[0] != name}
+            with contextlib.suppress(ReloadFailed):
+                await self._refresh_trust()
             return RemoveAnswer(name)
 
 
@@ -268,14 +410,74 @@ class StageRejected(Exception):
     """The node refuses a stage or commit request; the message says why."""
 
 
-def _loads_together(paths: GenerationPaths) -> None:
-    """Raise StageRejected unless the certificate and key load into one TLS server context."""
-    if paths.key is None:
-        return
+class AgentStopping(Exception):
+    """The agent is stopping: it answers no watch (503)."""
+
+
+def _pair_matches(paths: GenerationPaths) -> None:
+    """Raise StageRejected unless the files as written hold certificates that parse and a key
+    whose public half is the leaf's.
+
+    Parsed with cryptography (its own parsers, then OpenSSL key objects): 0.05 ms, where
+    loading the pair into an OpenSSL 3.0 TLS context cost 1.2 ms of every rotation; the
+    control plane already ran a TLS handshake with this pair before staging it
+    (docs/decisions.md, "A leaner commit on the agent"). RSA keys skip the primality check:
+    the control plane ran it when it validated the upload, and matching the leaf's public key
+    is what proves the pair here. The service's own load, proven by handshake, comes at commit.
+    """
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths.cert, paths.key)
-    except (ssl.SSLError, OSError) as exc:
-        raise StageRejected(f"the pair does not load into a TLS context: {exc}") from exc
+        certificates = x509.load_pem_x509_certificates(paths.cert.read_bytes())
+        if paths.key is None:
+            return
+        key = serialization.load_pem_private_key(
+            paths.key.read_bytes(), None, unsafe_skip_rsa_key_validation=True
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        raise StageRejected(f"the pair does not load: {exc}") from exc
+    if pki.spki_sha256(key.public_key()) != pki.spki_sha256(certificates[0].public_key()):
+        raise StageRejected("the key does not match the certificate")
+
+
+class OnlyControlPlane:
+    """Answers 403 to every request whose client certificate lacks the control plane's URI SAN.
+    The handshake already required an internal-CA clientAuth certificate, but the operator may
+    issue others from that CA (a metrics scraper's): those must not stage or commit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _from_control_plane(scope):
+            log.warning(
+                "refused %s %s from %s: not the control plane's identity",
+                scope.get("method"), scope.get("path"), (scope.get("client") or ("?",))[0],
+            )  # fmt: skip
+            response = JSONResponse(
+                {"error": f"only the control plane ({CONTROL_PLANE_URI}) may call this agent"},
+                status_code=403,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _from_control_plane(scope: Scope) -> bool:
+    chain = (((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_chain")) or []
+    return bool(chain) and _pem_has_control_plane_uri(str(chain[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _pem_has_control_plane_uri(pem: str) -> bool:
+    # Cached: the control plane calls every node every second with the same certificate.
+    return has_identity(x509.load_pem_x509_certificate(pem.encode()), CONTROL_PLANE_URI)
+
+
+class InternodeProtocol(H11Protocol):
+    """uvicorn's h11 protocol, showing the app the peer certificate (:class:`OnlyControlPlane`)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        expose_peer_certificate(self, transport)
 
 
 def build_app(agent: Agent) -> Starlette:
@@ -286,12 +488,26 @@ def build_app(agent: Agent) -> Starlette:
         return Target.parse(request.path_params["name"], request.path_params["generation"])
 
     def answer(
-        message: StatusAnswer | StageAnswer | CommitAnswer | AbortAnswer | RemoveAnswer,
+        message: StatusAnswer
+        | StageAnswer
+        | CommitAnswer
+        | AbortAnswer
+        | RemoveAnswer
+        | TrustAnswer,
     ) -> JSONResponse:
         return JSONResponse(message.to_json())
 
     async def status(request: Request) -> JSONResponse:
-        probe = request.query_params.get("probe", "false").lower() in ("true", "1")
+        query = request.query_params
+        if "wait" in query:
+            try:
+                wait = float(query["wait"])
+            except ValueError:
+                raise MessageError(
+                    f"wait must be a number of seconds, got {query['wait']!r}"
+                ) from None
+            return answer(await agent.watch(query.get("boot"), wait))
+        probe = query.get("probe", "false").lower() in ("true", "1")
         return answer(await agent.status(probe))
 
     async def stage(request: Request) -> JSONResponse:
@@ -304,7 +520,8 @@ def build_app(agent: Agent) -> Starlette:
 
     async def commit(request: Request) -> JSONResponse:
         where = target(request)
-        return answer(await agent.commit(where.name, where.generation))
+        committed = await agent.commit(where.name, where.generation)
+        return JSONResponse(committed.to_json(), background=BackgroundTask(agent.prune, where.name))
 
     async def abort(request: Request) -> JSONResponse:
         where = target(request)
@@ -313,11 +530,21 @@ def build_app(agent: Agent) -> Starlette:
     async def remove(request: Request) -> JSONResponse:
         return answer(await agent.remove(certificate_name(request.path_params["name"])))
 
+    async def trust(request: Request) -> JSONResponse:
+        try:
+            data = json.loads(await request.body())
+        except ValueError as exc:
+            raise MessageError(f"the body is not JSON: {exc}") from None
+        return answer(await agent.trust(TrustRequest.from_json(data)))
+
     async def rejected(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
 
     async def exists(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=409)
+
+    async def stopping(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503)
 
     return Starlette(
         routes=[
@@ -326,12 +553,15 @@ def build_app(agent: Agent) -> Starlette:
             Route("/internal/certificates/{name}/{generation}/commit", commit, methods=["POST"]),
             Route("/internal/certificates/{name}/{generation}", abort, methods=["DELETE"]),
             Route("/internal/certificates/{name}", remove, methods=["DELETE"]),
+            Route("/internal/trust", trust, methods=["PUT"]),
         ],
         exception_handlers={
             StageRejected: rejected,
             MessageError: rejected,
             FileExistsError: exists,
+            AgentStopping: stopping,
         },
+        middleware=[Middleware(OnlyControlPlane)],
     )
 
 
@@ -345,14 +575,23 @@ def internode_server_context(identity: Identity) -> ssl.SSLContext:
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: it re-raises SIGTERM once ``serve()`` returns,
-    which kills the process before the agent stops what it supervises (redis-server would
-    outlive it). The agent handles the signals itself (:func:`_serve`)."""
+class _AgentServer(uvicorn.Server):
+    """uvicorn without its own signal handling (it re-raises SIGTERM once ``serve()`` returns,
+    which kills the process before the agent stops what it supervises: redis-server would
+    outlive it; the agent handles the signals itself, :func:`_serve`), and which tells the
+    agent's watches to end before it waits for open requests (they would hold it for minutes)."""
+
+    def __init__(self, config: uvicorn.Config, agent: Agent) -> None:
+        super().__init__(config)
+        self.agent = agent
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.agent.stopping.set()
+        await super().shutdown(sockets)
 
 
 async def _serve(config: AgentConfig) -> None:
@@ -369,15 +608,17 @@ async def _serve(config: AgentConfig) -> None:
         if stopping.is_set():
             return
         context = internode_server_context(identity)
-        server = _Server(
+        server = _AgentServer(
             uvicorn.Config(
                 build_app(agent),
                 host=config.listen[0],
                 port=config.listen[1],
                 ssl_context_factory=lambda _config, _default: context,
+                http=InternodeProtocol,
                 log_level="warning",
                 timeout_keep_alive=75,
-            )
+            ),
+            agent,
         )
         log.info("agent %s listening on %s", config.name, config.advertise_url)
         serving = asyncio.create_task(server.serve())
@@ -392,6 +633,5 @@ async def _serve(config: AgentConfig) -> None:
 
 
 def run_agent(config: AgentConfig) -> None:
-    """Run until SIGINT/SIGTERM; then stop what the agent supervises (redis-server with
-    ``supervise = true``) before exiting."""
-    asyncio.run(_serve(config))
+    """Run until SIGINT/SIGTERM; then stop what the agent supervises."""
+    eventloop.run(_serve(config))

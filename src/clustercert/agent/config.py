@@ -15,7 +15,16 @@ from clustercert.errors import ConfigError
 from clustercert.hosts import is_wildcard
 from clustercert.names import NAMES
 
-__all__ = ["AgentConfig", "ServiceConfig", "load_agent_config", "split_address"]
+__all__ = [
+    "REDIS_CLIENT_CERTIFICATES",
+    "AgentConfig",
+    "ServiceConfig",
+    "load_agent_config",
+    "split_address",
+]
+
+# The names a redis-server may present as the client of its replication link (DESIGN §3).
+REDIS_CLIENT_CERTIFICATES = ("data_internode_encryption", "syncer")
 
 
 def split_address(value: str, key: str) -> tuple[str, int]:
@@ -34,11 +43,24 @@ class ServiceConfig:
     certificate: str  # the certificate name it serves
     address: tuple[str, int] | None  # where a handshake proves what it serves
     socket: Path | None = None  # redis: local unix socket for CONFIG SET
-    client_certificate: str | None = None  # redis: outgoing client certificate (syncer)
+    # redis: the outgoing client certificate of its replication link (tls-client-cert-file):
+    # data_internode_encryption inside the cluster, syncer from a source outside it.
+    client_certificate: str | None = None
+    replicaof: tuple[str, int] | None = None  # redis: the primary it replicates from
+    cluster_port: int | None = None  # redis: a Redis Cluster node; its cluster bus port (TLS)
+    extra_ca_file: Path | None = None  # redis: more CAs for its trust bundle (operator's)
+    # redis: how long a replication link may take to come back after a commit; keep it below
+    # the control plane's --agent-timeout (10 s), which bounds the whole commit call.
+    link_timeout: float = 5.0
     supervise: bool = False  # redis: the agent starts redis-server itself
     server_binary: str = "redis-server"
     command: tuple[str, ...] = ()  # command: argv; {cert} and {key} are replaced by paths
     sni: str = "localhost"
+
+    @property
+    def role(self) -> str:
+        """redis: ``replica`` when it replicates from a primary, otherwise ``primary``."""
+        return "replica" if self.replicaof else "primary"
 
 
 @dataclass(frozen=True)
@@ -74,8 +96,31 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
         raise ConfigError(f"{where}certificate: unknown certificate name {certificate!r}")
     address = raw.get("address")
     client_cert = raw.get("client_certificate")
-    if client_cert is not None and client_cert not in NAMES:
-        raise ConfigError(f"{where}client_certificate: unknown certificate name {client_cert!r}")
+    if kind == "redis":
+        client_cert = client_cert or "data_internode_encryption"
+        if client_cert not in REDIS_CLIENT_CERTIFICATES:
+            raise ConfigError(
+                f"{where}client_certificate: expected data_internode_encryption (replication "
+                f"inside the cluster) or syncer (from a source outside it), got {client_cert!r}"
+            )
+    elif client_cert is not None:
+        raise ConfigError(f"{where}client_certificate: only a redis service has one")
+    replicaof = raw.get("replicaof")
+    if replicaof is not None and (kind != "redis" or not isinstance(replicaof, str)):
+        raise ConfigError(f"{where}replicaof: a redis service's primary, HOST:PORT")
+    cluster_port = raw.get("cluster_port")
+    if cluster_port is not None and (
+        kind != "redis" or not isinstance(cluster_port, int) or not 0 < cluster_port < 65536
+    ):
+        raise ConfigError(f"{where}cluster_port: a redis service's cluster bus port, 1-65535")
+    if cluster_port is not None and replicaof is not None:
+        raise ConfigError(
+            f"{where}replicaof: a Redis Cluster node (cluster_port) gets its primary from the "
+            "cluster, not from replicaof"
+        )
+    extra_ca = raw.get("extra_ca_file")
+    if extra_ca is not None and not Path(str(extra_ca)).is_file():
+        raise ConfigError(f"{where}extra_ca_file: {extra_ca} is not a file")
     socket = raw.get("socket")
     if kind == "redis" and not socket:
         raise ConfigError(f"{where}socket: required for a redis service (its unix socket)")
@@ -91,6 +136,10 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
         address=split_address(address, where + "address") if address else None,
         socket=Path(socket) if socket else None,
         client_certificate=client_cert,
+        replicaof=split_address(replicaof, where + "replicaof") if replicaof else None,
+        cluster_port=cluster_port,
+        extra_ca_file=Path(str(extra_ca)) if extra_ca else None,
+        link_timeout=float(raw.get("link_timeout", 5.0)),
         supervise=bool(raw.get("supervise", False)),
         server_binary=str(raw.get("server_binary", "redis-server")),
         command=tuple(command),

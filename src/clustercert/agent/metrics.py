@@ -4,14 +4,20 @@
 Scrapers authenticate with a client certificate from the cluster's internal CA (mutual TLS,
 like every internode call). A new certificate applies to new handshakes; open connections keep
 the one they were made with (:class:`clustercert.tls.ReloadableServerContext`).
+
+``node_cert_expiration_seconds{cluster,logical_name,node,path}`` (:mod:`clustercert.expiry`)
+covers every certificate name the node holds and the node's own internode identity and
+trusted internal CA.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -27,18 +33,33 @@ from starlette.routing import Route
 from clustercert.agent.config import ServiceConfig
 from clustercert.agent.services import ReloadFailed, Service
 from clustercert.certfiles import CertificateFiles, GenerationPaths
+from clustercert.clock import utc_now
+from clustercert.expiry import expiration_family
 from clustercert.tls import ReloadableServerContext
 
-__all__ = ["MetricsListener"]
+__all__ = ["MetricsListener", "NodeLabels"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class NodeLabels:
+    """Who this node is, as the expiry series label it (Redis Enterprise's labels)."""
+
+    cluster: str  # the cluster's name (FQDN), from the join answer
+    node: str  # the node's id in the cluster
+    identity: Mapping[str, Path]  # logical name -> file of the node's own internal certificates
 
 
 class _FilesCollector(Collector):
     """What the node holds, read from its files at scrape time."""
 
-    def __init__(self, files: CertificateFiles) -> None:
+    def __init__(
+        self, files: CertificateFiles, labels: NodeLabels, clock: Callable[[], dt.datetime]
+    ) -> None:
         self.files = files
+        self.labels = labels
+        self.clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         generation = GaugeMetricFamily(
@@ -51,6 +72,7 @@ class _FilesCollector(Collector):
             "When the certificate the node uses expires (Unix time).",
             labels=["name"],
         )
+        served = dict(self.labels.identity)
         for name in self.files.names():
             current = self.files.current(name)
             paths = self.files.paths(name, current) if current is not None else None
@@ -59,19 +81,27 @@ class _FilesCollector(Collector):
             leaf = x509.load_pem_x509_certificates(paths.cert.read_bytes())[0]
             generation.add_metric([name], float(current))
             not_after.add_metric([name], leaf.not_valid_after_utc.timestamp())
-        yield from (generation, not_after)
+            served[name] = paths.cert
+        expiration = expiration_family(self.labels.cluster, self.labels.node, served, self.clock())
+        yield from (generation, not_after, expiration)
 
 
 class MetricsListener(Service):
     """Starts on the first ``metrics_exporter`` it gets; later ones swap the SSL context."""
 
     def __init__(
-        self, config: ServiceConfig, probe_timeout: float, files: CertificateFiles, ca_file: Path
+        self,
+        config: ServiceConfig,
+        probe_timeout: float,
+        files: CertificateFiles,
+        ca_file: Path,
+        labels: NodeLabels,
+        clock: Callable[[], dt.datetime] = utc_now,
     ) -> None:
         super().__init__(config, probe_timeout)
         self.ca_file = ca_file
         self.registry = CollectorRegistry()
-        self.registry.register(_FilesCollector(files))
+        self.registry.register(_FilesCollector(files, labels, clock))
         self.context: ReloadableServerContext | None = None
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None

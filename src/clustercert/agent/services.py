@@ -1,8 +1,10 @@
 """The TLS services of a node, reloaded in place and verified by handshake (DESIGN §7).
 
 - ``redis``: ``CONFIG SET tls-cert-file X tls-key-file Y`` in one command over the local unix
-  socket (the outgoing client certificate likewise with ``tls-client-cert-file``/``-key-file``).
-  With ``supervise``, the agent also starts ``redis-server`` itself (TLS port only).
+  socket (the outgoing client certificate likewise with ``tls-client-cert-file``/``-key-file``),
+  ``tls-ca-cert-file`` for its trust bundle (agent/trust.py). With ``supervise``, the agent also
+  starts ``redis-server`` itself (TLS port only, ``tls-auth-clients yes``, TLS replication from
+  ``replicaof`` when set). Replication links are proven after a commit (:class:`LinkProof`).
 - ``command``: run a command (e.g. ``systemctl reload nginx``), then verify by handshake.
 
 A reload that "succeeds" while the service still serves the old certificate is a failure.
@@ -17,14 +19,17 @@ import ssl
 import subprocess
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
+from cryptography import x509
 from redis.exceptions import RedisError
 
 from clustercert.agent.config import ServiceConfig
 from clustercert.agent.probe import probe, served_fingerprint
+from clustercert.agent.trust import TrustBundles, read_certificates
 from clustercert.certfiles import GenerationPaths
-from clustercert.internode import ServiceProof
+from clustercert.internode import LinkProof, ServiceProof
 
 __all__ = ["CommandService", "RedisService", "ReloadFailed", "Service"]
 
@@ -76,6 +81,21 @@ class Service(ABC):
         except (OSError, ssl.SSLError, TimeoutError):
             return None
 
+    async def prove_links(self, certificate: str) -> list[LinkProof]:
+        """After ``certificate`` was applied: re-establish the links that use it and prove they
+        come back. Default: the service has no links."""
+        return []
+
+    def trust_names(self) -> frozenset[str]:
+        """The names whose roots this service must trust (what its peers present)."""
+        return frozenset()
+
+    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...] | None:
+        """Make the service trust ``roots`` (plus its fixed CAs); raise ``ReloadFailed``.
+        Returns the fingerprints of every CA it now trusts, or None when it has no trust
+        bundle. Default: none."""
+        return None
+
     async def start(self, current: dict[str, GenerationPaths]) -> None:  # noqa: B027
         """Start what the agent supervises, with the current files. Default: nothing."""
 
@@ -88,12 +108,20 @@ class ReloadFailed(Exception):
 
 
 class RedisService(Service):
+    """A redis-server: ``certificate`` is its server certificate (clients and incoming
+    replication), ``client_certificate`` the one it presents on its own replication link."""
+
+    PROOF_KEY = "clustercert:link-proof"  # written on a primary to prove its replicas get writes
+
     def __init__(self, config: ServiceConfig, probe_timeout: float, ca_file: Path, data_dir: Path):
         super().__init__(config, probe_timeout)
         assert config.socket is not None
         self.socket = config.socket
-        self.ca_file = ca_file
+        self.ca_file = ca_file  # the internal CA: always in the trust bundle
         self.data_dir = data_dir
+        self.bundles = TrustBundles(data_dir / "trust" / config.name)
+        self.bundle: Path | None = None  # the trust bundle redis was last pointed at
+        self.paths: dict[str, GenerationPaths] = {}  # the files each name last applied
         self.process: subprocess.Popen[bytes] | None = None
         self._redis: aioredis.Redis | None = None
 
@@ -106,39 +134,239 @@ class RedisService(Service):
             )
         return self._redis
 
-    async def _config_set(self, *pairs: str) -> None:
-        client = self._client()
+    async def _command(self, *args: str) -> Any:
         try:
-            await client.execute_command("CONFIG", "SET", *pairs)  # type: ignore[no-untyped-call]
+            return await self._client().execute_command(*args)  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
-            raise ReloadFailed(f"redis at {self.socket} refused CONFIG SET: {exc}") from exc
+            what = " ".join(args[:2])
+            raise ReloadFailed(f"redis at {self.socket} refused {what}: {exc}") from exc
+
+    async def _config_set(self, *pairs: str) -> None:
+        await self._command("CONFIG", "SET", *pairs)
+
+    def trust_names(self) -> frozenset[str]:
+        # A replica checks the primary's server certificate; a primary checks its replicas'
+        # client certificates. Every node runs both names, so trusting the roots of both
+        # covers every peer, whichever role each has.
+        return self.certificates()
+
+    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...]:
+        fixed = read_certificates(self.ca_file)
+        if self.config.extra_ca_file is not None:
+            fixed += read_certificates(self.config.extra_ca_file)
+        path, fingerprints = self.bundles.write([*fixed, *roots])
+        if path != self.bundle and await self._answers():
+            await self._config_set("tls-ca-cert-file", str(path))
+        self.bundle = path
+        return tuple(fingerprints)
 
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         if paths.key is None:
             raise ReloadFailed(f"{certificate} has no key; redis needs one")
-        if certificate == self.config.certificate and not await self._answers():
-            if self.config.supervise:
-                await self._spawn(paths)
-                return
-            raise ReloadFailed(f"redis does not answer on {self.socket}")
+        self.paths[certificate] = paths
         if certificate == self.config.certificate:
-            await self._config_set("tls-cert-file", str(paths.cert), "tls-key-file", str(paths.key))
+            await self._set_or_spawn(
+                "tls-cert-file", str(paths.cert), "tls-key-file", str(paths.key)
+            )
         if certificate == self.config.client_certificate:
-            await self._config_set(
+            await self._set_or_spawn(
                 "tls-client-cert-file", str(paths.cert), "tls-client-key-file", str(paths.key)
             )
+
+    async def _set_or_spawn(self, *pairs: str) -> None:
+        """CONFIG SET ``pairs`` without a PING first (one round trip less on every commit); only
+        when that fails is it worth asking whether redis answers at all. A supervised redis
+        that does not answer is started with every file it should use."""
+        if self.socket.exists():
+            try:
+                await self._config_set(*pairs)
+                return
+            except ReloadFailed:
+                if await self._answers():
+                    raise  # redis runs and refuses these files
+        if not (self.config.supervise and self.config.certificate in self.paths):
+            raise ReloadFailed(f"redis does not answer on {self.socket}")
+        await self._spawn()
 
     async def verify(self, certificate: str, expected: str) -> ServiceProof:
         if certificate == self.config.certificate:
             return await super().verify(certificate, expected)
         # An outgoing client certificate cannot be proven by a handshake *to* redis; prove
-        # instead that redis now points at the new files.
-        client = self._client()
+        # here that redis points at the new files, and by the link (prove_links) that a peer
+        # accepts them.
         try:
-            reply = await client.config_get("tls-client-cert-file")
+            reply = await self._command("CONFIG", "GET", "tls-client-cert-file")
+        except ReloadFailed as exc:
+            return ServiceProof(self.name, certificate, False, None, str(exc))
+        wanted = str(self.paths[certificate].cert)
+        configured = reply.get(b"tls-client-cert-file", b"").decode()  # redis-py makes a dict
+        if configured != wanted:
+            error = f"redis presents {configured or 'no file'} on its links, expected {wanted}"
+            return ServiceProof(self.name, certificate, False, None, error)
+        return ServiceProof(self.name, certificate, True, None, None)
+
+    async def prove_links(self, certificate: str) -> list[LinkProof]:
+        """A replica proves its own link (its client certificate): drop the connection to the
+        primary, wait until ``master_link_status:up``. A primary proves its server certificate
+        to its replicas: drop every replica connection, wait until as many replicas are online
+        again, then a fresh write acknowledged by each of them (``WAIT``)."""
+        if self.config.cluster_port is not None:
+            return await self._relink_cluster_bus(certificate)
+        if self.config.replicaof is not None and certificate == self.config.client_certificate:
+            return [await self._relink_to_primary(certificate)]
+        if self.config.replicaof is None and certificate == self.config.certificate:
+            return await self._relink_replicas(certificate)
+        return []
+
+    async def _replication(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self._client().info("replication")
+        return info
+
+    async def _until(self, done: Any, deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                if await done():
+                    return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+
+    async def _relink_to_primary(self, certificate: str) -> LinkProof:
+        assert self.config.replicaof is not None
+        host, port = self.config.replicaof
+        link = f"replication from {host}:{port}"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self._command("CLIENT", "KILL", "TYPE", "master")
+        except ReloadFailed as exc:
+            return LinkProof(self.name, certificate, link, False, 0.0, str(exc))
+
+        async def up() -> bool:
+            return (await self._replication()).get("master_link_status") == "up"
+
+        ok = await self._until(up, started + self.config.link_timeout)
+        error = None
+        if not ok:
+            error = (
+                f"the replication link from {host}:{port} did not come back within "
+                f"{self.config.link_timeout:g} s after a forced reconnect"
+                f"{await self._link_state(host, port)}; does the primary trust this node's "
+                f"{certificate} certificate, and this node the primary's? "
+                f"See {self.data_dir / 'redis.log'}"
+            )
+        return LinkProof(self.name, certificate, link, ok, loop.time() - started, error)
+
+    async def _link_state(self, host: str, port: int) -> str:
+        """What redis says of its link, for an error message."""
+        try:
+            info = await self._replication()
         except (RedisError, OSError) as exc:
-            return ServiceProof(self.name, certificate, False, None, f"CONFIG GET failed: {exc}")
-        return ServiceProof(self.name, certificate, bool(reply), None, None)
+            return f" (INFO replication failed: {exc})"
+        source = f"{info.get('master_host')}:{info.get('master_port')}"
+        if source != f"{host}:{port}":
+            return f" (redis replicates from {source}, not from the configured {host}:{port})"
+        return f" (master_link_status:{info.get('master_link_status')})"
+
+    async def _online_replicas(self) -> int:
+        info = await self._replication()
+        replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return sum(1 for replica in replicas if replica.get("state") == "online")
+
+    async def _relink_replicas(self, certificate: str) -> list[LinkProof]:
+        try:
+            before = await self._online_replicas()
+        except (RedisError, OSError) as exc:
+            return [LinkProof(self.name, certificate, "replicas", False, 0.0, str(exc))]
+        if before == 0:
+            return []
+        link = f"{before} replica(s) of this primary"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.config.link_timeout
+        try:
+            await self._command("CLIENT", "KILL", "TYPE", "replica")
+        except ReloadFailed as exc:
+            return [LinkProof(self.name, certificate, link, False, 0.0, str(exc))]
+
+        async def back() -> bool:
+            return await self._online_replicas() >= before
+
+        error = None
+        if not await self._until(back, deadline):
+            now = await self._online_replicas()
+            error = (
+                f"{before - now} of {before} replicas did not reconnect within "
+                f"{self.config.link_timeout:g} s after this primary switched {certificate} "
+                "(do they trust its root?)"
+            )
+        else:
+            # A fresh write, acknowledged by every replica that relinked.
+            wait_ms = str(max(1, int((deadline - loop.time()) * 1000)))
+            try:
+                await self._command("SET", self.PROOF_KEY, certificate, "PX", "60000")
+                acks = int(await self._command("WAIT", str(before), wait_ms))
+            except ReloadFailed as exc:
+                acks, error = 0, str(exc)
+            if acks < before and error is None:
+                error = f"only {acks} of {before} replicas acknowledged a write after relinking"
+        seconds = loop.time() - started
+        return [LinkProof(self.name, certificate, link, error is None, seconds, error)]
+
+    async def _cluster_peers(self) -> list[str]:
+        """The ids of the other nodes this Redis Cluster node knows and talks to."""
+        text = (await self._command("CLUSTER", "NODES")).decode()
+        peers = []
+        for line in text.splitlines():
+            node_id, _address, flags, *_ = line.split()
+            if not {"myself", "noaddr", "handshake"} & set(flags.split(",")):
+                peers.append(node_id)
+        return peers
+
+    async def _bus_links(self) -> set[tuple[str, str]]:
+        """(direction, node id) of every cluster bus link up now (CLUSTER LINKS, redis 7)."""
+        links = await self._client().execute_command("CLUSTER", "LINKS")  # type: ignore[no-untyped-call]
+        return {(k[b"direction"].decode(), k[b"node"].decode()) for k in links}
+
+    async def _relink_cluster_bus(self, certificate: str) -> list[LinkProof]:
+        """Drop the cluster bus links this node opened (``DEBUG CLUSTERLINK KILL to``, which
+        needs ``enable-debug-command local``) and wait until one is back to every peer: each
+        peer accepted this node's client certificate and this node trusted each peer's server
+        certificate. Only the links this node opened: killing a link a peer opened races with
+        that peer closing it, which crashes redis 7.0 (a NULL link), and only this node closes
+        its own. A peer proves this node's server certificate when it relinks in turn."""
+        try:
+            peers = await self._cluster_peers()
+            opened = {node for direction, node in await self._bus_links() if direction == "to"}
+        except (ReloadFailed, RedisError, OSError) as exc:
+            return [LinkProof(self.name, certificate, "cluster bus", False, 0.0, str(exc))]
+        if not peers:
+            return []
+        link = f"cluster bus to {len(peers)} node(s)"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            for peer in sorted(opened & set(peers)):
+                await self._command("DEBUG", "CLUSTERLINK", "KILL", "to", peer)
+        except ReloadFailed as exc:
+            return [LinkProof(self.name, certificate, link, False, 0.0, str(exc))]
+        wanted = {("to", peer) for peer in peers}
+
+        async def back() -> bool:
+            return wanted <= await self._bus_links()
+
+        error = None
+        if not await self._until(back, started + self.config.link_timeout):
+            down = sorted({peer[:8] for _, peer in wanted - await self._bus_links()})
+            error = (
+                f"the cluster bus links to {', '.join(down)} did not come back within "
+                f"{self.config.link_timeout:g} s after a forced reconnect; do those nodes trust "
+                f"this node's {certificate} certificate, and this node theirs? See "
+                f"{self.data_dir / 'redis.log'}"
+            )
+        seconds = loop.time() - started
+        return [LinkProof(self.name, certificate, link, error is None, seconds, error)]
 
     async def _answers(self) -> bool:
         if not self.socket.exists():
@@ -150,15 +378,19 @@ class RedisService(Service):
             return False
 
     async def start(self, current: dict[str, GenerationPaths]) -> None:
-        paths = current.get(self.config.certificate)
-        if self.config.supervise and paths is not None and not await self._answers():
-            await self._spawn(paths)
-        client_paths = current.get(self.config.client_certificate or "")
-        if client_paths is not None and await self._answers():
-            with contextlib.suppress(ReloadFailed):
-                await self.reload(self.config.client_certificate or "", client_paths)
+        """Adopt a running redis-server (the agent has pointed it at its bundle already, see
+        Agent.start) or start one with the current files."""
+        self.paths.update({n: p for n, p in current.items() if n in self.certificates()})
+        if await self._answers():
+            client_paths = self.paths.get(self.config.client_certificate or "")
+            if client_paths is not None:
+                with contextlib.suppress(ReloadFailed):
+                    await self.reload(self.config.client_certificate or "", client_paths)
+        elif self.config.supervise and self.config.certificate in self.paths:
+            await self._spawn()
 
-    async def _spawn(self, paths: GenerationPaths) -> None:
+    async def _spawn(self) -> None:
+        paths = self.paths[self.config.certificate]
         assert self.config.address is not None and paths.key is not None
         host, port = self.config.address
         args = [
@@ -168,8 +400,11 @@ class RedisService(Service):
             "--tls-port", str(port),
             "--tls-cert-file", str(paths.cert),
             "--tls-key-file", str(paths.key),
-            "--tls-ca-cert-file", str(self.ca_file),
-            "--tls-auth-clients", "optional",
+            "--tls-ca-cert-file", str(self.bundle or self.ca_file),
+            "--tls-auth-clients", "yes",
+            "--tls-replication", "yes",
+            # A replica that (re)starts needs a full sync: start it at once, not after 5 s.
+            "--repl-diskless-sync-delay", "0",
             "--unixsocket", str(self.socket),
             "--unixsocketperm", "700",
             "--save", "",
@@ -178,6 +413,21 @@ class RedisService(Service):
             "--pidfile", str(self.data_dir / "redis.pid"),
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
+        client = self.paths.get(self.config.client_certificate or "")
+        if client is not None and client.key is not None:
+            args += ["--tls-client-cert-file", str(client.cert)]
+            args += ["--tls-client-key-file", str(client.key)]
+        if self.config.replicaof is not None:
+            args += ["--replicaof", self.config.replicaof[0], str(self.config.replicaof[1])]
+        if self.config.cluster_port is not None:
+            args += [
+                "--cluster-enabled", "yes",
+                "--tls-cluster", "yes",
+                "--cluster-port", str(self.config.cluster_port),
+                "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+                # DEBUG CLUSTERLINK KILL proves the bus links (local connections only).
+                "--enable-debug-command", "local",
+            ]  # fmt: skip
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         for _ in range(200):
             if await self._answers():

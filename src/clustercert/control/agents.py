@@ -1,7 +1,8 @@
 """The control plane's client for node agents: mutual TLS, kept-alive connections, one per node.
 
-httpx errors never leave this module: they become :class:`AgentUnavailable` naming the node,
-the step and the cause; so does an answer that is not the expected
+The calls go over :mod:`.http1` (kept-alive HTTP/1.1 on the event loop's TLS). Its errors never
+leave this module: they become :class:`AgentUnavailable` naming the node, the step and the
+cause; so does an answer that is not the expected
 :mod:`clustercert.internode` message. The coordinator and the reconciler depend only on the
 :class:`Agents` and :class:`NodeAgent` protocols, which :class:`AgentPool` implements over HTTPS
 (and an in-process fake implements in tests).
@@ -9,13 +10,14 @@ the step and the cause; so does an answer that is not the expected
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import httpx
-
+from clustercert.control.http1 import Connections, ProtocolError
 from clustercert.control.state import NodeRecord
 from clustercert.errors import AgentUnavailable
 from clustercert.internode import (
@@ -27,6 +29,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
 )
 
 __all__ = ["AgentClient", "AgentPool", "Agents", "NodeAgent", "internode_client_context"]
@@ -40,6 +44,12 @@ class NodeAgent(Protocol):
 
     async def status(self, probe: bool = False) -> StatusAnswer: ...
 
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        """The node's status after about ``wait`` seconds, sooner if its agent is not the
+        incarnation ``boot_id`` (a long-poll). Raises AgentUnavailable when the agent stops or
+        the connection drops meanwhile."""
+        ...
+
     async def stage(
         self, name: str, generation: int, certificate: str, key: str | None
     ) -> None: ...
@@ -49,6 +59,8 @@ class NodeAgent(Protocol):
     async def abort(self, name: str, generation: int) -> None: ...
 
     async def remove(self, name: str) -> None: ...
+
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer | None: ...
 
 
 class Agents(Protocol):
@@ -69,18 +81,22 @@ def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> 
     return ctx
 
 
+class _NoSuchCall(AgentUnavailable):
+    """The agent answered 404: it does not know the call (an older agent)."""
+
+
 class AgentClient:
-    def __init__(self, node: NodeRecord, context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(
+        self,
+        node: NodeRecord,
+        context: ssl.SSLContext,
+        timeout: float,
+        on_unavailable: Callable[[int], None] | None = None,
+    ) -> None:
         self.node = node
         self.timeout = timeout
-        # The transport alone (httpx's public transport API): the client layers above it
-        # (cookies, auth, redirects, event hooks) cost a third of the control plane's CPU
-        # per call and serve no purpose between control plane and agents.
-        self._transport = httpx.AsyncHTTPTransport(
-            verify=context,
-            limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60),
-        )
-        self._timeouts = httpx.Timeout(timeout).as_dict()
+        self._on_unavailable = on_unavailable
+        self._connections = Connections(node.agent_url, context, keepalive_expiry=60)
 
     async def _call(
         self,
@@ -89,33 +105,49 @@ class AgentClient:
         path: str,
         parse: Callable[[object], Answer],
         body: dict[str, Any] | None = None,
+        wait: float = 0.0,
     ) -> Answer:
-        request = httpx.Request(
-            method, self.node.agent_url + path, json=body, extensions={"timeout": self._timeouts}
-        )
+        """One call; ``wait``: seconds the agent may hold the answer back (a watch), on top of
+        the usual timeout. Any failure is reported to ``on_unavailable`` before it is raised."""
         try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException as exc:
+            return await self._exchange(step, method, path, parse, body, wait)
+        except AgentUnavailable:
+            if self._on_unavailable is not None:
+                self._on_unavailable(self.node.node_id)
+            raise
+
+    async def _exchange(
+        self,
+        step: str,
+        method: str,
+        path: str,
+        parse: Callable[[object], Answer],
+        body: dict[str, Any] | None,
+        wait: float,
+    ) -> Answer:
+        data = json.dumps(body).encode() if body is not None else b""
+        try:
+            response = await self._connections.request(
+                method, path, data, connect_timeout=self.timeout, read_timeout=self.timeout + wait
+            )
+        except TimeoutError as exc:
             raise AgentUnavailable(
                 f"{self.node.name} ({self.node.agent_url}) did not answer {step} within "
                 f"{self.timeout} s"
             ) from exc
-        except httpx.HTTPError as exc:
+        except (OSError, EOFError, ValueError, ProtocolError, asyncio.LimitOverrunError) as exc:
             raise AgentUnavailable(
                 f"{self.node.name} ({self.node.agent_url}) unreachable during {step}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         try:
-            answer: object = response.json()
+            answer: object = json.loads(response.body)
         except ValueError:
-            answer = {"error": response.text[:200]}
-        if response.status_code != 200:
+            answer = {"error": response.body[:200].decode(errors="replace")}
+        if response.status != 200:
             error = answer.get("error") if isinstance(answer, dict) else None
-            raise AgentUnavailable(f"{self.node.name} refused {step}: {error or answer}")
+            refused = _NoSuchCall if response.status == 404 else AgentUnavailable
+            raise refused(f"{self.node.name} refused {step}: {error or answer}")
         try:
             return parse(answer)
         except MessageError as exc:
@@ -127,6 +159,12 @@ class AgentClient:
             "GET",
             f"/internal/status?probe={str(probe).lower()}",
             StatusAnswer.from_json,
+        )
+
+    async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
+        query = f"wait={wait:.1f}" + (f"&boot={boot_id}" if boot_id else "")
+        return await self._call(
+            "watch", "GET", f"/internal/status?{query}", StatusAnswer.from_json, wait=wait
         )
 
     async def stage(self, name: str, generation: int, certificate: str, key: str | None) -> None:
@@ -162,16 +200,40 @@ class AgentClient:
             RemoveAnswer.from_json,
         )
 
+    async def trust(self, roots: Sequence[str]) -> TrustAnswer | None:
+        """Pin ``roots``; None from an agent that keeps no trust bundles (an older one, which
+        answers 404: its redis trusts what it was configured with)."""
+        try:
+            return await self._call(
+                "trust",
+                "PUT",
+                "/internal/trust",
+                TrustAnswer.from_json,
+                TrustRequest(tuple(roots)).to_json(),
+            )
+        except _NoSuchCall:
+            return None
+
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._connections.aclose()
 
 
 class AgentPool:
-    """One :class:`AgentClient` per node, reused across rollouts (keep-alive)."""
+    """One :class:`AgentClient` per node, reused across rollouts (keep-alive).
 
-    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
+    ``on_unavailable(node_id)`` is told of every call that fails (unreachable, refused, a
+    malformed answer), whoever made it: the reconciler then no longer takes that node to be
+    in sync (docs/decisions.md, "Node status without polling")."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        timeout: float,
+        on_unavailable: Callable[[int], None] | None = None,
+    ) -> None:
         self.context = context
         self.timeout = timeout
+        self.on_unavailable = on_unavailable
         self._clients: dict[int, AgentClient] = {}
 
     async def client(self, node: NodeRecord) -> AgentClient:
@@ -180,7 +242,7 @@ class AgentPool:
             return existing
         if existing is not None:
             await existing.aclose()
-        client = AgentClient(node, self.context, self.timeout)
+        client = AgentClient(node, self.context, self.timeout, self._unavailable)
         self._clients[node.node_id] = client
         return client
 
@@ -189,6 +251,10 @@ class AgentPool:
         client = self._clients.pop(node_id, None)
         if client is not None:
             await client.aclose()
+
+    def _unavailable(self, node_id: int) -> None:
+        if self.on_unavailable is not None:
+            self.on_unavailable(node_id)
 
     async def aclose(self) -> None:
         for client in self._clients.values():

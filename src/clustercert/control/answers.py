@@ -55,6 +55,10 @@ class ErrorBody(_Answer):
     message: str
     errors: list[dict[str, Any]] | None = None
     nodes: list[dict[str, Any]] | None = None
+    # nodes_not_updated only: where the rollout stopped (stage, commit, remove) and whether the
+    # request took effect (docs/api.md).
+    step: str | None = None
+    changed: bool | None = None
 
 
 class NodeOutcomeBody(_Answer):
@@ -158,6 +162,7 @@ class JoinAnswer(_Answer):
     node_id: int
     certificate: str
     ca_certificate: str
+    cluster_name: str
 
 
 class UserBody(_Answer):

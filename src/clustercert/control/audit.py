@@ -15,12 +15,20 @@ from typing import Any
 
 from clustercert.clock import iso
 
-__all__ = ["AuditEvent", "CertificateEvent", "NodeEvent", "UserEvent"]
+__all__ = [
+    "AuditEvent",
+    "CertificateEvent",
+    "NodeEvent",
+    "SettingsEvent",
+    "TrustEvent",
+    "UserEvent",
+]
 
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """What every event has: when (UTC), who (an e-mail, ``node:NAME`` or ``init``), what."""
+    """What every event has: when (UTC), who (an e-mail, ``node:NAME``, ``init`` or
+    ``rotation-job``), what."""
 
     at: dt.datetime
     who: str
@@ -57,6 +65,20 @@ class CertificateEvent(AuditEvent):
 
 
 @dataclass(frozen=True)
+class TrustEvent(AuditEvent):
+    """Roots the redis trust bundles must hold changed: pinned on every node before a rollout
+    staged a certificate chaining to them (``trust``), or unpinned once nothing chains to them
+    (``retire``). ``roots``: their SHA-256 fingerprints; ``nodes``: each node's outcome."""
+
+    roots: Sequence[str] = field(default_factory=tuple)
+    nodes: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "roots": list(self.roots),
+                "nodes": [dict(n) for n in self.nodes]}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class NodeEvent(AuditEvent):
     """A node joined (``join``) or was removed by an operator (``remove``)."""
 
@@ -79,3 +101,17 @@ class UserEvent(AuditEvent):
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "uid": self.uid, "email": self.email, "role": self.role,
                 "auth_method": self.auth_method}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SettingsEvent(AuditEvent):
+    """The cluster settings changed (``settings``): each changed key's dotted path with its old
+    and new value (a webhook URL is shown without its query string, which may hold a secret)."""
+
+    changes: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **super().to_json(),
+            "changes": {k: {"old": old, "new": new} for k, (old, new) in self.changes.items()},
+        }

@@ -7,9 +7,11 @@ for a short while (keyed by an HMAC of the credentials, never the password itsel
 scrypt's deliberate cost is paid once per client, not per request.
 
 Failed logins are logged (never the password) and throttled by :class:`LoginThrottle`: per
-account and per source address, a few failures are free, then every further attempt must wait
-an exponentially growing delay; attempts made too early are refused without checking the
-password, which also keeps scrypt from being turned into a CPU-exhaustion lever.
+(source address, account) and per source address, a few failures are free, then every further
+attempt must wait an exponentially growing delay; attempts made too early are refused without
+checking the password, which also keeps scrypt from being turned into a CPU-exhaustion lever.
+Failures of one account from all sources together only hold back wrong answers: an outsider's
+guessing never makes the real user's correct password fail.
 
 Client-certificate login (``auth_method: "certificate"``) is on once ``mtls_trusted_ca`` is set:
 the TLS handshake proves the client holds the certificate's key; :meth:`Authenticator.
@@ -127,14 +129,25 @@ class _Failures:
 
 
 class LoginThrottle:
-    """Failed-login bookkeeping per account and per source address (thread-safe).
+    """Failed-login bookkeeping (thread-safe), built so that an outsider's guessing can slow
+    itself down but never lock the real user out.
 
-    Within ``window`` seconds of the last failure, the first ``free_*`` failures cost nothing;
-    after that each attempt must come at least ``base_delay * 2**(failures - free)`` seconds
-    (at most ``max_delay``) after the last failure. Refused attempts do not count as failures.
-    A success clears the account's record. Unknown accounts are tracked exactly like known
-    ones, so the throttle tells nothing about which exist. At most ``max_entries`` records are
-    kept (oldest dropped first), so arbitrary account names cannot exhaust memory.
+    Three counters, each forgetting ``window`` seconds after its last failure:
+
+    - per (source address, account): the first ``free_per_account`` failures are free, then
+      each attempt must come at least ``base_delay * 2**(failures - free)`` seconds (at most
+      ``max_delay``) after the last failure, or it is refused without a check;
+    - per source address, over all accounts (password spraying): the same after
+      ``free_per_source`` failures;
+    - per account, over all sources (distributed guessing): after ``free_account_wide``
+      failures the same schedule gives :meth:`account_wait`. It never refuses an attempt — the
+      password is checked and a correct one logs in — but a *wrong* answer is held back for
+      that long, so other sources' failures can only slow other failures.
+
+    Refused attempts do not count as failures. A success clears the (source, account) record.
+    Unknown accounts are tracked exactly like known ones, so the throttle tells nothing about
+    which exist. At most ``max_entries`` records are kept (oldest dropped first), so arbitrary
+    account names and addresses cannot exhaust memory.
     """
 
     def __init__(
@@ -142,51 +155,62 @@ class LoginThrottle:
         *,
         free_per_account: int = 5,
         free_per_source: int = 100,
+        free_account_wide: int = 20,
         base_delay: float = 1.0,
         max_delay: float = 60.0,
         window: float = 900.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._free = {"account": free_per_account, "source": free_per_source}
+        self._free = {
+            "pair": free_per_account, "source": free_per_source, "account": free_account_wide
+        }  # fmt: skip
         self._base_delay = base_delay
         self._max_delay = max_delay
         self._window = window
         self._max_entries = max_entries
         self._clock = clock
-        self._records: dict[tuple[str, str], _Failures] = {}
+        self._records: dict[tuple[str, ...], _Failures] = {}
         self._lock = threading.Lock()
 
-    def _keys(self, email: str, source: str) -> list[tuple[str, str]]:
-        return [("account", email.lower()), ("source", source)]
+    @staticmethod
+    def _keys(email: str, source: str) -> list[tuple[str, ...]]:
+        account = email.lower()
+        return [("pair", source, account), ("source", source), ("account", account)]
 
-    def _live(self, key: tuple[str, str], now: float) -> _Failures | None:
+    def _live(self, key: tuple[str, ...], now: float) -> _Failures | None:
         record = self._records.get(key)
         if record is not None and now - record.last > self._window:
             del self._records[key]
             return None
         return record
 
-    def _delay(self, kind: str, count: int) -> float:
-        over = count - self._free[kind]
-        if over < 0:
-            return 0.0
-        return float(min(self._base_delay * 2 ** min(over, 30), self._max_delay))
-
-    def wait_seconds(self, email: str, source: str) -> float:
-        """How long the caller must still wait before this attempt may be checked (0: now)."""
+    def _wait(self, keys: list[tuple[str, ...]]) -> float:
         now = self._clock()
         wait = 0.0
         with self._lock:
-            for key in self._keys(email, source):
+            for key in keys:
                 record = self._live(key, now)
-                if record is not None:
-                    ready = record.last + self._delay(key[0], record.count)
-                    wait = max(wait, ready - now)
+                if record is None:
+                    continue
+                over = record.count - self._free[key[0]]
+                if over >= 0:
+                    delay = min(self._base_delay * 2 ** min(over, 30), self._max_delay)
+                    wait = max(wait, record.last + delay - now)
         return wait
 
+    def wait_seconds(self, email: str, source: str) -> float:
+        """How long this source must still wait before its attempt on this account may be
+        checked (0: now). Other sources' failures never count here."""
+        return self._wait(self._keys(email, source)[:2])
+
+    def account_wait(self, email: str) -> float:
+        """How long a wrong password for this account is held back (0: not at all), from the
+        failures of all sources together."""
+        return self._wait(self._keys(email, "")[2:])
+
     def failed(self, email: str, source: str) -> int:
-        """Record a failure; return the account's failure count within the window."""
+        """Record a failure; return this source's failure count on this account."""
         now = self._clock()
         with self._lock:
             counts = []
@@ -203,12 +227,12 @@ class LoginThrottle:
             return counts[0]
 
     def __len__(self) -> int:
-        """How many accounts and sources are being tracked."""
+        """How many records (source-account pairs, sources, accounts) are being tracked."""
         return len(self._records)
 
-    def succeeded(self, email: str) -> None:
+    def succeeded(self, email: str, source: str) -> None:
         with self._lock:
-            self._records.pop(("account", email.lower()), None)
+            self._records.pop(self._keys(email, source)[0], None)
 
 
 def client_certificate(scope: Mapping[str, Any]) -> x509.Certificate | None:
@@ -244,11 +268,14 @@ class Authenticator:
         cache_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], dt.datetime] = utc_now,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._find_user = find_user
+        self._sleep = sleep
         self._find_certificate_user = find_certificate_user
         self._trusted_client_cas = trusted_client_cas
-        self.throttle = throttle or LoginThrottle(clock=clock)
+        # Not `throttle or ...`: an empty throttle has len() 0, so it is falsy.
+        self.throttle = throttle if throttle is not None else LoginThrottle(clock=clock)
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._wall_clock = wall_clock
@@ -304,22 +331,30 @@ class Authenticator:
                 "(%.0f s to wait)", ascii(email[:128]), source, wait,
             )  # fmt: skip
             raise Unauthorized(
-                f"too many failed logins for this user or from this address; try again in "
-                f"{max(1, round(wait))} s"
+                f"too many failed logins from this address; try again in {max(1, round(wait))} s"
             )
         # scrypt is deliberately slow (tens of ms): never on the event loop.
         ok = await asyncio.to_thread(
             verify_password, password, user.password_hash if user else _DUMMY_HASH
         )
         if user is None or not ok:
+            held = self.throttle.account_wait(email)
             failures = self.throttle.failed(email, source)
             log.warning(
-                "failed login for %s from %s (%d failures in a row)",
+                "failed login for %s from %s (%d failures in a row from there)",
                 ascii(email[:128]), source, failures,
             )  # fmt: skip
+            if held > 0:
+                # Many sources are guessing this account: slow the wrong answers down. A right
+                # password never waits here, so this cannot lock the real user out.
+                log.warning(
+                    "failed logins for %s from many sources: wrong answers held back %.0f s",
+                    ascii(email[:128]), held,
+                )  # fmt: skip
+                await self._sleep(held)
             # One message for unknown users and wrong passwords: no enumeration.
             raise Unauthorized("wrong username or password")
-        self.throttle.succeeded(email)
+        self.throttle.succeeded(email, source)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()

@@ -19,8 +19,8 @@ log = logging.getLogger("clustercert.rollout")
 Seam = Callable[[str, str], Awaitable[None]]  # (step, the node it happened on or "")
 
 FAULT_ENV = "CLUSTERCERT_FAULT"
-FAULT_STEPS = ("after_validation", "during_stage", "after_decision", "during_commit",
-               "before_response")  # fmt: skip
+FAULT_STEPS = ("after_validation", "after_trust", "during_stage", "after_decision",
+               "during_commit", "before_response")  # fmt: skip
 
 
 class FaultPlan:
@@ -31,9 +31,11 @@ class FaultPlan:
     reaches it create ``<marker_dir>/fault-paused-<step>`` (two lines: the control plane's pid
     and the node the step happened on, if any) and wait (at most ``pause_limit`` seconds) until
     that file is deleted, so a test can act on the nodes at that exact moment.
-    Steps: after_validation (lock taken, nothing written), during_stage (the first node has
-    staged), after_decision, during_commit (the first node has committed), before_response
-    (everything done, lock released). The reconciler never reaches a seam.
+    Steps: after_validation (lock taken, nothing written), after_trust (a new root is pinned
+    on every node, not yet recorded; only rollouts with a trust phase reach it), during_stage
+    (the first node has staged), after_decision, during_commit (the first node has
+    committed), before_response (everything done, lock released). The reconciler never
+    reaches a seam.
     """
 
     def __init__(

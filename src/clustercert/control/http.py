@@ -113,9 +113,20 @@ async def read_json(request: Request) -> Any:
         if len(body) > MAX_BODY:
             raise PayloadTooLarge(f"the body exceeds the limit of {MAX_BODY} bytes (1 MiB)")
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:
         raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different. Duplicates are refused rather than "last one
+    wins": two parsers (a proxy, an auditor, this one) could otherwise read different bodies."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in an object")
+        seen[key] = value
+    return seen
 
 
 def parse_model(model: type[_M], data: Any) -> _M:

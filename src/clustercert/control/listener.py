@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import ssl
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from clustercert.errors import BadRequest, ClusterCertError, InvalidJSON
+from clustercert.tls import expose_peer_certificate
 
 __all__ = ["ListenerLimits", "RequestLimits", "RequestTimeout", "api_protocol", "json_too_deep"]
 
@@ -142,22 +142,6 @@ class RequestLimits:
         await self.app(scope, limited_receive, send)
 
 
-def _tls_extension(transport: asyncio.Transport) -> dict[str, Any] | None:
-    ssl_object = transport.get_extra_info("ssl_object")
-    if not isinstance(ssl_object, ssl.SSLObject):
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
-    return {
-        "server_cert": None,
-        "client_cert_chain": chain,
-        "client_cert_name": None,
-        "client_cert_error": None,
-        "tls_version": None,
-        "cipher_suite": None,
-    }
-
-
 def api_protocol(limits: ListenerLimits) -> type[H11Protocol]:
     """An h11 protocol class for uvicorn (``uvicorn.Config(http=...)``) enforcing ``limits``."""
 
@@ -167,15 +151,7 @@ def api_protocol(limits: ListenerLimits) -> type[H11Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            tls = _tls_extension(transport)
-            if tls is not None:
-                app = self.app
-
-                async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
-                    scope.setdefault("extensions", {})["tls"] = tls
-                    await app(scope, receive, send)
-
-                self.app = with_tls
+            expose_peer_certificate(self, transport)
             self._arm_head_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:

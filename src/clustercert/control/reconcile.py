@@ -1,13 +1,26 @@
-"""The reconciler: a loop that brings every node to the desired generation of every certificate.
+"""The reconciler: brings every node to the desired generation of every certificate, and learns
+a node's state when it changes instead of asking every node every second.
 
-Each pass first finishes a rollout left in flight by a control plane that stopped half-way
-(:meth:`Coordinator.resolve_in_flight`: abort if undecided, roll forward if decided), then asks
-every node what it holds, discards what nobody desires, and pushes (stage + commit) what is
-missing or was not verified. It takes the cluster lock without waiting, so it never races a
-rollout; a node that keeps failing is retried with exponential backoff (capped by
-``max_backoff``), except that a node whose agent did not even accept connections is probed
-(a bare TCP connect) on every pass and retried as soon as it listens again. The first pass
-runs as soon as the control plane starts: that is its crash recovery. One log line per change.
+A pass first finishes a rollout left in flight by a control plane that stopped half-way
+(:meth:`Coordinator.resolve_in_flight`: abort if undecided, roll forward if decided), then visits
+the nodes **not known to be in sync**: asks what each holds, discards what nobody desires, and
+pushes (stage + commit) what is missing or was not verified. It takes the cluster lock without
+waiting, so it never races a rollout; a node that keeps failing is retried with exponential
+backoff (capped by ``max_backoff``), except that a node whose agent did not even accept
+connections is probed (a bare TCP connect) on every pass and retried as soon as it listens
+again. The first pass visits every node as soon as the control plane starts: that is its crash
+recovery. One log line per change.
+
+A node a pass found holding the desired state is *known in sync*, and is then watched instead of
+polled (docs/decisions.md, "Node status without polling"): the control plane keeps one status
+request open on it (a long-poll, :meth:`NodeAgent.watch`), which the agent answers after about
+``resync`` seconds, at once if it is a new incarnation (its boot id changed), or with an error
+when it stops; a dead agent or host drops the connection (the kernel's TCP keepalive finds a
+silent one). A watch that fails or answers something other than the desired state, a failed
+internode call to the node (e.g. during a rollout, see :attr:`AgentPool.on_unavailable`), a new
+desired certificate the node has not proved, or a new join puts the node back among those the
+passes visit. With every node known in sync and no rollout left in flight, a pass costs three
+small store reads and takes no lock.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -37,6 +51,7 @@ class Reconciler:
         *,
         interval: float = 1.0,
         max_backoff: float = 10.0,
+        resync: float = 120.0,
         clock: Callable[[], float] | None = None,
         health: NodeHealth | None = None,
     ) -> None:
@@ -46,10 +61,18 @@ class Reconciler:
         self.state = coordinator.state
         self.interval = interval
         self.max_backoff = max_backoff
+        self.resync = resync
         self._clock = clock
         self._retry_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
         self._gone: set[int] = set()  # in backoff, and nothing listened at the last probe
+        # What the event-driven status knows (see the module docstring):
+        self._in_sync: dict[int, str | None] = {}  # node -> boot id of the agent that proved it
+        self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._nodes: dict[int, NodeRecord] = {}
+        self._membership_seen: int | None = None  # store revision the node list was read at
+        self._desired: list[CertRecord] = []
+        self._desired_seen: tuple[tuple[str, int], ...] | None = None
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -100,36 +123,51 @@ class Reconciler:
             log.debug("reconcile: %s", exc.description)
 
     async def reconcile_node(
-        self, node: NodeRecord, desired: Sequence[CertRecord], applied: dict[str, AppliedRecord]
-    ) -> bool:
-        """One node, one pass: True when it holds everything ``desired`` afterwards
-        (``applied``: what it last proved)."""
+        self,
+        node: NodeRecord,
+        desired: Sequence[CertRecord],
+        applied: dict[str, AppliedRecord],
+    ) -> StatusAnswer | None:
+        """One node, one pass: the status it answered when it holds everything ``desired``
+        afterwards (``applied``: what it last proved), else None."""
         client = await self.coordinator.pool.client(node)
         try:
             status = await client.status()
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
             self.health.failed(node.node_id, exc.description)
-            return False
+            return None
         self.health.answered(node.node_id)
         await self._tidy(node, status, desired)
+        trust = self.coordinator.trust
+        if trust is not None and not await trust.sync(node, status):
+            return None  # a certificate could need a root the node does not pin yet
         missing = self._missing(status, applied, desired)
         if not missing:
-            return True
+            return status
         outcome = await self.coordinator.push(node, missing)
         names = ", ".join(f"{r.name}@{r.generation}" for r in missing)
         if outcome.ok:
             log.info("reconcile: %s now serves %s", node.name, names)
         else:
             log.warning("reconcile: %s did not take %s: %s", node.name, names, outcome.error)
-        return outcome.ok
+        return status if outcome.ok else None
 
     async def run_once(self) -> bool:
-        """One pass over every node due for it; True when every node is in sync. False at once
-        when a rollout holds the lock (it does this work itself)."""
+        """One pass over every node due for it; True when every node is known in sync. False
+        at once when a rollout holds the lock (it does this work itself). Takes no lock and
+        asks no node when every node is known in sync and no rollout is left in flight."""
+        await self._follow_membership()
+        # A rollout in flight has decided new generations but may not have recorded every
+        # node's proof yet: compare proofs with the desired state only when none is.
+        if await self.state.rollout_in_flight() is None:
+            await self._follow_desired()
+            if self._nodes.keys() <= self._in_sync.keys():
+                return True
         try:
             async with cluster_lock(self.state, 0.0, role="reconciler"):
                 await self.coordinator.resolve_in_flight()
+                await self._follow_desired()
                 return await self._pass()
         except UpdateInProgress:
             return False
@@ -167,7 +205,7 @@ class Reconciler:
 
     async def _pass(self) -> bool:
         now = self._now()
-        nodes = await self.state.nodes()
+        nodes = [n for n in self._nodes.values() if n.node_id not in self._in_sync]
         await self._wake_returned(nodes, now)
         due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
         # Read (and unseal) the desired certificates once per pass, not twice per node.
@@ -176,17 +214,23 @@ class Reconciler:
         results = await asyncio.gather(
             *(self.reconcile_node(n, desired, applied.get(n.node_id, {})) for n in due)
         )
-        for node, ok in zip(due, results, strict=True):
-            if ok:
+        for node, status in zip(due, results, strict=True):
+            if status is not None:
                 self._failures.pop(node.node_id, None)
                 self._retry_at.pop(node.node_id, None)
                 self._gone.discard(node.node_id)
+                self._watch(node, status.boot_id)
             else:
                 failures = self._failures.get(node.node_id, 0) + 1
                 self._failures[node.node_id] = failures
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
                 self._retry_at[node.node_id] = now + delay
-        return len(due) == len(nodes) and all(results)
+        in_sync = len(due) == len(nodes) and all(s is not None for s in results)
+        if in_sync and self.coordinator.trust is not None:
+            # Phase c of a rollout that could not retire (a node lagged), now that all caught up.
+            everyone = list(self._nodes.values())
+            await self.coordinator.trust.retire(everyone, desired if due else None)
+        return in_sync
 
     async def forget(self, node_id: int) -> None:
         """The node left the cluster: drop its backoff, health and kept-alive connection."""
@@ -197,18 +241,127 @@ class Reconciler:
         await self.coordinator.pool.forget(node_id)
 
     def wake(self, node_id: int) -> None:
-        """Retry ``node_id`` on the next pass (e.g. it just joined)."""
+        """Visit ``node_id`` on the next pass (e.g. it just joined, or joined again)."""
         self._retry_at.pop(node_id, None)
         self._failures.pop(node_id, None)
+        self._membership_seen = None  # its record may be new or have a new URL
+        self.suspect(node_id)
 
     async def run_forever(self) -> None:
         """Pass after pass, ``interval`` apart, the first one at once. Never stops on an error:
-        a pass that fails is logged and the next one tries again."""
-        while True:
-            try:
-                await self.run_once()
-            except ClusterCertError as exc:
-                log.warning("reconcile pass failed: %s", exc.description)
-            except Exception:
-                log.exception("reconcile pass failed unexpectedly")
-            await asyncio.sleep(self.interval)
+        a pass that fails is logged and the next one tries again. Cancelling it stops the
+        watches too."""
+        try:
+            while True:
+                try:
+                    await self.run_once()
+                except ClusterCertError as exc:
+                    log.warning("reconcile pass failed: %s", exc.description)
+                except Exception:
+                    log.exception("reconcile pass failed unexpectedly")
+                await asyncio.sleep(self.interval)
+        finally:
+            await self.stop_watching()
+
+    # --- event-driven status: who is known in sync, and the watches that keep it known --------
+
+    def suspect(self, node_id: int) -> None:
+        """``node_id`` is no longer known to be in sync (a call to it failed, its watch ended,
+        it joined again): the next pass visits it. Cheap, and safe to call for any id."""
+        self._in_sync.pop(node_id, None)
+        watcher = self._watchers.pop(node_id, None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+
+    def known_in_sync(self) -> frozenset[int]:
+        """The nodes whose state the control plane knows without asking (they are watched)."""
+        return frozenset(self._in_sync)
+
+    async def _follow_membership(self) -> None:
+        """Re-read the node list only when the store says it may have changed (a node id was
+        handed out) or :meth:`wake` asked: one small read per pass, not N."""
+        revision = await self.state.membership_revision()
+        if revision == self._membership_seen:
+            return
+        self._membership_seen = revision
+        nodes = {n.node_id: n for n in await self.state.nodes()}
+        for node_id, node in self._nodes.items():
+            if nodes.get(node_id) != node:
+                self.suspect(node_id)  # removed, or its URL changed
+        self._nodes = nodes
+
+    async def _follow_desired(self) -> None:
+        """When the desired certificates change (a rollout, a delete, another control plane),
+        every node whose recorded proof does not match them is visited again: one read of the
+        proofs, no call to any node. Nodes that proved them stay known in sync."""
+        seen = await self.state.desired_revisions()
+        if seen == self._desired_seen:
+            return
+        self._desired_seen = seen
+        self._desired = await self.state.certificates()
+        applied = await self.state.applied_by_node()
+        for node_id in list(self._in_sync):
+            proofs = applied.get(node_id, {})
+            for record in self._desired:
+                proof = proofs.get(record.name)
+                if proof is None or not proof.ok or proof.generation != record.generation:
+                    self.suspect(node_id)
+                    break
+
+    def _holds_desired(self, status: StatusAnswer) -> bool:
+        """Whether a watched node's answer is exactly the desired state: every desired name at
+        its generation and fingerprint, nothing undesired, nothing staged beyond it."""
+        desired = {r.name: r for r in self._desired}
+        if status.certificates.keys() != desired.keys():
+            return False
+        for name, entry in status.certificates.items():
+            record = desired[name]
+            if (
+                entry.generation != record.generation
+                or entry.fingerprint != record.fingerprint
+                or any(g > record.generation for g in entry.staged)
+            ):
+                return False
+        return True
+
+    def _watch(self, node: NodeRecord, boot_id: str | None) -> None:
+        self._in_sync[node.node_id] = boot_id
+        if node.node_id not in self._watchers:
+            self._watchers[node.node_id] = asyncio.create_task(
+                self._watching(node), name=f"watch {node.name}"
+            )
+
+    async def _watching(self, node: NodeRecord) -> None:
+        """Hold a status long-poll on a node known in sync until something says it may not be.
+        Each wait is ``resync`` seconds less up to half, at random, so a fleet that came up
+        together does not answer together."""
+        client = await self.coordinator.pool.client(node)
+        try:
+            while node.node_id in self._in_sync:
+                boot_id = self._in_sync[node.node_id]
+                wait = self.resync * (1 - random.random() / 2)
+                try:
+                    status = await client.watch(boot_id, wait)
+                except AgentUnavailable as exc:
+                    log.info("reconcile: lost %s (%s); visiting it", node.name, exc.description)
+                    break
+                if status.boot_id != boot_id:
+                    log.info("reconcile: %s restarted; visiting it", node.name)
+                    break
+                if not self._holds_desired(status):
+                    log.info("reconcile: %s holds other than the desired state", node.name)
+                    break
+                if boot_id is None:
+                    await asyncio.sleep(wait)  # an agent too old to hold a watch: poll it slowly
+        finally:
+            if self._watchers.get(node.node_id) is asyncio.current_task():
+                del self._watchers[node.node_id]
+                self._in_sync.pop(node.node_id, None)
+
+    async def stop_watching(self) -> None:
+        watchers = list(self._watchers.values())
+        self._watchers.clear()
+        self._in_sync.clear()
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)

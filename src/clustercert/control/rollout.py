@@ -12,10 +12,16 @@ cluster lock next (the reconciler's first pass after a restart, or the next upda
 leftover record and finishes it: :meth:`Coordinator.resolve_in_flight` aborts an undecided
 rollout on every node and rolls a decided one forward.
 
-Read top to bottom: the entry points, then the protocol in its order (plan, stage or abort,
-decide, commit, verify, record), then catching up (a retry, a roll-forward). The lock is
-:mod:`clustercert.control.lock`, the test-only fault seam :mod:`clustercert.control.faults`,
-the messages exchanged with the agents :mod:`clustercert.internode`.
+A certificate whose root some node does not trust yet adds two phases around these
+(DESIGN §13, :mod:`clustercert.control.trust`): before staging, the root is pinned in every
+node's trust bundle and proven (record phase ``trusting``); after every node committed, roots
+nothing chains to any more are retired.
+
+Read top to bottom: the entry points, then the protocol in its order (plan, trust, stage or
+abort, decide, commit, verify, record, retire), then catching up (a retry, a roll-forward).
+The lock is :mod:`clustercert.control.lock`, the test-only fault seam
+:mod:`clustercert.control.faults`, the messages exchanged with the agents
+:mod:`clustercert.internode`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
 
@@ -43,7 +49,14 @@ from clustercert.control.state import (
     RolloutRecord,
     proves,
 )
-from clustercert.errors import AgentUnavailable, NodesNotUpdated, StoreConflict, UpdateInProgress
+from clustercert.control.trust import TrustKeeper
+from clustercert.errors import (
+    AgentUnavailable,
+    GenerationMismatch,
+    NodesNotUpdated,
+    StoreConflict,
+    UpdateInProgress,
+)
 from clustercert.internode import CommitAnswer, ServiceProof
 
 # NodeOutcome is re-exported for the API module, which imports it from here.
@@ -66,9 +79,11 @@ class Coordinator:
         clock: Callable[[], dt.datetime] = utc_now,
         on_committed: Callable[[Sequence[CertRecord]], None] = lambda records: None,
         fault: FaultPlan | None = None,
+        trust: TrustKeeper | None = None,
     ) -> None:
         self.state = state
         self.pool = pool
+        self.trust = trust  # None: no trust phases (no redis trust bundles to keep)
         self.lock_wait = lock_wait
         self.clock = clock
         self.on_committed = on_committed
@@ -82,8 +97,18 @@ class Coordinator:
 
     # --- the entry points -----------------------------------------------------------------
 
-    async def roll_out(self, proposed: Sequence[CertRecord], actor: str) -> list[NodeOutcome]:
+    async def roll_out(
+        self,
+        proposed: Sequence[CertRecord],
+        actor: str,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[NodeOutcome]:
         """Make ``proposed`` (generation ignored) the certificates of every node.
+
+        ``expected`` (name -> generation the caller read; 0: not set) makes it conditional:
+        GenerationMismatch (409) when a name's desired generation moved, checked under the lock
+        before anything is staged. Proposing what is already desired is never a mismatch (a
+        retry of the caller's own update).
 
         Returns each node's outcome when every node serves them; raises NodesNotUpdated (409)
         when some node did not stage (nothing changed) or did not commit (the reconciler goes
@@ -97,6 +122,7 @@ class Coordinator:
             await seam("after_validation", "")
             nodes = await self.state.nodes()
             fresh, resumed, current = await self._plan(proposed)
+            _check_expected(fresh, current, expected or {})
             self.progress = Progress([r.name for r in proposed], {n.name: "waiting" for n in nodes})
             try:
                 if fresh:
@@ -112,6 +138,7 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{len(failed)} of {len(nodes)} nodes did not switch ({names}); the new "
                 "certificate is recorded as desired and the reconciler keeps retrying them",
+                step="commit",
                 nodes=[o.as_json() for o in outcomes],
             )
         return outcomes
@@ -150,6 +177,7 @@ class Coordinator:
             raise NodesNotUpdated(
                 f"{record.name} was deleted from the store, but {len(failed)} of {len(nodes)} "
                 "nodes still hold its files; the reconciler removes them when they answer",
+                step="remove",
                 nodes=[o.as_json() for o in outcomes],
             )
         return list(outcomes)
@@ -170,6 +198,7 @@ class Coordinator:
         if record is None:
             return
         decided = record.phase == "decided"
+        trusting = record.phase == "trusting"
         log.warning(
             "rollout %s of %s (by %s at %s, lock owner %s) %s",
             record.rollout_id,
@@ -181,6 +210,7 @@ class Coordinator:
             if decided
             else "stopped before its decision: aborting it on every node",
         )
+        nodes = await self.state.nodes()
         if decided:
             desired = {r.name: r for r in await self.state.certificates()}
             records = [
@@ -188,7 +218,6 @@ class Coordinator:
                 for name, generation in sorted(record.generations.items())
                 if name in desired and desired[name].generation == generation
             ]
-            nodes = await self.state.nodes()
             applied = await self.state.applied_by_node()
             outcomes = list(
                 await asyncio.gather(
@@ -197,9 +226,12 @@ class Coordinator:
             )
             if records:
                 self.on_committed(records)
+            await self._audit_in_flight(record, outcomes, recovered=True)
         else:
-            outcomes = await self._abort_everywhere(record, await self.state.nodes())
-        await self._audit_in_flight(record, outcomes)
+            outcomes = await self._abort_everywhere(record, nodes, recovered=True)
+            if trusting and self.trust is not None:
+                # Stopped while pinning a new root: pin the recorded set again.
+                await self.trust.restore(nodes)
         lagging = [o.node.name for o in outcomes if not o.ok]
         log.info(
             "rollout %s %s%s",
@@ -224,7 +256,10 @@ class Coordinator:
         """Stage, decide, commit ``fresh`` (new generations); ``resumed`` (already desired,
         same content) ride along without a new decision. Called with the lock held."""
         records = [*fresh, *resumed]
-        in_flight = await self._begin(fresh, current, actor, owner)
+        added = await self.trust.needed(fresh) if self.trust is not None else []
+        in_flight = await self._begin(fresh, current, actor, owner, added)
+        if added:
+            in_flight = await self._trust_first(in_flight, nodes, seam)
         staged = await asyncio.gather(*(self._stage_node(n, records, seam) for n in nodes))
         if not all(o.ok for o in staged):
             await self._abort_staged(in_flight, staged)
@@ -243,7 +278,7 @@ class Coordinator:
         outcomes = list(
             await asyncio.gather(*(self._commit_node(n, records, seam, proofs) for n in nodes))
         )
-        await self._record(records, current, actor, outcomes, proofs)
+        await self._record(records, current, actor, outcomes, proofs, nodes)
         await self.state.end_rollout(decided)
         return outcomes
 
@@ -283,10 +318,11 @@ class Coordinator:
         current: dict[str, CertRecord | None],
         actor: str,
         owner: str,
+        trust_added: list[str],
     ) -> RolloutRecord:
         record = RolloutRecord(
             rollout_id=secrets.token_hex(6),
-            phase="staging",
+            phase="trusting" if trust_added else "staging",
             generations={r.name: r.generation for r in fresh},
             fingerprints={r.name: r.fingerprint for r in fresh},
             previous={
@@ -295,6 +331,7 @@ class Coordinator:
             actor=actor,
             owner=owner,
             started_at=iso(self.clock()),
+            trust_added=trust_added,
         )
         try:
             return await self.state.begin_rollout(record)
@@ -303,7 +340,27 @@ class Coordinator:
                 f"another rollout is recorded in flight ({exc.description}); retry"
             ) from exc
 
-    # 2. stage on every node, or abort on every node
+    # 2. trust the new roots everywhere first (phase a; control/trust.py)
+
+    async def _trust_first(
+        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord], seam: Seam
+    ) -> RolloutRecord:
+        assert self.trust is not None
+        if self.progress is not None:
+            self.progress.phase = "trusting"
+        started = asyncio.get_running_loop().time()
+        staging = await self.trust.add(in_flight, nodes, seam)
+        log.info(
+            "rollout %s: every node trusts %d new root(s) (%.3f s)",
+            in_flight.rollout_id,
+            len(in_flight.trust_added),
+            asyncio.get_running_loop().time() - started,
+        )
+        if self.progress is not None:
+            self.progress.phase = "staging"
+        return staging
+
+    # 3. stage on every node, or abort on every node
 
     async def _stage_node(
         self, node: NodeRecord, records: Sequence[CertRecord], seam: Seam
@@ -321,25 +378,47 @@ class Coordinator:
         return NodeOutcome(node, step="stage")
 
     async def _abort_staged(self, in_flight: RolloutRecord, staged: list[NodeOutcome]) -> NoReturn:
-        """Some node failed to stage: abort on every node, forget the rollout, raise 409."""
-        await self._abort_everywhere(in_flight, [o.node for o in staged])
+        """Some node failed to stage: abort on the nodes that staged, audit it, forget the
+        rollout, raise 409. A node whose stage failed is not sent an abort: it may be the
+        frozen one, and waiting out ``--agent-timeout`` for it a second time would only delay
+        the answer; its undecided files are harmless and the reconciler's tidy removes them."""
+        failed = [o for o in staged if not o.ok]
+        await self._abort_everywhere(
+            in_flight,
+            [o.node for o in staged if o.ok],
+            skipped=[
+                NodeOutcome(o.node, ok=False, step="stage", error=f"not aborted: {o.error}")
+                for o in failed
+            ],
+        )
         await self.state.end_rollout(in_flight)
-        failed = [o.node.name for o in staged if not o.ok]
         for outcome in staged:
             if outcome.ok:
                 outcome.ok, outcome.error = False, "aborted: another node failed to stage"
         raise NodesNotUpdated(
             f"{len(failed)} of {len(staged)} nodes could not stage the certificate "
-            f"({', '.join(failed)}); the update was aborted and no node changed",
+            f"({', '.join(o.node.name for o in failed)}); the update was aborted and no node "
+            "changed",
+            step="stage",
             nodes=[o.as_json() for o in staged],
         )
 
     async def _abort_everywhere(
-        self, in_flight: RolloutRecord, nodes: Sequence[NodeRecord]
+        self,
+        in_flight: RolloutRecord,
+        nodes: Sequence[NodeRecord],
+        skipped: Sequence[NodeOutcome] = (),
+        *,
+        recovered: bool = False,
     ) -> list[NodeOutcome]:
-        return list(
+        """Abort ``in_flight`` on ``nodes`` (in parallel) and write its ``abort`` audit event
+        with every node's outcome, ``skipped`` ones (not sent an abort) included."""
+        outcomes = list(
             await asyncio.gather(*(self._abort_node(n, in_flight.generations) for n in nodes))
         )
+        everyone = sorted([*outcomes, *skipped], key=lambda o: o.node.node_id)
+        await self._audit_in_flight(in_flight, everyone, recovered=recovered)
+        return outcomes
 
     async def _abort_node(self, node: NodeRecord, generations: dict[str, int]) -> NodeOutcome:
         client = await self.pool.client(node)
@@ -353,7 +432,7 @@ class Coordinator:
                 return NodeOutcome(node, ok=False, step="abort", error=exc.description)
         return NodeOutcome(node, step="abort")
 
-    # 3. decide
+    # 4. decide
 
     async def _decide(
         self, records: Sequence[CertRecord], actor: str, in_flight: RolloutRecord
@@ -371,7 +450,7 @@ class Coordinator:
             ) from exc
         return replace(decided, revision=revision)
 
-    # 4. commit on every node; 5. verify what each node proved
+    # 5. commit on every node; 6. verify what each node proved
 
     async def _commit_node(
         self,
@@ -399,7 +478,7 @@ class Coordinator:
             else:
                 proofs.append((node.node_id, record.name, proof))
             if not proof.ok:
-                errors = [s.error for s in answer.services if s.error]
+                errors = answer.errors()
                 outcome.ok = False
                 outcome.error = "; ".join(errors) or f"{record.name} was not verified"
         self._mark(node, "verified" if outcome.ok else "failed")
@@ -417,7 +496,20 @@ class Coordinator:
             at=iso(self.clock()),
         )
 
-    # 6. record: the proofs, the audit events
+    # 7. record: the proofs, the audit events; 8. retire roots nothing chains to (phase c)
+
+    async def _retire(self, nodes: Sequence[NodeRecord], actor: str) -> None:
+        assert self.trust is not None
+        if self.progress is not None:
+            self.progress.phase = "retiring"
+        started = asyncio.get_running_loop().time()
+        retired = await self.trust.retire(nodes, actor=actor)
+        if retired:
+            log.info(
+                "retired %d root(s) in %.3f s",
+                len(retired),
+                asyncio.get_running_loop().time() - started,
+            )
 
     async def _record(
         self,
@@ -426,8 +518,13 @@ class Coordinator:
         actor: str,
         outcomes: Sequence[NodeOutcome],
         proofs: Proofs,
+        nodes: Sequence[NodeRecord],
     ) -> None:
+        """Record the proofs; retire roots once every node proved the new certificates (it
+        reads those proofs); then the update's audit event, so that it is the newest."""
         await self.state.record_applied_many(proofs)
+        if self.trust is not None and all(o.ok for o in outcomes):
+            await self._retire(nodes, actor)
         self.on_committed(records)
         await self._audit(records, current, actor, outcomes)
 
@@ -455,10 +552,11 @@ class Coordinator:
             )
 
     async def _audit_in_flight(
-        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome]
+        self, record: RolloutRecord, outcomes: Sequence[NodeOutcome], *, recovered: bool
     ) -> None:
-        """The event of a rollout finished by :meth:`resolve_in_flight`: ``update`` when it
-        was rolled forward, ``abort`` when it was not decided."""
+        """The event of a rollout that ended without the normal path: ``update`` when
+        :meth:`resolve_in_flight` rolled it forward, ``abort`` when it was aborted (live, or
+        by crash recovery: ``recovered``, which names the rollout)."""
         decided = record.phase == "decided"
         for name, generation in sorted(record.generations.items()):
             await self.state.add_event(
@@ -471,7 +569,7 @@ class Coordinator:
                     old_fingerprint=record.previous.get(name),
                     new_fingerprint=record.fingerprints.get(name) if decided else None,
                     nodes=[o.summary() for o in outcomes],
-                    rollout_id=record.rollout_id,
+                    rollout_id=record.rollout_id if recovered else None,
                 )
             )
 
@@ -522,6 +620,23 @@ class Coordinator:
     def _mark(self, node: NodeRecord, state: str) -> None:
         if self.progress is not None and node.name in self.progress.nodes:
             self.progress.nodes[node.name] = state
+
+
+def _check_expected(
+    fresh: Sequence[CertRecord],
+    current: dict[str, CertRecord | None],
+    expected: Mapping[str, int],
+) -> None:
+    for record in fresh:
+        if record.name not in expected:
+            continue
+        existing = current.get(record.name)
+        now = existing.generation if existing is not None else 0
+        if now != expected[record.name]:
+            raise GenerationMismatch(
+                f"{record.name} is at generation {now}, not {expected[record.name]} as "
+                "expected: it changed since it was read; read it again and decide"
+            )
 
 
 def _names(records: Sequence[CertRecord]) -> str:

@@ -15,15 +15,18 @@ import socket
 import ssl
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
+from clustercert.clock import utc_now
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
 from clustercert.control.directory import ClusterDirectory, check_sans
 from clustercert.control.faults import FAULT_ENV, FaultPlan
+from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
@@ -31,8 +34,11 @@ from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.trust import TrustKeeper
+from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
 from clustercert.hosts import host_of, is_wildcard
+from clustercert.internode import CONTROL_PLANE_URI
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 from clustercert.web.app import build_console
@@ -55,8 +61,13 @@ class ServerSettings:
     # Names or addresses clients and agents reach this control plane by (``--advertise``):
     # added to the cluster's control-plane names, which `api` and `cm` must cover.
     advertise: tuple[str, ...] = ()
+    # How long a watch on a node known in sync is held before its status is read again: the
+    # resync of a node that nothing else reported on (docs/decisions.md).
+    watch_resync: float = 120.0
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
+    lifecycle_interval: float = 5.0  # alerts and the rotation job (docs/alerts.md)
+    webhook_ca_file: Path | None = None  # trusted for the alert webhook, besides the system CAs
 
 
 class CertificateListener:
@@ -109,6 +120,11 @@ class CertificateListener:
     def _write(self, record: CertRecord) -> GenerationPaths:
         self.files.stage(record.name, record.generation, record.certificate, record.key)
         return self.files.activate(record.name, record.generation)
+
+    def cert_path(self) -> Path | None:
+        """The certificate file this listener serves now."""
+        paths = self.files.paths(self.name, self.generation)
+        return paths.cert if paths is not None else None
 
     def on_committed(self, records: Sequence[CertRecord]) -> None:
         for record in records:
@@ -260,6 +276,17 @@ async def record_advertised(state: ClusterState, settings: ServerSettings) -> No
         )
 
 
+def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system CAs, plus ``ca_file`` (a private CA that signed the webhook receiver)."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--webhook-ca-file {ca_file}: {exc}") from exc
+    return context
+
+
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM."""
     store = directory.open_store(settings.store)
@@ -267,6 +294,12 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         state = directory.state(store)
         await record_advertised(state, settings)
         ca = directory.ca()
+        if await asyncio.to_thread(directory.ensure_control_plane_identity, utc_now()):
+            log.warning(
+                "reissued the control plane's internode identity with its URI SAN %s "
+                "(agents now refuse internal-CA client certificates without it)",
+                CONTROL_PLANE_URI,
+            )
         listener = ApiListener(
             directory,
             state,
@@ -291,17 +324,42 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         fault = FaultPlan.parse(fault_spec, directory.run_dir) if fault_spec else None
         if fault is not None:
             log.warning("TEST-ONLY fault injection armed: %s", fault.describe())
+        trust = TrustStore.system(extra=[ca.cert])
         coordinator = Coordinator(
             state,
             pool,
             lock_wait=settings.lock_wait,
             on_committed=lambda records: _committed(listeners, records),
             fault=fault,
+            trust=TrustKeeper(state, pool, trust, ca.cert),
         )
         reconciler = Reconciler(
             coordinator,
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
+            resync=settings.watch_resync,
+        )
+        pool.on_unavailable = reconciler.suspect
+
+        def own_files() -> dict[str, Path]:
+            files = {
+                "control_plane_identity": directory.identity_cert,
+                "internal_ca": directory.ca_file,
+            }
+            for each in listeners:  # api, and cm when the console runs
+                served = each.cert_path()
+                if served is not None:
+                    files[each.name] = served
+            return files
+
+        metrics = Metrics(
+            state, node=f"control-plane@{settings.host}:{settings.port}", own_files=own_files
+        )
+        notifier = WebhookNotifier(
+            _webhook_context(settings.webhook_ca_file), observe=metrics.observe_webhook
+        )
+        lifecycle = Lifecycle(
+            state, coordinator, ca, metrics, notifier, interval=settings.lifecycle_interval
         )
         sankeeper = SanKeeper(state, coordinator, ca, reconciler.health)
         control = ControlPlane(
@@ -313,8 +371,9 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 find_certificate_user=state.certificate_user,
                 trusted_client_cas=lambda: _trusted_client_cas(state),
             ),
-            trust=TrustStore.system(extra=[ca.cert]),
-            metrics=Metrics(state),
+            trust=trust,
+            metrics=metrics,
+            lifecycle=lifecycle,
             ca=ca,
             sankeeper=sankeeper,
         )
@@ -326,7 +385,9 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         reconciling = asyncio.create_task(reconciler.run_forever())
         following = asyncio.create_task(_follow_store(listeners, settings.reconcile_interval))
         keeping = asyncio.create_task(sankeeper.run_forever())
-        tasks = [reconciling, following, keeping]
+        watching = asyncio.create_task(lifecycle.run_forever())
+        notifying = asyncio.create_task(notifier.run())
+        tasks = [reconciling, following, keeping, watching, notifying]
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

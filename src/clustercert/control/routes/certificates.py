@@ -8,10 +8,10 @@ each certificate. The rollout answers are dumped once by :func:`rollout_answer`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from cryptography import x509
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -66,6 +66,9 @@ class CertificateItem(StrictModel):
     name: str
     certificate: str
     key: str | None = None
+    # Optimistic concurrency: the generation the caller read (0: not set); 409
+    # generation_mismatch when the certificate moved since.
+    expected_generation: int | None = Field(default=None, ge=0)
 
 
 class CertificatesBody(StrictModel):
@@ -85,7 +88,7 @@ class RotateBody(StrictModel):
 async def update_cert(request: Request, cp: Plane, user: Updater) -> JSONResponse:
     item = parse_model(CertificateItem, await read_json(request))
     validated = _validate_items(cp, [item], batch=False)
-    stored, outcomes = await cp.replace(validated, user)
+    stored, outcomes = await cp.replace(validated, user, _expected([item], request))
     summary = _summary(validated[0], stored[0])
     return rollout_answer(CertificateAnswer(**dict(summary), nodes=_nodes(outcomes)))
 
@@ -105,13 +108,32 @@ async def put_certificates(request: Request, cp: Plane, user: Updater) -> JSONRe
     if len(set(names)) != len(names):
         raise InvalidSchema("certificates: each name may appear once")
     validated = _validate_items(cp, body.certificates, batch=True)
-    stored, outcomes = await cp.replace(validated, user)
+    stored, outcomes = await cp.replace(validated, user, _expected(body.certificates, request))
     return rollout_answer(
         CertificatesAnswer(
             certificates=[_summary(v, s) for v, s in zip(validated, stored, strict=True)],
             nodes=_nodes(outcomes),
         )
     )
+
+
+def _expected(items: Sequence[CertificateItem], request: Request) -> dict[str, int]:
+    """The generations the caller read: each item's ``expected_generation``, or for one item
+    an ``If-Match: "N"`` header (the ``etag`` GET answers). Both for one item must agree."""
+    expected = {i.name: i.expected_generation for i in items if i.expected_generation is not None}
+    header = request.headers.get("if-match")
+    if header is None:
+        return expected
+    tag = header.strip().removeprefix("W/").strip('"')
+    if len(items) != 1 or not tag.isdigit():
+        raise InvalidSchema(
+            'If-Match: expected one quoted generation, e.g. "3", on a one-certificate update '
+            f"(got {header[:40]!r})"
+        )
+    name = items[0].name
+    if expected.get(name, int(tag)) != int(tag):
+        raise InvalidSchema("If-Match and expected_generation disagree")
+    return {name: int(tag)}
 
 
 @router.post(
@@ -193,9 +215,15 @@ async def get_certificates(cp: Plane, user: Viewer) -> dict[str, str]:
 
 
 @router.get("/v1/cluster/certificates/events", responses=answers(EventsAnswer, 400, 401, 403))
-async def events(cp: Plane, user: Viewer, limit: int = 50, offset: int = 0) -> EventsAnswer:
+async def events(
+    cp: Plane,
+    user: Viewer,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> EventsAnswer:
+    """Newest first; out-of-range ``limit`` or ``offset`` is 400 ``invalid_schema``, not
+    silently clamped."""
     everything = await cp.state.events()
-    limit = max(1, min(limit, 500))
     return EventsAnswer(total=len(everything), events=everything[offset : offset + limit])
 
 
@@ -207,12 +235,15 @@ async def rollout_progress(cp: Plane, user: Viewer) -> dict[str, Any]:
 
 
 @router.get("/v1/cluster/certificates/{name}", responses=answers(CertificateDetail, 401, 403, 404))
-async def get_certificate(name: str, cp: Plane, user: Viewer) -> CertificateDetail:
+async def get_certificate(
+    name: str, cp: Plane, user: Viewer, response: Response
+) -> CertificateDetail:
     if name not in NAMES:
         raise CertificateNotFound(f"{name!r} is not a certificate name")
     record = await cp.state.certificate(name)
     if record is None:
         raise CertificateNotFound(f"{name} is not set")
+    response.headers["ETag"] = f'"{record.generation}"'  # for If-Match on update_cert
     nodes = []
     proofs = await cp.state.applied_by_node()
     for node in await cp.state.nodes():

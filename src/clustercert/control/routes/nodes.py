@@ -111,7 +111,12 @@ async def join(request: Request, cp: Plane) -> JoinAnswer:
     await cp.state.add_event(
         NodeEvent(now, f"node:{body.name}", "join", node_id=node.node_id, agent_url=body.agent_url)
     )
-    return JoinAnswer(node_id=node.node_id, certificate=certificate, ca_certificate=cp.ca.cert_pem)
+    return JoinAnswer(
+        node_id=node.node_id,
+        certificate=certificate,
+        ca_certificate=cp.ca.cert_pem,
+        cluster_name=await cp.state.cluster_name(),
+    )
 
 
 def agent_host(url: str) -> str:
