@@ -696,17 +696,17 @@ def nodes() -> None:
 
 
 @nodes.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print GET /v1/nodes as JSON.")
 @client_options
-def list_nodes(as_json: bool, **options: Any) -> None:
+def list_nodes(**options: Any) -> None:
     """A table of the nodes: address, reachable, last seen, in sync (GET /v1/nodes)."""
     from rich.console import Console
     from rich.table import Table
 
+    as_json = options.pop("as_json")
     with _client(options) as client:
         found = client.call("GET", "/v1/nodes")
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        _echo_json(found)
         return
     table = Table("uid", "name", "agent", "reachable", "last seen", "in sync", box=None)
     for node in found:
@@ -727,8 +727,12 @@ def list_nodes(as_json: bool, **options: Any) -> None:
 def remove_node(uid: int, **options: Any) -> None:
     """Remove node UID from the cluster (DELETE /v1/nodes/UID); updates then proceed without
     it. To bring the machine back, it joins again with a new token."""
+    as_json = options.pop("as_json")
     with _client(options) as client:
         node = client.call("DELETE", f"/v1/nodes/{uid}")
+    if as_json:
+        _echo_json(node)
+        return
     click.echo(f"removed node {uid}: {node['name']} ({node['agent_url']})")
 
 
