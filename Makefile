@@ -3,11 +3,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBS := redis-server openssl etcd-server curl chromium prometheus
 
-.PHONY: install demo test test-fast lint typecheck pytest check-rules bench bench-quick bench-scale clean fuzz soak
+.PHONY: install lock demo test test-fast lint typecheck pytest check-rules bench bench-quick bench-scale clean fuzz soak
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -15,8 +15,21 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
+
+# The lock: constraints.txt pins every installed distribution (clustercert itself excluded), so
+# an install today and in a month resolve the same versions. After adding or bumping a
+# dependency in pyproject.toml: `make lock` (installs what pyproject.toml asks for, without the
+# old pins, then writes the pins of everything installed), run the tests, commit constraints.txt.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	{ echo "# Exact versions \`make install\` resolves (pip -c). Regenerate with \`make lock\` after changing"; \
+	  echo "# dependencies in pyproject.toml; commit the result."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i '^clustercert=='; } > constraints.txt
+	touch $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/clustercert demo --nodes 3

@@ -55,6 +55,11 @@ def _setup_logging() -> None:
 @click.option("--admin-password", default=None, help="Generated and printed once if omitted.")
 @click.option("--store", default=None, help="Store URL (default: SQLite in DIR).")
 @click.option(
+    "--san", "sans", multiple=True, callback=lambda _c, _p, v: _split(v),
+    help="A name or IP address clients and agents reach the control plane by (repeatable, "
+    "or comma-separated); the api and cm certificates name it.",
+)  # fmt: skip
+@click.option(
     "--internal-cert-days",
     type=click.IntRange(1, 1825),
     default=90,
@@ -67,6 +72,7 @@ def init(
     admin_email: str,
     admin_password: str | None,
     store: str | None,
+    sans: tuple[str, ...],
     internal_cert_days: int,
 ) -> None:
     """Create a cluster directory: internal CA, store, certificates, admin user."""
@@ -79,13 +85,20 @@ def init(
         admin_password=admin_password,
         now=utc_now(),
         store_url=store,
+        sans=sans,
         internal_validity=dt.timedelta(days=internal_cert_days),
     )
     click.echo(f"initialised cluster {name} in {directory}")
     click.echo(f"CA certificate: {result.directory.ca_file}")
+    click.echo(f"control plane names: {', '.join((name, *sans, 'localhost', '127.0.0.1', '::1'))}")
     click.echo(f"admin user: {result.admin_email}")
     if result.password_generated:
         click.echo(f"admin password (shown once): {result.admin_password}")
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable options that also take comma-separated lists."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -112,6 +125,12 @@ def _listen(value: str) -> tuple[str, int]:
 )  # fmt: skip
 @click.option("--no-console", is_flag=True, help="Do not serve the web console.")
 @click.option(
+    "--advertise", multiple=True, callback=lambda _c, _p, v: _split(v),
+    help="URL, name or address clients and agents reach this control plane by (repeatable, or "
+    "comma-separated); required with a wildcard --listen such as 0.0.0.0 unless `init --san` "
+    "named one. The api and cm certificates are re-issued to name it when needed.",
+)  # fmt: skip
+@click.option(
     "--watch-resync",
     default=120.0,
     show_default=True,
@@ -132,6 +151,7 @@ def server(
     reconcile_interval: float,
     console_listen: str,
     no_console: bool,
+    advertise: tuple[str, ...],
     watch_resync: float,
     webhook_ca_file: Path | None,
 ) -> None:
@@ -150,6 +170,7 @@ def server(
         lock_wait=lock_wait,
         reconcile_interval=reconcile_interval,
         console=None if no_console else _listen(console_listen),
+        advertise=advertise,
         watch_resync=watch_resync,
         webhook_ca_file=webhook_ca_file,
     )
@@ -160,11 +181,17 @@ def server(
 @click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
 @click.option("--ttl", default=3600, show_default=True, help="Seconds the token stays valid.")
 def join_token(directory: Path, ttl: int) -> None:
-    """Print a one-time token with which one node joins."""
-    from clustercert.control.directory import ClusterDirectory
+    """Print a one-time token with which one node joins.
 
-    token = ClusterDirectory(directory).new_join_token(utc_now(), dt.timedelta(seconds=ttl))
-    click.echo(token)
+    The token ends with the hash of the cluster CA's public key (SECRET.sha256:HEX), so a node
+    needs only the control plane's URL and this token: no file to copy."""
+    from clustercert.control.directory import ClusterDirectory
+    from clustercert.jointoken import JoinToken, ca_hash
+
+    cluster = ClusterDirectory(directory)
+    secret = cluster.new_join_token(utc_now(), dt.timedelta(seconds=ttl))
+    ca = x509.load_pem_x509_certificate(cluster.ca_file.read_bytes())
+    click.echo(str(JoinToken(secret, ca_hash(ca))))
 
 
 @cli.command("metrics-client-cert")
@@ -658,6 +685,55 @@ def alerts(**options: Any) -> None:
             listed or "-",
         )
     Console(width=200).print(table)
+
+
+# --- nodes (over the REST API; docs/deploy.md) -------------------------------------------------
+
+
+@cli.group()
+def nodes() -> None:
+    """See and remove the cluster's nodes."""
+
+
+@nodes.command("list")
+@client_options
+def list_nodes(**options: Any) -> None:
+    """A table of the nodes: address, reachable, last seen, in sync (GET /v1/nodes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    as_json = options.pop("as_json")
+    with _client(options) as client:
+        found = client.call("GET", "/v1/nodes")
+    if as_json:
+        _echo_json(found)
+        return
+    table = Table("uid", "name", "agent", "reachable", "last seen", "in sync", box=None)
+    for node in found:
+        table.add_row(
+            str(node["uid"]),
+            node["name"],
+            node["agent_url"],
+            "yes" if node.get("reachable") else "[red]no[/red]",
+            node.get("last_seen") or "never",
+            "yes" if node.get("in_sync") else "[red]no[/red]",
+        )
+    Console().print(table)
+
+
+@nodes.command("remove")
+@click.argument("uid", type=int)
+@client_options
+def remove_node(uid: int, **options: Any) -> None:
+    """Remove node UID from the cluster (DELETE /v1/nodes/UID); updates then proceed without
+    it. To bring the machine back, it joins again with a new token."""
+    as_json = options.pop("as_json")
+    with _client(options) as client:
+        node = client.call("DELETE", f"/v1/nodes/{uid}")
+    if as_json:
+        _echo_json(node)
+        return
+    click.echo(f"removed node {uid}: {node['name']} ({node['agent_url']})")
 
 
 # --- users (over the REST API) -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from clustercert.errors import (
     NodesNotUpdated,
     error_for,
 )
+from clustercert.tlsdiag import explain, is_name_mismatch
 
 __all__ = ["ApiClient", "Connection"]
 
@@ -112,7 +113,15 @@ class ApiClient:
 
 def _connect_error(url: str, exc: httpx.ConnectError) -> ClusterCertError:
     """What a failed connection means to an operator: nobody listens, or the API's certificate
-    is not one the CLI can verify (then the fix is --ca-file)."""
+    is not one the CLI can verify (then the fix is --ca-file), or does not name the host in the
+    URL (then the fix is a name it carries, or --advertise / --san)."""
+    if is_name_mismatch(exc):
+        return explain(
+            exc, url, "the API",
+            name_fix="start the control plane with `clustercert server --advertise "
+            "{host}` (a new cluster: `clustercert init --san {host}`)",
+            ca_fix="pass the cluster's CA with --ca-file DIR/ca.pem (or CLUSTERCERT_CA_FILE)",
+        )  # fmt: skip
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
         cause = cause.__cause__ or cause.__context__

@@ -115,7 +115,7 @@ class Endpoint:
     method: str
     template: str
     """The path as the OpenAPI document names it; ``{...}`` filled from ``values``."""
-    needs: str  # "view", "update", "users" or "token"
+    needs: str  # "view", "update", "users", "token" or "public"
     body: Callable[[Ctx], Any] = lambda ctx: None
     values: Callable[[Ctx], dict[str, Any]] = lambda ctx: {}
     prepare: Callable[[Ctx], Any] = lambda ctx: None
@@ -146,6 +146,21 @@ def _new_user(ctx: Ctx) -> dict[str, str]:
     return {"email": email, "password": "new-user-pw", "role": "cluster_viewer", "name": "New"}
 
 
+def _spare_node(ctx: Ctx) -> None:
+    """A node record to remove (nothing answers at its address; it exists only until the
+    DELETE that follows)."""
+    store = open_store(ctx.cluster.cluster.settings()["store"])
+    try:
+        node = run(
+            ctx.cluster.cluster.state(store).add_node(
+                f"spare-{time.monotonic_ns()}", "https://127.0.0.1:1", dt.datetime.now(dt.UTC)
+            )
+        )
+    finally:
+        store.close()
+    ctx.uids["spare_node"] = node.node_id
+
+
 _JOIN = {"token": "not-a-token", "name": "rogue", "agent_url": "https://127.0.0.1:1", "csr": "x"}
 
 ENDPOINTS: list[Endpoint] = [
@@ -155,6 +170,13 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/v1/cluster/certificates/rollout", "view"),
     Endpoint("GET", "/v1/nodes", "view"),
     Endpoint("GET", "/v1/nodes/{node_id}", "view", values=lambda c: {"node_id": 1}),
+    Endpoint(
+        "DELETE",
+        "/v1/nodes/{node_id}",
+        "update",
+        values=lambda c: {"node_id": c.uids.get("spare_node", 999_999)},
+        prepare=_spare_node,
+    ),
     Endpoint("POST", "/v1/cluster/certificates/validate", "update", lambda c: _item()),
     Endpoint("PUT", "/v1/cluster/update_cert", "update", lambda c: _item()),
     Endpoint("PUT", "/v1/cluster/certificates", "update", lambda c: {"certificates": [_item()]}),
@@ -179,6 +201,7 @@ ENDPOINTS: list[Endpoint] = [
         prepare=_throwaway_user,
     ),
     Endpoint("POST", "/v1/internal/join", "token", lambda c: _JOIN),
+    Endpoint("GET", "/v1/internal/ca", "public"),
     Endpoint("GET", "/v1/cluster", "view"),
     Endpoint(
         "PUT",
@@ -194,10 +217,13 @@ PERMITTED = {
     "update": {"admin"},
     "users": {"admin", "user_manager"},
     "token": set(),
+    "public": set(ROLES),
 }
 
 
 def expected_status(endpoint: Endpoint, principal: str) -> int:
+    if endpoint.needs == "public":
+        return 200  # the cluster CA: anyone may read it, with or without credentials
     if principal in ("no credentials", "wrong password") or endpoint.needs == "token":
         return 401
     return 200 if principal in PERMITTED[endpoint.needs] else 403
@@ -250,7 +276,7 @@ def test_the_matrix_covers_every_documented_endpoint(ctx: Ctx) -> None:
         for method in operations
     }
     assert documented == {(e.method, e.template) for e in ENDPOINTS}
-    assert len(ENDPOINTS) * len(PRINCIPALS) == 152
+    assert len(ENDPOINTS) * len(PRINCIPALS) == 168
 
 
 # --- users -----------------------------------------------------------------------------------

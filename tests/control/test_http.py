@@ -62,8 +62,8 @@ def every_route() -> list[tuple[str, str]]:
 
 def test_every_route_but_join_authenticates_before_parameters_and_body(api: InProcess) -> None:
     routes = every_route()
-    # 14 certificate, node and meta routes, 3 cluster settings and alerts routes, 4 user routes
-    assert len(routes) == 21
+    # 16 certificate, node and meta routes, 3 cluster settings and alerts routes, 4 user routes
+    assert len(routes) == 23
     before = api.snapshot()
 
     async def scenario() -> None:
@@ -75,6 +75,9 @@ def test_every_route_but_join_authenticates_before_parameters_and_body(api: InPr
                 )  # fmt: skip
                 if path == "/v1/internal/join":  # authenticated by its token, in the body
                     assert_error(response, 415, "unsupported_media_type")
+                    continue
+                if path == "/v1/internal/ca":  # the public CA certificate, for pinned joins
+                    assert response.status_code == 200, response.text
                     continue
                 assert_error(response, 401, "unauthorized")
                 assert response.headers["WWW-Authenticate"] == 'Basic realm="clustercert"'

@@ -23,8 +23,10 @@ import functools
 import json
 import logging
 import secrets
+import signal
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,11 +44,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
+from clustercert.agent.discovery import control_plane_context, explain_join_failure
 from clustercert.agent.metrics import MetricsListener, NodeLabels
 from clustercert.agent.services import CommandService, RedisService, ReloadFailed, Service
 from clustercert.agent.trust import PinnedRoots, chain_roots
 from clustercert.certfiles import CertificateFiles, GenerationPaths, write_atomically
-from clustercert.errors import AgentUnavailable, ConfigError
+from clustercert.errors import ConfigError
 from clustercert.internode import (
     CONTROL_PLANE_URI,
     MAX_WATCH_SECONDS,
@@ -67,6 +70,7 @@ from clustercert.internode import (
     certificate_name,
     has_identity,
 )
+from clustercert.jointoken import JoinToken
 from clustercert.tls import expose_peer_certificate, server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
@@ -100,29 +104,29 @@ class Identity:
 
 
 def join(config: AgentConfig, directory: Path) -> Identity:
-    """Exchange the one-time token for an identity certificate. The key never leaves the node."""
+    """Exchange the one-time token for an identity certificate. The key never leaves the node.
+
+    Trust in the control plane comes from ``ca_file``, or from the CA the token pins
+    (:mod:`clustercert.agent.discovery`), checked before the token's secret is sent."""
     import httpx  # only a node that has not joined yet needs an HTTP client
 
     if not config.join_token:
         raise ConfigError("join_token: required until the node has joined")
+    token = JoinToken.parse(config.join_token)
+    verify = control_plane_context(config, token, config.data_dir / "ca.pem")
     key = pki.new_private_key()
     body = {
-        "token": config.join_token,
+        "token": token.secret,
         "name": config.name,
         "agent_url": config.advertise_url,
         "csr": pki.make_csr(key, config.name),
     }
-    verify: ssl.SSLContext | bool = True
-    if config.ca_file is not None:
-        verify = ssl.create_default_context(cafile=str(config.ca_file))
     try:
         response = httpx.post(
             f"{config.control_plane_url}/v1/internal/join", json=body, verify=verify, timeout=30
         )
     except httpx.HTTPError as exc:
-        raise AgentUnavailable(
-            f"cannot reach the control plane at {config.control_plane_url}: {exc}"
-        ) from exc
+        raise explain_join_failure(exc, config.control_plane_url) from exc
     if response.status_code != 200:
         raise ConfigError(f"the control plane refused to join this node: {response.text}")
     answer = response.json()
@@ -130,12 +134,43 @@ def join(config: AgentConfig, directory: Path) -> Identity:
     write_atomically(directory / "key.pem", pki.key_to_pem(key).encode())
     write_atomically(directory / "cert.pem", answer["certificate"].encode(), 0o644)
     write_atomically(directory / "ca.pem", answer["ca_certificate"].encode(), 0o644)
-    meta = {"node_id": answer["node_id"], "cluster": answer.get("cluster_name", "")}
+    meta = {
+        "node_id": answer["node_id"],
+        "agent_url": config.advertise_url,
+        "cluster": answer.get("cluster_name", ""),
+    }
     write_atomically(directory / "node.json", json.dumps(meta).encode())
     identity = Identity.load(directory)
     assert identity is not None
     log.info("joined the cluster as node %s (%s)", answer["node_id"], config.name)
     return identity
+
+
+def joined_identity(config: AgentConfig, directory: Path) -> Identity:
+    """The identity this node joined with, or a new one: on first start, and when the node's
+    advertised URL changed since it joined (the control plane would still call the old one),
+    which takes a new token (docs/deploy.md, "Moving a node")."""
+    identity = Identity.load(directory)
+    if identity is None:
+        return join(config, directory)
+    joined_at = json.loads((directory / "node.json").read_text()).get("agent_url")
+    if joined_at in (None, config.advertise_url):
+        return identity
+    if not config.join_token:
+        raise ConfigError(
+            f"advertise_url: this node joined as {joined_at} and the control plane calls it "
+            f"there, but it is now {config.advertise_url}; set join_token to a new token "
+            "(`clustercert join-token` on the control plane) to join again at the new address"
+        )
+    log.info("advertise_url changed from %s to %s: joining again", joined_at, config.advertise_url)
+    try:
+        return join(config, directory)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"advertise_url changed from {joined_at} to {config.advertise_url}, and joining "
+            f"again failed ({exc.description}); set join_token to a new token "
+            "(`clustercert join-token` on the control plane)"
+        ) from exc
 
 
 def _leaf_fingerprint(cert_pem: str) -> str:
@@ -541,12 +576,18 @@ def internode_server_context(identity: Identity) -> ssl.SSLContext:
 
 
 class _AgentServer(uvicorn.Server):
-    """uvicorn waits for every open request before it stops; the agent's watches would hold it
-    for minutes, so they are told to end first."""
+    """uvicorn without its own signal handling (it re-raises SIGTERM once ``serve()`` returns,
+    which kills the process before the agent stops what it supervises: redis-server would
+    outlive it; the agent handles the signals itself, :func:`_serve`), and which tells the
+    agent's watches to end before it waits for open requests (they would hold it for minutes)."""
 
     def __init__(self, config: uvicorn.Config, agent: Agent) -> None:
         super().__init__(config)
         self.agent = agent
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.agent.stopping.set()
@@ -554,30 +595,41 @@ class _AgentServer(uvicorn.Server):
 
 
 async def _serve(config: AgentConfig) -> None:
-    identity_dir = config.data_dir / "identity"
-    identity = Identity.load(identity_dir)
-    if identity is None:
-        identity = await asyncio.to_thread(join, config, identity_dir)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    identity = await asyncio.to_thread(joined_identity, config, config.data_dir / "identity")
+    if stopping.is_set():
+        return
     agent = Agent(config, identity)
-    await agent.start()
-    context = internode_server_context(identity)
-    server = _AgentServer(
-        uvicorn.Config(
-            build_app(agent),
-            host=config.listen[0],
-            port=config.listen[1],
-            ssl_context_factory=lambda _config, _default: context,
-            http=InternodeProtocol,
-            log_level="warning",
-            timeout_keep_alive=75,
-        ),
-        agent,
-    )
-    log.info("agent %s listening on %s", config.name, config.advertise_url)
     try:
-        await server.serve()
+        await agent.start()
+        if stopping.is_set():
+            return
+        context = internode_server_context(identity)
+        server = _AgentServer(
+            uvicorn.Config(
+                build_app(agent),
+                host=config.listen[0],
+                port=config.listen[1],
+                ssl_context_factory=lambda _config, _default: context,
+                http=InternodeProtocol,
+                log_level="warning",
+                timeout_keep_alive=75,
+            ),
+            agent,
+        )
+        log.info("agent %s listening on %s", config.name, config.advertise_url)
+        serving = asyncio.create_task(server.serve())
+        signalled = asyncio.create_task(stopping.wait())
+        await asyncio.wait({serving, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        signalled.cancel()
+        await serving
     finally:
         await agent.stop()
+        log.info("agent %s stopped", config.name)
 
 
 def run_agent(config: AgentConfig) -> None:

@@ -9,8 +9,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from clustercert.errors import ConfigError
+from clustercert.hosts import is_wildcard
 from clustercert.names import NAMES
 
 __all__ = [
@@ -145,6 +147,33 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     )
 
 
+def _advertise_url(raw: dict[str, Any], listen: tuple[str, int]) -> str:
+    """Where the control plane reaches this agent: ``advertise_url``, or the listen address
+    when that is one address (a wildcard such as 0.0.0.0 is reachable nowhere by that name)."""
+    value = raw.get("advertise_url")
+    if value is None:
+        if is_wildcard(listen[0]):
+            shown = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+            raise ConfigError(
+                f'advertise_url: required because listen = "{shown}:{listen[1]}" accepts '
+                "connections on every address and names none the control plane can reach; "
+                f'add advertise_url = "https://THIS_NODE_ADDRESS:{listen[1]}"'
+            )
+        host = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+        return f"https://{host}:{listen[1]}"
+    if not isinstance(value, str):
+        raise ConfigError(f"advertise_url: expected a string, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"advertise_url: expected https://HOST:PORT, got {value!r}")
+    if is_wildcard(parts.hostname):
+        raise ConfigError(
+            f"advertise_url: {value!r} names no host the control plane can reach; give this "
+            "node's address or DNS name"
+        )
+    return value.rstrip("/")
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     try:
         raw = tomllib.loads(path.read_text())
@@ -153,7 +182,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"agent configuration {path} is not valid TOML: {exc}") from exc
     listen = split_address(_require(raw, "listen", str, ""), "listen")
-    advertise = raw.get("advertise_url") or f"https://{listen[0]}:{listen[1]}"
+    advertise = _advertise_url(raw, listen)
     services = raw.get("services", [])
     if not isinstance(services, list):
         raise ConfigError("services: expected an array of tables ([[services]])")

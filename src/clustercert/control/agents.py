@@ -68,6 +68,10 @@ class Agents(Protocol):
 
     async def client(self, node: NodeRecord) -> NodeAgent: ...
 
+    async def forget(self, node_id: int) -> None:
+        """The node left the cluster: drop (and close) what talks to it."""
+        ...
+
 
 def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """Trust only the internal CA; present the control plane's clientAuth identity."""
@@ -241,6 +245,12 @@ class AgentPool:
         client = AgentClient(node, self.context, self.timeout, self._unavailable)
         self._clients[node.node_id] = client
         return client
+
+    async def forget(self, node_id: int) -> None:
+        """Close and drop the node's client (it left the cluster): nothing calls it again."""
+        client = self._clients.pop(node_id, None)
+        if client is not None:
+            await client.aclose()
 
     def _unavailable(self, node_id: int) -> None:
         if self.on_unavailable is not None:

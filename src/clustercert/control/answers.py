@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from clustercert.control.state import User
 
 __all__ = [
+    "CaAnswer",
     "CertificateAnswer",
     "CertificateDetail",
     "CertificatesAnswer",
@@ -29,6 +30,7 @@ __all__ = [
     "JoinAnswer",
     "NodeAnswer",
     "NodeOutcomeBody",
+    "RemovedNodeAnswer",
     "RotateAnswer",
     "RotatedCertificate",
     "UserBody",
@@ -138,8 +140,22 @@ class NodeAnswer(_Answer):
     name: str
     agent_url: str
     joined_at: str
+    reachable: bool
+    last_seen: str | None
     in_sync: bool
     certificates: dict[str, dict[str, Any]]
+
+
+class RemovedNodeAnswer(_Answer):
+    uid: int
+    name: str
+    agent_url: str
+    removed: bool
+
+
+class CaAnswer(_Answer):
+    ca_certificate: str
+    ca_cert_hash: str
 
 
 class JoinAnswer(_Answer):

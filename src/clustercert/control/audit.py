@@ -80,7 +80,7 @@ class TrustEvent(AuditEvent):
 
 @dataclass(frozen=True)
 class NodeEvent(AuditEvent):
-    """A node joined (``join``)."""
+    """A node joined (``join``) or was removed by an operator (``remove``)."""
 
     node_id: int = 0
     agent_url: str = ""

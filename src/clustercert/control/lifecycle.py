@@ -38,7 +38,7 @@ from clustercert.control.alerts import (
     NodeCertificate,
     evaluate,
 )
-from clustercert.control.directory import internal_sans, issue_internal
+from clustercert.control.directory import reissue_internal
 from clustercert.control.metrics import Metrics
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
@@ -182,11 +182,8 @@ class Lifecycle:
         due = renewal_due(records, job.expiry_days_before_rotation, validity, now)
         if not due:
             return []
-        cluster = await self.state.cluster_name()
-        sans = internal_sans(await self.state.nodes())
         fresh = [
-            issue_internal(self.ca, r.name, cluster, sans, now, 0, ROTATION_ACTOR, validity)
-            for r in due
+            await reissue_internal(self.state, self.ca, r.name, now, ROTATION_ACTOR) for r in due
         ]
         log.info(
             "rotation job: renewing %s (expiring %s)",

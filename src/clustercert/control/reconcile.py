@@ -32,6 +32,7 @@ import random
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
+from clustercert.control.health import NodeHealth
 from clustercert.control.lock import cluster_lock
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import AppliedRecord, CertRecord, NodeRecord
@@ -52,8 +53,11 @@ class Reconciler:
         max_backoff: float = 10.0,
         resync: float = 120.0,
         clock: Callable[[], float] | None = None,
+        health: NodeHealth | None = None,
     ) -> None:
         self.coordinator = coordinator
+        # What GET /v1/nodes shows as reachable / last_seen: every status answer or failure.
+        self.health = health or NodeHealth()
         self.state = coordinator.state
         self.interval = interval
         self.max_backoff = max_backoff
@@ -131,7 +135,9 @@ class Reconciler:
             status = await client.status()
         except AgentUnavailable as exc:
             log.debug("reconcile: %s", exc.description)
+            self.health.failed(node.node_id, exc.description)
             return None
+        self.health.answered(node.node_id)
         await self._tidy(node, status, desired)
         trust = self.coordinator.trust
         if trust is not None and not await trust.sync(node, status):
@@ -191,6 +197,7 @@ class Reconciler:
         for node, up in zip(waiting, listening, strict=True):
             if not up:
                 self._gone.add(node.node_id)
+                self.health.failed(node.node_id, f"nothing accepts connections at {node.agent_url}")
             elif node.node_id in self._gone:
                 log.info("reconcile: %s listens again; retrying it now", node.name)
                 self._gone.discard(node.node_id)
@@ -224,6 +231,14 @@ class Reconciler:
             everyone = list(self._nodes.values())
             await self.coordinator.trust.retire(everyone, desired if due else None)
         return in_sync
+
+    async def forget(self, node_id: int) -> None:
+        """The node left the cluster: drop its backoff, health and kept-alive connection."""
+        self._retry_at.pop(node_id, None)
+        self._failures.pop(node_id, None)
+        self._gone.discard(node_id)
+        self.health.forget(node_id)
+        await self.coordinator.pool.forget(node_id)
 
     def wake(self, node_id: int) -> None:
         """Visit ``node_id`` on the next pass (e.g. it just joined, or joined again)."""

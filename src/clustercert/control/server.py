@@ -24,7 +24,7 @@ from clustercert.clock import utc_now
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
-from clustercert.control.directory import ClusterDirectory
+from clustercert.control.directory import ClusterDirectory, check_sans
 from clustercert.control.faults import FAULT_ENV, FaultPlan
 from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
@@ -32,10 +32,12 @@ from clustercert.control.metrics import Metrics
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
+from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.control.trust import TrustKeeper
 from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
+from clustercert.hosts import host_of, is_wildcard
 from clustercert.internode import CONTROL_PLANE_URI
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
@@ -56,6 +58,9 @@ class ServerSettings:
     reconcile_interval: float = 1.0
     reconcile_max_backoff: float = 10.0  # the longest a node that comes back waits for a pass
     console: tuple[str, int] | None = ("127.0.0.1", 8443)  # the web console's HOST, PORT; None: off
+    # Names or addresses clients and agents reach this control plane by (``--advertise``):
+    # added to the cluster's control-plane names, which `api` and `cm` must cover.
+    advertise: tuple[str, ...] = ()
     # How long a watch on a node known in sync is held before its status is read again: the
     # resync of a node that nothing else reported on (docs/decisions.md).
     watch_resync: float = 120.0
@@ -254,6 +259,23 @@ class _FollowingServer(uvicorn.Server):
         yield
 
 
+async def record_advertised(state: ClusterState, settings: ServerSettings) -> None:
+    """Add ``--advertise`` to the cluster's control-plane names; refuse a wildcard listen
+    address when no name says where this control plane can be reached (the api certificate
+    could then name none of the addresses clients use)."""
+    hosts = check_sans([host_of(a) for a in settings.advertise], "--advertise")
+    added = await state.add_control_plane_names(hosts)
+    if added:
+        log.info("control-plane names added: %s", ", ".join(added))
+    if is_wildcard(settings.host) and not await state.control_plane_names():
+        raise ConfigError(
+            f"--listen {settings.host or '*'}:{settings.port} accepts connections on every "
+            "address, but the cluster knows no name or address this control plane is reached "
+            "by, so the api certificate names none of them; pass --advertise ADDRESS_OR_NAME "
+            "(repeatable), or listen on one address"
+        )
+
+
 def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
     """The system CAs, plus ``ca_file`` (a private CA that signed the webhook receiver)."""
     context = ssl.create_default_context()
@@ -270,6 +292,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     store = directory.open_store(settings.store)
     try:
         state = directory.state(store)
+        await record_advertised(state, settings)
         ca = directory.ca()
         if await asyncio.to_thread(directory.ensure_control_plane_identity, utc_now()):
             log.warning(
@@ -338,6 +361,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         lifecycle = Lifecycle(
             state, coordinator, ca, metrics, notifier, interval=settings.lifecycle_interval
         )
+        sankeeper = SanKeeper(state, coordinator, ca, reconciler.health)
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
@@ -351,6 +375,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             metrics=metrics,
             lifecycle=lifecycle,
             ca=ca,
+            sankeeper=sankeeper,
         )
         server = uvicorn.Server(
             api_config(build_app(control), listener.context.base, settings.host, settings.port)
@@ -359,9 +384,10 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         # before the first request; an update that gets it first finishes the leftover itself.
         reconciling = asyncio.create_task(reconciler.run_forever())
         following = asyncio.create_task(_follow_store(listeners, settings.reconcile_interval))
+        keeping = asyncio.create_task(sankeeper.run_forever())
         watching = asyncio.create_task(lifecycle.run_forever())
         notifying = asyncio.create_task(notifier.run())
-        tasks = [reconciling, following, watching, notifying]
+        tasks = [reconciling, following, keeping, watching, notifying]
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

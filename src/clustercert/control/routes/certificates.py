@@ -31,7 +31,7 @@ from clustercert.control.answers import (
     request_body,
     rollout_answer,
 )
-from clustercert.control.directory import internal_sans, issue_internal
+from clustercert.control.directory import reissue_internal
 from clustercert.control.http import (
     Plane,
     StrictModel,
@@ -188,11 +188,8 @@ async def rotate(request: Request, cp: Plane, user: Updater) -> JSONResponse:
     body = parse_model(RotateBody, data)
     records = [await cp.state.certificate(n) for n in await _rotation_names(cp, body.name)]
     current = [r for r in records if r is not None]
-    now, validity = cp.clock(), await cp.state.internal_cert_validity()
-    cluster, sans = await cp.state.cluster_name(), internal_sans(await cp.state.nodes())
-    fresh = [
-        issue_internal(cp.ca, r.name, cluster, sans, now, 0, user.email, validity) for r in current
-    ]
+    now = cp.clock()
+    fresh = [await reissue_internal(cp.state, cp.ca, r.name, now, user.email) for r in current]
     outcomes = await cp.roll_out(fresh, user)
     stored = [await cp.state.certificate(r.name) or r for r in fresh]
     return rollout_answer(
@@ -256,7 +253,9 @@ async def get_certificate(
                 node_id=node.node_id,
                 name=node.name,
                 generation=applied.generation if applied else None,
-                in_sync=proves(applied, record.generation),
+                # Like GET /v1/nodes: never in sync while nobody can reach the node.
+                in_sync=proves(applied, record.generation)
+                and cp.reconciler.health.of(node.node_id).reachable,
                 fingerprint=applied.fingerprint if applied else None,
                 services=applied.services if applied else [],
                 verified_at=applied.at if applied else None,

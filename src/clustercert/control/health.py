@@ -1,0 +1,63 @@
+"""Whether each node answers: what ``GET /v1/nodes`` shows as ``reachable`` and ``last_seen``.
+
+The reconciler asks every node for its status every pass (and probes nodes in backoff); each
+answer, or failure, is recorded here. It lives in the memory of the control plane that runs
+the reconciler, not in the store: a write per node per second would cost the store more than
+the information is worth, and a restarted control plane learns it again on its first pass
+(until then a node is not known to be reachable, so it is not shown in sync either).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clustercert.clock import iso, utc_now
+
+__all__ = ["NodeHealth", "Reachability"]
+
+
+@dataclass(frozen=True)
+class Reachability:
+    reachable: bool
+    last_seen: str | None  # ISO 8601 (clustercert.clock), None if never heard from
+    error: str | None = None  # why the last attempt failed, when it did
+
+
+class NodeHealth:
+    """Thread-safe record of the last contact with each node."""
+
+    def __init__(self, clock: Callable[[], dt.datetime] = utc_now) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[int, dt.datetime] = {}
+        self._down: dict[int, str] = {}
+
+    def answered(self, node_id: int) -> None:
+        """The node answered a call just now."""
+        with self._lock:
+            self._seen[node_id] = self._clock()
+            self._down.pop(node_id, None)
+
+    def failed(self, node_id: int, error: str) -> None:
+        """A call to the node failed (unreachable, timed out, or refused)."""
+        with self._lock:
+            self._down[node_id] = error
+
+    def forget(self, node_id: int) -> None:
+        """The node left the cluster."""
+        with self._lock:
+            self._seen.pop(node_id, None)
+            self._down.pop(node_id, None)
+
+    def of(self, node_id: int) -> Reachability:
+        with self._lock:
+            seen = self._seen.get(node_id)
+            error = self._down.get(node_id)
+        return Reachability(
+            reachable=seen is not None and error is None,
+            last_seen=iso(seen) if seen is not None else None,
+            error=error,
+        )
