@@ -260,6 +260,9 @@ class ServiceProof:
     ok: bool
     served_fingerprint: str | None
     error: str | None = None
+    # A verifying handshake (chain to the roots the certificate's clients trust, serverAuth
+    # purpose) succeeded: True; it was refused: False; none was made (no listener): None.
+    verified: bool | None = None
 
     @classmethod
     def from_json(cls, data: object) -> ServiceProof:
@@ -267,13 +270,20 @@ class ServiceProof:
             "service proof",
             data,
             ("service", "certificate", "ok", "served_fingerprint", "error"),
+            ("verified",),
         )
+        verified = fields.data.get("verified")
+        if verified is not None and not isinstance(verified, bool):
+            raise MessageError(
+                f"service proof: verified must be true, false or null, got {verified!r}"
+            )
         return cls(
             fields.text("service"),
             fields.text("certificate"),
             fields.flag("ok"),
             fields.optional_text("served_fingerprint"),
             fields.optional_text("error"),
+            verified,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -283,6 +293,7 @@ class ServiceProof:
             "ok": self.ok,
             "served_fingerprint": self.served_fingerprint,
             "error": self.error,
+            **({"verified": self.verified} if self.verified is not None else {}),
         }
 
 

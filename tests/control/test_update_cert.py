@@ -49,6 +49,9 @@ def test_update_cert_replaces_the_certificate_on_every_node(cluster: DemoCluster
     assert body["generation"] >= 2
     assert [n["served_fingerprint"] for n in body["nodes"]] == [fingerprint] * 3
     assert all(n["ok"] for n in body["nodes"])
+    # Each node's proof includes a verifying handshake (chain to the root, serverAuth purpose).
+    proofs = [s for n in body["nodes"] for c in n["certificates"] for s in c["services"]]
+    assert proofs and all(s["verified"] is True for s in proofs)
     # After 200 a new connection to every node gets the new certificate, with and without SNI.
     assert set(served_by_node(cluster).values()) == {fingerprint}
     for node in cluster.nodes:

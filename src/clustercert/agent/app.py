@@ -245,6 +245,16 @@ class Agent:
             self._fingerprints[key] = _leaf_fingerprint(paths.cert.read_text())
         return self._fingerprints[key]
 
+    def _anchors(self, name: str, paths: GenerationPaths) -> str:
+        """The roots a client of ``name`` trusts, for the verifying proof after a commit: the
+        chain's own root when the upload carried it, else the internal CA and the roots the
+        control plane pinned (the system CAs are trusted besides, see agent/probe.py)."""
+        roots = self._chain_roots(name, paths) or [
+            *x509.load_pem_x509_certificates(self.identity.ca_file.read_bytes()),
+            *self.pinned.load(),
+        ]
+        return pki.certificates_to_pem(roots)
+
     def _chain_roots(self, name: str, paths: GenerationPaths) -> list[x509.Certificate]:
         key = (name, paths.generation)
         if key not in self._roots:
@@ -365,7 +375,9 @@ class Agent:
                 links: list[LinkProof] = []
                 for service in self.services:
                     if name in service.certificates():
-                        result = await service.apply(name, paths, expected)
+                        result = await service.apply(
+                            name, paths, expected, self._anchors(name, paths)
+                        )
                         results.append(result)
                         if result.ok:
                             links += await service.prove_links(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import socket
 import ssl
@@ -22,12 +23,23 @@ def _probe_context() -> ssl.SSLContext:
 _CONTEXT = _probe_context()
 
 
+@functools.lru_cache(maxsize=32)
+def _verifying_context(anchors_pem: str) -> ssl.SSLContext:
+    """A client as strict as the service's clients: it trusts ``anchors_pem`` (and the system
+    CAs) and checks the chain and the serverAuth purpose; not the host name (the agent reaches
+    the service by its bind address, which the certificate need not name)."""
+    ctx = ssl.create_default_context(cadata=anchors_pem)
+    ctx.check_hostname = False
+    return ctx
+
+
 def _served_fingerprint_blocking(
-    host: str, port: int, server_name: str | None, timeout: float
+    host: str, port: int, server_name: str | None, timeout: float, anchors_pem: str | None = None
 ) -> str:
+    context = _verifying_context(anchors_pem) if anchors_pem else _CONTEXT
     with (
         socket.create_connection((host, port), timeout=timeout) as raw,
-        _CONTEXT.wrap_socket(raw, server_hostname=server_name or None) as tls,
+        context.wrap_socket(raw, server_hostname=server_name or None) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     if not der:
@@ -36,14 +48,22 @@ def _served_fingerprint_blocking(
 
 
 async def served_fingerprint(
-    host: str, port: int, server_name: str | None, timeout: float = 5.0
+    host: str,
+    port: int,
+    server_name: str | None,
+    timeout: float = 5.0,
+    anchors_pem: str | None = None,
 ) -> str:
     """Handshake with ``host:port`` (with SNI ``server_name`` when given) and return the SHA-256
     of the served leaf certificate. Raises ``OSError``/``ssl.SSLError``/``TimeoutError``.
 
     The handshake runs on a blocking socket in a worker thread: OpenSSL then drives it in C,
-    which costs a fraction of the CPU of asyncio's SSL protocol. The socket timeout bounds it."""
-    return await asyncio.to_thread(_served_fingerprint_blocking, host, port, server_name, timeout)
+    which costs a fraction of the CPU of asyncio's SSL protocol. The socket timeout bounds it.
+    With ``anchors_pem`` the handshake verifies the served chain against those roots (raising
+    ``ssl.SSLCertVerificationError`` when a client trusting them would refuse it)."""
+    return await asyncio.to_thread(
+        _served_fingerprint_blocking, host, port, server_name, timeout, anchors_pem
+    )
 
 
 @dataclass(frozen=True)
@@ -52,16 +72,29 @@ class ProbeResult:
     served: str | None
     ok: bool
     error: str | None = None
+    verified: bool | None = None  # a verifying handshake succeeded (None: none was made)
 
 
-async def probe(host: str, port: int, expected: str, sni: str, timeout: float = 5.0) -> ProbeResult:
-    """Handshake without SNI and with SNI ``sni``; ok when both serve ``expected``."""
+async def probe(
+    host: str,
+    port: int,
+    expected: str,
+    sni: str,
+    timeout: float = 5.0,
+    anchors_pem: str | None = None,
+) -> ProbeResult:
+    """Handshake without SNI and with SNI ``sni``; ok when both serve ``expected``. With
+    ``anchors_pem`` (the roots the certificate's clients trust) the handshake with SNI is a
+    verifying one, as a client's would be: ok also requires that it verifies."""
     address = f"{host}:{port}"
     served: str | None = None
     try:
         # Both handshakes at once (each in its own worker thread): the wall time of one.
         names = (None, sni)
-        both = await asyncio.gather(*(served_fingerprint(host, port, n, timeout) for n in names))
+        both = await asyncio.gather(
+            served_fingerprint(host, port, None, timeout),
+            served_fingerprint(host, port, sni, timeout, anchors_pem),
+        )
         for server_name, served in zip(names, both, strict=True):
             if served != expected:
                 with_sni = f"with SNI {server_name!r}" if server_name else "without SNI"
@@ -71,6 +104,12 @@ async def probe(host: str, port: int, expected: str, sni: str, timeout: float = 
                     False,
                     f"{address} still serves {served[:16]}… {with_sni}, expected {expected[:16]}…",
                 )
+    except ssl.SSLCertVerificationError as exc:
+        error = (
+            f"{address} serves a chain that a verifying client refuses: "
+            f"{exc.verify_message or exc.reason}"
+        )
+        return ProbeResult(address, served, False, error, verified=False)
     except (OSError, ssl.SSLError, TimeoutError) as exc:
         return ProbeResult(address, served, False, f"handshake with {address} failed: {exc!r}")
-    return ProbeResult(address, served, True)
+    return ProbeResult(address, served, True, verified=True if anchors_pem else None)

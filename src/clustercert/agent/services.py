@@ -55,21 +55,32 @@ class Service(ABC):
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         """Point the service at ``paths``; raise ``ReloadFailed`` with a reason on failure."""
 
-    async def verify(self, certificate: str, expected: str) -> ServiceProof:
-        """Prove by handshake (with and without SNI) that the service serves ``expected``."""
+    async def verify(
+        self, certificate: str, expected: str, anchors_pem: str | None = None
+    ) -> ServiceProof:
+        """Prove by handshake (with and without SNI) that the service serves ``expected``; with
+        ``anchors_pem``, that a client trusting those roots accepts it (a verifying handshake)."""
         if self.config.address is None:
             return ServiceProof(self.name, certificate, True, None, None)
         host, port = self.config.address
-        result = await probe(host, port, expected, self.config.sni, self.probe_timeout)
-        return ServiceProof(self.name, certificate, result.ok, result.served, result.error)
+        result = await probe(host, port, expected, self.config.sni, self.probe_timeout, anchors_pem)
+        return ServiceProof(
+            self.name, certificate, result.ok, result.served, result.error, result.verified
+        )
 
-    async def apply(self, certificate: str, paths: GenerationPaths, expected: str) -> ServiceProof:
+    async def apply(
+        self,
+        certificate: str,
+        paths: GenerationPaths,
+        expected: str,
+        anchors_pem: str | None = None,
+    ) -> ServiceProof:
         try:
             await self.reload(certificate, paths)
         except ReloadFailed as exc:
             served = await self.served(certificate)
             return ServiceProof(self.name, certificate, False, served, str(exc))
-        return await self.verify(certificate, expected)
+        return await self.verify(certificate, expected, anchors_pem)
 
     async def served(self, certificate: str) -> str | None:
         """What the service serves now for ``certificate``, by handshake; None if unknown."""
@@ -188,9 +199,11 @@ class RedisService(Service):
             raise ReloadFailed(f"redis does not answer on {self.socket}")
         await self._spawn()
 
-    async def verify(self, certificate: str, expected: str) -> ServiceProof:
+    async def verify(
+        self, certificate: str, expected: str, anchors_pem: str | None = None
+    ) -> ServiceProof:
         if certificate == self.config.certificate:
-            return await super().verify(certificate, expected)
+            return await super().verify(certificate, expected, anchors_pem)
         # An outgoing client certificate cannot be proven by a handshake *to* redis; prove
         # here that redis points at the new files, and by the link (prove_links) that a peer
         # accepts them.
