@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import ssl
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
@@ -27,10 +28,20 @@ from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import ClusterState
-from clustercert.store import Store
+from clustercert.sealing import KeySealer
+from clustercert.store import Store, open_store
 from clustercert.validation import TrustStore
 
-__all__ = ["ADMIN", "MANAGER", "VIEWER", "InProcess", "basic", "in_process", "run"]
+__all__ = [
+    "ADMIN",
+    "MANAGER",
+    "VIEWER",
+    "InProcess",
+    "basic",
+    "in_process",
+    "run",
+    "state_with_nodes",
+]
 
 PASSWORD = "correct horse battery staple"
 ADMIN = ("admin@cluster.local", PASSWORD)
@@ -110,3 +121,18 @@ def in_process(path: Path) -> Iterator[InProcess]:
         )
     finally:
         store.close()
+
+
+@contextlib.contextmanager
+def state_with_nodes(path: Path, names: tuple[str, ...]) -> Iterator[ClusterState]:
+    """A real store (SQLite in ``path``, keys sealed) holding a cluster with the nodes
+    ``names`` (agent URLs on loopback ports 9500...; nothing listens: the tests that use it
+    put fakes behind the ``Agents`` protocol)."""
+    state = ClusterState(open_store(f"sqlite://{path}/store.db"), KeySealer(os.urandom(32)))
+    state.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
+    for index, name in enumerate(names):
+        run(state.add_node(name, f"https://127.0.0.1:{9500 + index}", utc_now()))
+    try:
+        yield state
+    finally:
+        state.store.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 from asyncio import run
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from certfactory import CA
+from inprocess import state_with_nodes
 
 from clustercert.clock import iso
 from clustercert.control.agents import NodeAgent
@@ -30,8 +30,6 @@ from clustercert.internode import (
     ServiceProof,
     StatusAnswer,
 )
-from clustercert.sealing import KeySealer
-from clustercert.store import open_store
 
 NODES = ("node-1", "node-2", "node-3")
 
@@ -117,13 +115,9 @@ def _record(generation: int) -> CertRecord:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[ClusterState]:
-    cluster = ClusterState(open_store(f"sqlite://{tmp_path}/store.db"), KeySealer(os.urandom(32)))
-    cluster.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
-    for index, name in enumerate(NODES):
-        run(cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC)))
-    run(cluster.put_certificate(_record(1)))
-    yield cluster
-    cluster.store.close()
+    with state_with_nodes(tmp_path, NODES) as cluster:
+        run(cluster.put_certificate(_record(1)))
+        yield cluster
 
 
 async def _settle() -> None:

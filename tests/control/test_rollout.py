@@ -12,8 +12,6 @@ step.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import os
 from asyncio import run
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -23,6 +21,7 @@ from typing import Any
 import pytest
 from certfactory import CA
 from cryptography import x509
+from inprocess import state_with_nodes
 
 from clustercert.control.agents import NodeAgent
 from clustercert.control.rollout import Coordinator
@@ -30,8 +29,6 @@ from clustercert.control.state import CertRecord, ClusterState, NodeRecord, Roll
 from clustercert.errors import AgentUnavailable, NodesNotUpdated
 from clustercert.internode import CommitAnswer, ServiceProof, StatusAnswer
 from clustercert.pki import fingerprint_sha256
-from clustercert.sealing import KeySealer
-from clustercert.store import open_store
 
 ACTOR = "admin@cluster.local"
 NODES = ("node-1", "node-2", "node-3")
@@ -101,12 +98,8 @@ class FakeAgents:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[ClusterState]:
-    cluster = ClusterState(open_store(f"sqlite://{tmp_path}/store.db"), KeySealer(os.urandom(32)))
-    cluster.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
-    for index, name in enumerate(NODES):
-        run(cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC)))
-    yield cluster
-    cluster.store.close()
+    with state_with_nodes(tmp_path, NODES) as cluster:
+        yield cluster
 
 
 @pytest.fixture

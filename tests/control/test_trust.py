@@ -10,8 +10,6 @@ phases) and the after_trust step of tests/test_reliability.py (a control plane k
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import os
 from asyncio import run
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 from certfactory import CA
 from cryptography import x509
+from inprocess import state_with_nodes
 
 from clustercert.control.agents import NodeAgent
 from clustercert.control.rollout import Coordinator
@@ -28,8 +27,6 @@ from clustercert.control.trust import TrustKeeper
 from clustercert.errors import AgentUnavailable, NodesNotUpdated
 from clustercert.internode import CommitAnswer, ServiceProof, StatusAnswer, TrustAnswer
 from clustercert.pki import fingerprint_sha256
-from clustercert.sealing import KeySealer
-from clustercert.store import open_store
 from clustercert.validation import TrustStore
 
 ACTOR = "admin@cluster.local"
@@ -87,12 +84,8 @@ class TrustingAgents:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[ClusterState]:
-    cluster = ClusterState(open_store(f"sqlite://{tmp_path}/store.db"), KeySealer(os.urandom(32)))
-    cluster.store.put("meta/cluster", '{"name": "cluster.local"}', expect_revision=0)
-    for index, name in enumerate(NODES):
-        run(cluster.add_node(name, f"https://127.0.0.1:{9500 + index}", dt.datetime.now(dt.UTC)))
-    yield cluster
-    cluster.store.close()
+    with state_with_nodes(tmp_path, NODES) as cluster:
+        yield cluster
 
 
 def _coordinator(state: ClusterState, agents: TrustingAgents) -> Coordinator:
