@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from clusterkit import api, proxy_body, put, served_fingerprint, thaw, wait_until
+from clusterkit import api, proxy_body, put, redis_admin, served_fingerprint, thaw, wait_until
 from conftest import start_cluster
 
 from clustercert.cli import main
@@ -24,7 +24,10 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCluster]:
-    cluster = start_cluster(tmp_path_factory, 2)
+    # A short watch resync: a frozen agent keeps its watch connection open (the kernel still
+    # answers for it), so it is seen unreachable when its watch is due again and its status
+    # call times out: within --watch-resync + --agent-timeout.
+    cluster = start_cluster(tmp_path_factory, 2, "--watch-resync", "3")
     try:
         yield cluster
     finally:
@@ -159,6 +162,9 @@ def test_remove_a_node_then_update_without_it(two: DemoCluster) -> None:
         event = client.get("/v1/cluster/certificates/events").json()["events"][0]  # newest
     assert event["action"] == "remove" and event["who"] == "admin@cluster.local"
     assert event["node_id"] == gone["uid"] and event["agent_url"] == gone["agent_url"]
+    # Decommissioning the machine is the operator's: its redis stops replicating from the
+    # cluster's primary (else the primary's link proof would wait for a replica nobody manages).
+    redis_admin(node2).execute_command("REPLICAOF", "NO", "ONE")
     body, fingerprint = proxy_body()
     updated = put(two, body)
     assert updated.status_code == 200, updated.text
