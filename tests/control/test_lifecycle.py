@@ -250,9 +250,12 @@ class Pinger(threading.Thread):
     """Opens a new verifying TLS connection to a redis and PINGs, over and over, until
     stopped (bounded: at most ``limit`` connections). Every failure is kept."""
 
-    def __init__(self, port: int, ca_file: str, limit: int = 20_000) -> None:
+    def __init__(
+        self, port: int, ca_file: str, client: tuple[Path, Path], limit: int = 20_000
+    ) -> None:
         super().__init__(daemon=True)
         self.port, self.ca_file, self.limit = port, ca_file, limit
+        self.cert_file, self.key_file = client  # redis requires a client certificate
         self.stop = threading.Event()
         self.ok = 0
         self.failures: list[str] = []
@@ -264,6 +267,7 @@ class Pinger(threading.Thread):
             client = redis.Redis(
                 host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=self.ca_file,
                 ssl_cert_reqs="required", ssl_check_hostname=True, socket_timeout=10,
+                ssl_certfile=str(self.cert_file), ssl_keyfile=str(self.key_file),
             )  # fmt: skip
             try:
                 assert client.ping()
@@ -279,7 +283,10 @@ def test_internal_certificates_are_renewed_before_expiry_without_a_failed_connec
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     cluster = _start(tmp_path_factory, 2, internal_validity=dt.timedelta(minutes=2))
-    pingers = [Pinger(n.redis_port, str(cluster.cluster.ca_file)) for n in cluster.nodes]
+    pingers = [
+        Pinger(n.redis_port, str(cluster.cluster.ca_file), cluster.redis_client)
+        for n in cluster.nodes
+    ]
     try:
         with api(cluster) as client:
             first = client.get("/v1/cluster/certificates/proxy").json()
