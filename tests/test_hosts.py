@@ -212,13 +212,13 @@ def test_name_mismatch_is_told_apart_and_advertise_fixes_it(tmp_path: Path) -> N
         other = tmp_path / "other-ca.pem"
         other.write_text(CA.new().cert_pem)
         untrusted = _list(url, other)
-        assert "presented a certificate that cannot be verified" in untrusted.stderr
-        assert "pass the cluster's CA with --ca-file" in untrusted.stderr
+        assert "api_certificate_untrusted: cannot verify the certificate" in untrusted.stderr
+        assert "pass the CA that issued it with --ca-file" in untrusted.stderr
     finally:
         _stop(server)
     # Nothing listens any more: unreachable, which is neither of the above.
     gone = _list(url, ca_file)
-    assert f"cannot reach the API at {url}: ConnectError" in gone.stderr
+    assert f"api_unreachable: cannot connect to {url}: connection refused" in gone.stderr
 
     server = _server(directory, f"127.0.0.2:{port}", "--advertise", url)
     try:
