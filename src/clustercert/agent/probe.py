@@ -87,29 +87,30 @@ async def probe(
     ``anchors_pem`` (the roots the certificate's clients trust) the handshake with SNI is a
     verifying one, as a client's would be: ok also requires that it verifies."""
     address = f"{host}:{port}"
-    served: str | None = None
-    try:
-        # Both handshakes at once (each in its own worker thread): the wall time of one.
-        names = (None, sni)
-        both = await asyncio.gather(
-            served_fingerprint(host, port, None, timeout),
-            served_fingerprint(host, port, sni, timeout, anchors_pem),
-        )
-        for server_name, served in zip(names, both, strict=True):
-            if served != expected:
-                with_sni = f"with SNI {server_name!r}" if server_name else "without SNI"
-                return ProbeResult(
-                    address,
-                    served,
-                    False,
-                    f"{address} still serves {served[:16]}… {with_sni}, expected {expected[:16]}…",
-                )
-    except ssl.SSLCertVerificationError as exc:
+    # Both handshakes at once (each in its own worker thread): the wall time of one.
+    plain, verifying = await asyncio.gather(
+        served_fingerprint(host, port, None, timeout),
+        served_fingerprint(host, port, sni, timeout, anchors_pem),
+        return_exceptions=True,
+    )
+    # What is served decides first: a service still serving the old certificate says so,
+    # whether or not a verifying client would accept that old one.
+    for server_name, answer in ((None, plain), (sni, verifying)):
+        if isinstance(answer, str) and answer != expected:
+            with_sni = f"with SNI {server_name!r}" if server_name else "without SNI"
+            error = f"{address} still serves {answer[:16]}… {with_sni}, expected {expected[:16]}…"
+            return ProbeResult(address, answer, False, error)
+    served = plain if isinstance(plain, str) else None
+    if isinstance(verifying, ssl.SSLCertVerificationError):
         error = (
             f"{address} serves a chain that a verifying client refuses: "
-            f"{exc.verify_message or exc.reason}"
+            f"{verifying.verify_message or verifying.reason}"
         )
         return ProbeResult(address, served, False, error, verified=False)
-    except (OSError, ssl.SSLError, TimeoutError) as exc:
-        return ProbeResult(address, served, False, f"handshake with {address} failed: {exc!r}")
+    for failure in (plain, verifying):
+        if isinstance(failure, BaseException):
+            if not isinstance(failure, (OSError, ssl.SSLError, TimeoutError)):
+                raise failure
+            error = f"handshake with {address} failed: {failure!r}"
+            return ProbeResult(address, served, False, error)
     return ProbeResult(address, served, True, verified=True if anchors_pem else None)
