@@ -76,8 +76,11 @@ class Cluster:
         with (self.logs / "server.log").open("ab") as log:
             self.server = self.network.spawn(
                 "cp",
+                # A short watch resync: a node behind a cut link keeps its idle watch
+                # connection until it is due again, so it is seen unreachable within
+                # --watch-resync + --agent-timeout (TCP keepalive alone takes about a minute).
                 clustercert("server", "--dir", str(self.cp_dir), "--listen", "0.0.0.0:9443",
-                            "--agent-timeout", "3"),
+                            "--agent-timeout", "3", "--watch-resync", "3"),
                 log=log, env=env,
             )  # fmt: skip
         self.wait_nodes("isinstance(nodes, list)", 60)
