@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,10 @@ def start_cluster(
     nodes: int = 3,
     *server_args: str,
     redis: str = "replicated",
+    **options: Any,
 ) -> DemoCluster:
+    """A running DemoCluster on free ports; ``options`` go to DemoCluster (e.g.
+    ``internal_validity``)."""
     cluster = DemoCluster(
         tmp_path_factory.mktemp("cluster"),
         nodes_count=nodes,
@@ -23,6 +27,7 @@ def start_cluster(
         admin_password=ADMIN_PASSWORD,
         server_args=tuple(server_args),
         redis=redis,
+        **options,
     )
     try:
         cluster.start()

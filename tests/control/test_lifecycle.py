@@ -21,7 +21,7 @@ import pytest
 import redis
 from certfactory import CA
 from clusterkit import api, served_by_node, wait_until
-from conftest import ADMIN_PASSWORD
+from conftest import start_cluster
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from webhook_receiver import Receiver, webhook_receiver
@@ -29,24 +29,11 @@ from webhook_receiver import Receiver, webhook_receiver
 from clustercert import pki
 from clustercert.cli import main
 from clustercert.clock import parse_iso
-from clustercert.demo import DemoCluster, free_port
+from clustercert.demo import DemoCluster
 
 pytestmark = pytest.mark.cluster
 
 CLUSTER_ALERT = "cluster_certs_about_to_expire"
-
-
-def _start(tmp_path_factory: pytest.TempPathFactory, nodes: int, **options: Any) -> DemoCluster:
-    cluster = DemoCluster(
-        tmp_path_factory.mktemp("lifecycle"), nodes_count=nodes, api_port=free_port(),
-        admin_password=ADMIN_PASSWORD, **options,
-    )  # fmt: skip
-    try:
-        cluster.start()
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +45,7 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def alerting(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[DemoCluster]:
     """One node, default validity, trusting the test webhook receiver's CA."""
-    cluster = _start(tmp_path_factory, 1, server_args=("--webhook-ca-file", str(receiver.ca_file)))
+    cluster = start_cluster(tmp_path_factory, 1, "--webhook-ca-file", str(receiver.ca_file))
     yield cluster
     cluster.stop()
 
@@ -282,7 +269,7 @@ class Pinger(threading.Thread):
 def test_internal_certificates_are_renewed_before_expiry_without_a_failed_connection(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    cluster = _start(tmp_path_factory, 2, internal_validity=dt.timedelta(minutes=2))
+    cluster = start_cluster(tmp_path_factory, 2, internal_validity=dt.timedelta(minutes=2))
     pingers = [
         Pinger(n.redis_port, str(cluster.cluster.ca_file), cluster.redis_client)
         for n in cluster.nodes
@@ -338,7 +325,7 @@ def test_a_node_down_delays_the_renewal_and_nothing_changes_until_it_is_back(
     """With node-2's agent stopped, the job's renewal cannot stage there: it is aborted (no
     node changes, the desired certificates stay) and retried after its backoff (30 s). Once
     node-2 is back, the retry renews on both nodes, before the old certificates expire."""
-    cluster = _start(tmp_path_factory, 2, internal_validity=dt.timedelta(minutes=3))
+    cluster = start_cluster(tmp_path_factory, 2, internal_validity=dt.timedelta(minutes=3))
     try:
         down = cluster.nodes[1]
         assert down.process is not None
