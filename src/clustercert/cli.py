@@ -687,6 +687,100 @@ def alerts(**options: Any) -> None:
     Console(width=200).print(table)
 
 
+# --- the internal CA (over the REST API; docs/ca-rotation.md) ----------------------------------
+
+
+@cli.group("ca")
+def ca_group() -> None:
+    """See and rotate the cluster's internal CA."""
+
+
+def _ca_line(answer: dict[str, Any]) -> str:
+    waiting = answer.get("waiting_for_nodes") or []
+    line = f"phase {answer['phase']}"
+    if waiting:
+        reasons = {n["name"]: n.get("error") for n in answer.get("nodes", [])}
+        line += "; waiting for " + ", ".join(
+            f"{n} ({reasons[n]})" if reasons.get(n) else n for n in waiting
+        )
+    return line
+
+
+def _print_ca(answer: dict[str, Any]) -> None:
+    click.echo(f"internal CA {answer['fingerprint']} ({answer['subject']}), "
+               f"valid until {answer['not_after']}")  # fmt: skip
+    click.echo(f"trusted: {', '.join(_fingerprint(f) for f in answer['trusted'])}")
+    if answer["rotating"]:
+        click.echo(f"rotation #{answer['rotation']} to {answer['new_fingerprint']}, started "
+                   f"{answer['started_at']} by {answer['started_by']}: {_ca_line(answer)}")  # fmt: skip
+        for node in answer["nodes"]:
+            click.echo(f"  {node['name']}: " + ", ".join(
+                f"{k}={v}" for k, v in sorted(node.items()) if k not in ("uid", "name")
+            ))  # fmt: skip
+    elif answer["rotation"]:
+        click.echo(f"last rotation #{answer['rotation']} finished {answer['finished_at']}")
+
+
+@ca_group.command("status")
+@client_options
+def ca_status(**options: Any) -> None:
+    """The internal CA and the rotation's progress per node (GET /v1/cluster/ca)."""
+    as_json = options.pop("as_json")
+    with _client(options) as client:
+        answer = client.call("GET", "/v1/cluster/ca")
+    if as_json:
+        _echo_json(answer)
+    else:
+        _print_ca(answer)
+
+
+@ca_group.command("rotate")
+@click.option("--no-wait", is_flag=True, help="Start the rotation and return at once.")
+@click.option(
+    "--timeout", type=float, default=600.0, show_default=True,
+    help="Seconds to follow the phases before returning (the rotation goes on regardless).",
+)  # fmt: skip
+@client_options
+def ca_rotate(no_wait: bool, timeout: float, **options: Any) -> None:
+    """Replace the internal CA every node trusts (POST /v1/cluster/ca/rotate), in phases that
+    keep every node in contact; prints each phase until it is done."""
+    import time
+
+    from clustercert.errors import ApiCertificateUntrusted
+
+    as_json = options.pop("as_json")
+    with _client(options.copy()) as client:
+        answer = client.call("POST", "/v1/cluster/ca/rotate")
+    if not as_json:
+        click.echo(f"rotation #{answer['rotation']} started: new CA {answer['new_fingerprint']}")
+    last, deadline = "", time.monotonic() + timeout
+    while not no_wait and answer["rotating"] and time.monotonic() < deadline:
+        line = _ca_line(answer)
+        if line != last and not as_json:
+            click.echo(line)
+        last = line
+        time.sleep(1.0)
+        try:
+            # A new client each time: the API's certificate is re-issued by the new CA on
+            # the way, and ca.pem (the cluster directory's) holds both CAs by then.
+            with _client(options.copy()) as client:
+                answer = client.call("GET", "/v1/cluster/ca")
+        except ApiCertificateUntrusted as exc:
+            raise ApiCertificateUntrusted(
+                f"{exc.description}. The API now serves a certificate from the new CA: use the "
+                "cluster directory's ca.pem (it holds both during the rotation); the rotation "
+                "goes on (`clustercert ca status`)"
+            ) from None
+    if as_json:
+        _echo_json(answer)
+    elif answer["rotating"]:
+        click.echo(f"still rotating ({_ca_line(answer)}); the control plane goes on by itself: "
+                   "follow it with `clustercert ca status`")  # fmt: skip
+    else:
+        click.echo(f"done: the internal CA is {answer['fingerprint']}; every node trusts only "
+                   f"it ({answer['rollouts']} certificate rollout(s))")  # fmt: skip
+
+
 # --- nodes (over the REST API; docs/deploy.md) -------------------------------------------------
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "ApiCertificateUntrusted",
     "ApiUnreachable",
     "BadRequest",
+    "CaRotationInProgress",
     "CertificateExpired",
     "CertificateNotFound",
     "CertificateRejected",
@@ -336,6 +337,14 @@ class GenerationMismatch(ClusterCertError):
 
 class UpdateInProgress(ClusterCertError):
     error_code = "update_in_progress"
+    http_status = 409
+    exit_code = EXIT_NOT_UPDATED
+
+
+class CaRotationInProgress(ClusterCertError):
+    """``POST /v1/cluster/ca/rotate`` while a rotation of the internal CA is not finished."""
+
+    error_code = "ca_rotation_in_progress"
     http_status = 409
     exit_code = EXIT_NOT_UPDATED
 

@@ -47,8 +47,13 @@ __all__ = [
     "MAX_WATCH_SECONDS",
     "METRICS_SCRAPER_URI",
     "AbortAnswer",
+    "CaAnswer",
+    "CaRequest",
     "CertificateStatus",
     "CommitAnswer",
+    "CsrAnswer",
+    "IdentityAnswer",
+    "IdentityRequest",
     "LinkProof",
     "MessageError",
     "RemoveAnswer",
@@ -483,6 +488,10 @@ class StatusAnswer:
     # agent that does not report them.
     pinned: tuple[str, ...] | None = None
     boot_id: str | None = None
+    # The SHA-256 fingerprint of the node's internode identity, and of every CA its ``ca.pem``
+    # holds (the CAs it trusts for the control plane): the internal CA rotation reads them.
+    identity: str | None = None
+    ca: tuple[str, ...] | None = None
 
     @classmethod
     def from_json(cls, data: object) -> StatusAnswer:
@@ -490,7 +499,7 @@ class StatusAnswer:
             "status answer",
             data,
             ("node_id", "name", "certificates"),
-            ("redis_pid", "pinned", "boot_id"),
+            ("redis_pid", "pinned", "boot_id", "identity", "ca"),
         )
         return cls(
             fields.number("node_id"),
@@ -502,6 +511,8 @@ class StatusAnswer:
             fields.optional_number("redis_pid"),
             fields.texts("pinned") if "pinned" in fields.data else None,
             fields.optional_text("boot_id"),
+            fields.optional_text("identity"),
+            fields.texts("ca") if "ca" in fields.data else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -512,6 +523,8 @@ class StatusAnswer:
             "redis_pid": self.redis_pid,
             **({"pinned": list(self.pinned)} if self.pinned is not None else {}),
             **({"boot_id": self.boot_id} if self.boot_id is not None else {}),
+            **({"identity": self.identity} if self.identity is not None else {}),
+            **({"ca": list(self.ca)} if self.ca is not None else {}),
         }
         return answer
 
@@ -555,3 +568,94 @@ class TrustAnswer:
             "pinned": list(self.pinned),
             "bundles": {s: list(r) for s, r in self.bundles.items()},
         }
+
+
+@dataclass(frozen=True)
+class CaRequest:
+    """The internal CA certificates (PEM, one each) the node must trust from now on: its
+    ``ca.pem`` (the control plane's client certificates, redis trust bundles). During an
+    internal CA rotation it holds the old and the new CA, afterwards the new one only."""
+
+    certificates: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: object) -> CaRequest:
+        fields = _Fields("ca request", data, ("certificates",))
+        certificates = fields.texts("certificates")
+        if not certificates:
+            raise MessageError("ca request: certificates must not be empty")
+        return cls(certificates)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"certificates": list(self.certificates)}
+
+
+@dataclass(frozen=True)
+class CaAnswer:
+    """What the node trusts after a CA request: the fingerprints in its ``ca.pem`` (which its
+    internode listener now verifies client certificates against), and per service with a
+    trust bundle, the fingerprints in the bundle it loaded."""
+
+    ca: tuple[str, ...]
+    bundles: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def from_json(cls, data: object) -> CaAnswer:
+        fields = _Fields("ca answer", data, ("ca", "bundles"))
+        bundles: dict[str, tuple[str, ...]] = {}
+        for service, roots in fields.mapping("bundles").items():
+            if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+                raise MessageError(f"ca answer: bundles.{service} must be a list of strings")
+            bundles[str(service)] = tuple(roots)
+        return cls(fields.texts("ca"), bundles)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ca": list(self.ca), "bundles": {s: list(r) for s, r in self.bundles.items()}}
+
+
+@dataclass(frozen=True)
+class CsrAnswer:
+    """A certificate signing request for the node's next internode identity (its key stays on
+    the node, ``identity/next-key.pem``), and the fingerprint of the identity it serves now."""
+
+    csr: str
+    identity: str
+
+    @classmethod
+    def from_json(cls, data: object) -> CsrAnswer:
+        fields = _Fields("csr answer", data, ("csr", "identity"))
+        return cls(fields.text("csr"), fields.text("identity"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"csr": self.csr, "identity": self.identity}
+
+
+@dataclass(frozen=True)
+class IdentityRequest:
+    """The node's new internode identity (PEM chain, leaf first), signed from its CSR."""
+
+    certificate: str
+
+    @classmethod
+    def from_json(cls, data: object) -> IdentityRequest:
+        fields = _Fields("identity request", data, ("certificate",))
+        return cls(fields.text("certificate"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"certificate": self.certificate}
+
+
+@dataclass(frozen=True)
+class IdentityAnswer:
+    """The fingerprint of the identity the node's internode listener serves to new
+    handshakes."""
+
+    identity: str
+
+    @classmethod
+    def from_json(cls, data: object) -> IdentityAnswer:
+        fields = _Fields("identity answer", data, ("identity",))
+        return cls(fields.text("identity"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"identity": self.identity}

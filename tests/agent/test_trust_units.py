@@ -74,7 +74,9 @@ def test_the_root_of_a_chain_without_it_comes_from_the_anchors() -> None:
 def test_roots_to_add_skip_the_pinned_and_the_internal_ca() -> None:
     internal, pinned, new = CA.new(), CA.new(), CA.new()
     chains = [ca.issue("r", sans=["r"]).full_chain_pem for ca in (internal, pinned, new, new)]
-    added = roots_to_add(chains, {_fp(pinned.cert): pinned.cert}, TrustStore.of([]), internal.cert)
+    added = roots_to_add(
+        chains, {_fp(pinned.cert): pinned.cert}, TrustStore.of([]), [internal.cert]
+    )
     assert added == {_fp(new.cert): new.cert}
 
 

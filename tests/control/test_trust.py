@@ -89,7 +89,7 @@ def state(tmp_path: Path) -> Iterator[ClusterState]:
 
 
 def _coordinator(state: ClusterState, agents: TrustingAgents) -> Coordinator:
-    keeper = TrustKeeper(state, agents, TrustStore.of([INTERNAL.cert]), INTERNAL.cert)
+    keeper = TrustKeeper(state, agents, TrustStore.of([INTERNAL.cert]), [INTERNAL.cert])
     return Coordinator(state, agents, trust=keeper)
 
 

@@ -45,6 +45,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.discovery import control_plane_context, explain_join_failure
+from clustercert.agent.identity import (
+    IdentityRefused,
+    ca_fingerprints,
+    install,
+    pending_csr,
+    recover,
+    write_ca,
+)
 from clustercert.agent.metrics import MetricsListener, NodeLabels
 from clustercert.agent.services import CommandService, RedisService, ReloadFailed, Service
 from clustercert.agent.trust import PinnedRoots, chain_roots
@@ -54,8 +62,13 @@ from clustercert.internode import (
     CONTROL_PLANE_URI,
     MAX_WATCH_SECONDS,
     AbortAnswer,
+    CaAnswer,
+    CaRequest,
     CertificateStatus,
     CommitAnswer,
+    CsrAnswer,
+    IdentityAnswer,
+    IdentityRequest,
     LinkProof,
     MessageError,
     RemoveAnswer,
@@ -71,7 +84,7 @@ from clustercert.internode import (
     has_identity,
 )
 from clustercert.jointoken import JoinToken
-from clustercert.tls import expose_peer_certificate, server_context
+from clustercert.tls import ReloadableServerContext, expose_peer_certificate, server_context
 
 __all__ = ["Agent", "Identity", "run_agent"]
 
@@ -93,6 +106,7 @@ class Identity:
         meta = directory / "node.json"
         if not meta.exists():
             return None
+        recover(directory)  # a renewal a crash interrupted (agent/identity.py)
         raw = json.loads(meta.read_text())
         return cls(
             int(raw["node_id"]),
@@ -191,6 +205,9 @@ class Agent:
         self.pinned = PinnedRoots(config.data_dir / "trust")
         self.boot_id = secrets.token_hex(8)  # this incarnation (StatusAnswer.boot_id)
         self.stopping = asyncio.Event()  # set when the agent begins to stop: watches end
+        # The internode listener's context: swapped for new handshakes when the identity or
+        # the trusted CAs change (an internal CA rotation); set once the listener is built.
+        self.listener: ReloadableServerContext | None = None
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -330,7 +347,63 @@ class Agent:
             redis_pids[0] if redis_pids else None,
             tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
             self.boot_id,
+            _leaf_fingerprint(self.identity.cert_file.read_text()),
+            ca_fingerprints(self.identity.ca_file),
         )
+
+    # --- internal CA rotation (docs/ca-rotation.md) ------------------------------------
+
+    def _reload_listener(self) -> None:
+        """New handshakes on the internode listener get the identity and CAs on disk now."""
+        if self.listener is not None:
+            self.listener.reload(self.identity.cert_file, self.identity.key_file)
+
+    async def set_ca(self, request: CaRequest) -> CaAnswer:
+        """Trust exactly ``request.certificates`` as the internal CA: ``ca.pem``, the
+        listener's client CAs (new handshakes), and every redis trust bundle. If a bundle is
+        refused, the previous ``ca.pem`` is restored and the request refused."""
+        try:
+            cas = [x509.load_pem_x509_certificate(p.encode()) for p in request.certificates]
+        except ValueError as exc:
+            raise MessageError(f"ca request: a certificate is not PEM: {exc}") from None
+        if not all(pki.is_self_signed(c) for c in cas):
+            raise MessageError("ca request: every certificate must be a self-signed CA")
+        async with self._lock:
+            before = self.identity.ca_file.read_bytes()
+            write_ca(self.identity.ca_file, cas)
+            try:
+                self._reload_listener()
+                bundles = await self._refresh_trust()
+            except (ReloadFailed, ssl.SSLError, OSError) as exc:
+                write_atomically(self.identity.ca_file, before, 0o644)
+                self._reload_listener()
+                with contextlib.suppress(ReloadFailed):
+                    await self._refresh_trust()
+                raise StageRejected(f"the new internal CA bundle was refused: {exc}") from exc
+            log.info("internal CA: trusting %d CA certificate(s)", len(cas))
+            return CaAnswer(ca_fingerprints(self.identity.ca_file), bundles)
+
+    async def identity_csr(self) -> CsrAnswer:
+        """A CSR for the next identity (the key is made here and never leaves the node)."""
+        async with self._lock:
+            directory = self.identity.cert_file.parent
+            csr = await asyncio.to_thread(pending_csr, directory, self.config.name)
+            return CsrAnswer(csr, _leaf_fingerprint(self.identity.cert_file.read_text()))
+
+    async def set_identity(self, request: IdentityRequest) -> IdentityAnswer:
+        """Install the signed identity and serve it to new internode handshakes (open
+        connections keep theirs). Idempotent."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(
+                    install, self.identity.cert_file.parent, request.certificate
+                )
+            except IdentityRefused as exc:
+                raise StageRejected(str(exc)) from exc
+            self._reload_listener()
+            served = _leaf_fingerprint(self.identity.cert_file.read_text())
+            log.info("internode identity is now %s", served[:16])
+            return IdentityAnswer(served)
 
     async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
         """The control plane's long-poll: the status once ``wait`` seconds (at most
@@ -542,12 +615,25 @@ def build_app(agent: Agent) -> Starlette:
     async def remove(request: Request) -> JSONResponse:
         return answer(await agent.remove(certificate_name(request.path_params["name"])))
 
-    async def trust(request: Request) -> JSONResponse:
+    async def body(request: Request) -> object:
         try:
-            data = json.loads(await request.body())
+            return json.loads(await request.body())
         except ValueError as exc:
             raise MessageError(f"the body is not JSON: {exc}") from None
-        return answer(await agent.trust(TrustRequest.from_json(data)))
+
+    async def trust(request: Request) -> JSONResponse:
+        return answer(await agent.trust(TrustRequest.from_json(await body(request))))
+
+    async def ca(request: Request) -> JSONResponse:
+        request_ = CaRequest.from_json(await body(request))
+        return JSONResponse((await agent.set_ca(request_)).to_json())
+
+    async def csr(request: Request) -> JSONResponse:
+        return JSONResponse((await agent.identity_csr()).to_json())
+
+    async def identity(request: Request) -> JSONResponse:
+        request_ = IdentityRequest.from_json(await body(request))
+        return JSONResponse((await agent.set_identity(request_)).to_json())
 
     async def rejected(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
@@ -566,6 +652,9 @@ def build_app(agent: Agent) -> Starlette:
             Route("/internal/certificates/{name}/{generation}", abort, methods=["DELETE"]),
             Route("/internal/certificates/{name}", remove, methods=["DELETE"]),
             Route("/internal/trust", trust, methods=["PUT"]),
+            Route("/internal/ca", ca, methods=["PUT"]),
+            Route("/internal/identity/csr", csr, methods=["POST"]),
+            Route("/internal/identity", identity, methods=["PUT"]),
         ],
         exception_handlers={
             StageRejected: rejected,
@@ -583,6 +672,14 @@ def internode_server_context(identity: Identity) -> ssl.SSLContext:
     Node identities allow serverAuth only, so a node cannot call another node; the control
     plane's identity allows clientAuth (see docs/decisions.md)."""
     return server_context(
+        identity.cert_file, identity.key_file, client_ca=identity.ca_file, require_client=True
+    )
+
+
+def internode_listener_context(identity: Identity) -> ReloadableServerContext:
+    """:func:`internode_server_context`, swappable for new handshakes (an internal CA
+    rotation replaces the identity and the trusted CAs without a restart)."""
+    return ReloadableServerContext(
         identity.cert_file, identity.key_file, client_ca=identity.ca_file, require_client=True
     )
 
@@ -619,7 +716,8 @@ async def _serve(config: AgentConfig) -> None:
         await agent.start()
         if stopping.is_set():
             return
-        context = internode_server_context(identity)
+        agent.listener = internode_listener_context(identity)
+        context = agent.listener.base
         server = _AgentServer(
             uvicorn.Config(
                 build_app(agent),

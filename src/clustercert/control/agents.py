@@ -22,7 +22,12 @@ from clustercert.control.state import NodeRecord
 from clustercert.errors import AgentUnavailable
 from clustercert.internode import (
     AbortAnswer,
+    CaAnswer,
+    CaRequest,
     CommitAnswer,
+    CsrAnswer,
+    IdentityAnswer,
+    IdentityRequest,
     MessageError,
     RemoveAnswer,
     StageAnswer,
@@ -73,9 +78,14 @@ class Agents(Protocol):
         ...
 
 
-def internode_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """Trust only the internal CA; present the control plane's clientAuth identity."""
-    ctx = ssl.create_default_context(cafile=str(ca_file))
+def internode_client_context(
+    ca_file: Path | None, cert_file: Path, key_file: Path, ca_pem: str | None = None
+) -> ssl.SSLContext:
+    """Trust only the internal CA (``ca_file``, or the certificates of ``ca_pem``); present the
+    control plane's clientAuth identity."""
+    ctx = ssl.create_default_context(
+        cafile=str(ca_file) if ca_file is not None else None, cadata=ca_pem
+    )
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
@@ -214,6 +224,38 @@ class AgentClient:
         except _NoSuchCall:
             return None
 
+    # --- internal CA rotation (control/carotation.py) -------------------------------------
+
+    async def set_ca(self, certificates: Sequence[str]) -> CaAnswer:
+        """Make ``certificates`` the node's internal CA bundle; the answer proves it."""
+        return await self._call(
+            "internal CA bundle",
+            "PUT",
+            "/internal/ca",
+            CaAnswer.from_json,
+            CaRequest(tuple(certificates)).to_json(),
+        )
+
+    async def identity_csr(self) -> CsrAnswer:
+        """A CSR for the node's next internode identity (its key stays on the node)."""
+        return await self._call(
+            "identity CSR", "POST", "/internal/identity/csr", CsrAnswer.from_json, {}
+        )
+
+    async def set_identity(self, certificate: str) -> IdentityAnswer:
+        """Install the node's signed next identity; the answer names what it now serves."""
+        return await self._call(
+            "identity",
+            "PUT",
+            "/internal/identity",
+            IdentityAnswer.from_json,
+            IdentityRequest(certificate).to_json(),
+        )
+
+    def use_context(self, context: ssl.SSLContext) -> None:
+        """New connections use ``context``; open ones keep the identity they were made with."""
+        self._connections.context = context
+
     async def aclose(self) -> None:
         await self._connections.aclose()
 
@@ -251,6 +293,13 @@ class AgentPool:
         client = self._clients.pop(node_id, None)
         if client is not None:
             await client.aclose()
+
+    def use_context(self, context: ssl.SSLContext) -> None:
+        """Connect with ``context`` from now on (the internal CA rotation changes the identity
+        presented and the CAs trusted); kept-alive connections and watches go on as they are."""
+        self.context = context
+        for client in self._clients.values():
+            client.use_context(context)
 
     def _unavailable(self, node_id: int) -> None:
         if self.on_unavailable is not None:

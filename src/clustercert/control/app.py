@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from clustercert.control.http import install_error_handlers
 from clustercert.control.plane import ControlPlane
-from clustercert.control.routes import certificates, cluster, meta, nodes, users
+from clustercert.control.routes import ca, certificates, cluster, meta, nodes, users
 
 __all__ = ["build_app"]
 
@@ -23,6 +23,6 @@ def build_app(cp: ControlPlane) -> FastAPI:
     )
     app.state.control_plane = cp
     install_error_handlers(app)
-    for module in (meta, certificates, cluster, nodes, users):
+    for module in (meta, certificates, cluster, ca, nodes, users):
         app.include_router(module.router)
     return app

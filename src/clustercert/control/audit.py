@@ -17,6 +17,7 @@ from clustercert.clock import iso
 
 __all__ = [
     "AuditEvent",
+    "CaEvent",
     "CertificateEvent",
     "NodeEvent",
     "SettingsEvent",
@@ -76,6 +77,19 @@ class TrustEvent(AuditEvent):
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "roots": list(self.roots),
                 "nodes": [dict(n) for n in self.nodes]}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CaEvent(AuditEvent):
+    """The internal CA rotation started (``start``) or entered a phase (``reissuing``,
+    ``switching``, ``retiring``, ``done``); ``old`` and ``new``: the CAs' fingerprints."""
+
+    old: str = ""
+    new: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "name": "internal_ca", "old_fingerprint": self.old,
+                "new_fingerprint": self.new}  # fmt: skip
 
 
 @dataclass(frozen=True)

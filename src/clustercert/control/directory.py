@@ -4,8 +4,11 @@ Layout::
 
     DIR/settings.json     cluster name, store URL, the control plane's names (``init --san``)
     DIR/store.db          the SQLite store (default backend)
-    DIR/ca.pem            the internal CA certificate (give it to clients as --ca-file)
+    DIR/ca.pem            the internal CA certificate (give it to clients as --ca-file); during
+                          an internal CA rotation, the new and the old CA (the new one first)
     DIR/ca.key            the internal CA key (0600)
+                          (both are copies: the store's ``ca/internal`` is authoritative, and
+                          the server rewrites them from it; docs/ca-rotation.md)
     DIR/cluster.key       AES-256-GCM key that seals private keys in the store (0600)
     DIR/control-plane/    the control plane's internode client identity (clientAuth only, URI SAN
                           urn:clustercert:control-plane: agents answer no other certificate)
@@ -30,11 +33,12 @@ from clustercert.clock import iso
 from clustercert.control.auth import hash_password
 from clustercert.control.state import (
     DEFAULT_INTERNAL_VALIDITY,
+    CaRecord,
     CertRecord,
     ClusterState,
     run_blocking,
 )
-from clustercert.errors import ConfigError
+from clustercert.errors import ConfigError, StoreConflict
 from clustercert.hosts import canonical_host, host_of, valid_san
 from clustercert.internode import CONTROL_PLANE_URI, METRICS_SCRAPER_URI, has_identity
 from clustercert.names import NAMES
@@ -44,9 +48,11 @@ from clustercert.store import Store, open_store
 __all__ = [
     "ClusterDirectory",
     "InitResult",
+    "adopt_ca",
     "check_sans",
     "init_cluster",
     "internal_sans",
+    "issue_control_plane_identity",
     "issue_internal",
     "issue_metrics_client",
     "reissue_internal",
@@ -153,9 +159,33 @@ class ClusterDirectory:
         with self.open_store() as store:
             return run_blocking(self.state(store).new_join_token(now, ttl))
 
+    def write_ca(self, certificates: Sequence[x509.Certificate], key_pem: str) -> bool:
+        """Make ``ca.pem`` hold ``certificates`` (the signing CA first) and ``ca.key`` the
+        signing CA's key, when they differ; return whether anything was written."""
+        pem = pki.certificates_to_pem(certificates).encode()
+        changed = False
+        if not self.ca_key_file.exists() or self.ca_key_file.read_bytes() != key_pem.encode():
+            write_atomically(self.ca_key_file, key_pem.encode())
+            changed = True
+        if not self.ca_file.exists() or self.ca_file.read_bytes() != pem:
+            write_atomically(self.ca_file, pem, 0o644)
+            changed = True
+        return changed
 
-def _write_identity(ca: pki.CertificateAuthority, path: Path, now: dt.datetime) -> None:
-    identity = pki.issue_leaf(
+    def write_identity(self, cert_pem: str, key_pem: str) -> bool:
+        """Make the control plane's identity files hold this pair, when they differ (the
+        key first: an interrupted write leaves a pair the next call completes)."""
+        if self.identity_cert.exists() and self.identity_cert.read_text() == cert_pem:
+            return False
+        self.identity_cert.parent.mkdir(mode=0o700, exist_ok=True)
+        write_atomically(self.identity_key, key_pem.encode())
+        write_atomically(self.identity_cert, cert_pem.encode(), 0o644)
+        return True
+
+
+def issue_control_plane_identity(ca: pki.CertificateAuthority, now: dt.datetime) -> pki.IssuedPair:
+    """The control plane's internode identity: clientAuth only, the control-plane URI SAN."""
+    return pki.issue_leaf(
         ca,
         "clustercert-control-plane",
         sans=(CONTROL_PLANE_URI,),
@@ -163,10 +193,37 @@ def _write_identity(ca: pki.CertificateAuthority, path: Path, now: dt.datetime) 
         now=now,
         validity=dt.timedelta(days=3650),
     )
-    (path / "control-plane").mkdir(mode=0o700, exist_ok=True)
-    directory = ClusterDirectory(path)
-    write_atomically(directory.identity_key, identity.key_pem.encode())
-    write_atomically(directory.identity_cert, identity.cert_pem.encode(), 0o644)
+
+
+def _write_identity(ca: pki.CertificateAuthority, path: Path, now: dt.datetime) -> None:
+    identity = issue_control_plane_identity(ca, now)
+    ClusterDirectory(path).write_identity(identity.cert_pem, identity.key_pem)
+
+
+def _idle_record(directory: ClusterDirectory) -> CaRecord:
+    ca = directory.ca()
+    return CaRecord(
+        phase="idle",
+        cert=ca.cert_pem,
+        key=ca.key_pem,
+        identity_cert=directory.identity_cert.read_text(),
+        identity_key=directory.identity_key.read_text(),
+    )
+
+
+async def adopt_ca(state: ClusterState, directory: ClusterDirectory) -> CaRecord:
+    """The store's internal CA record; a store that has none (a cluster made before the CA
+    moved into the store) gets the directory's CA and identity, once (compare-and-set: when
+    two control planes start together, the first one's copy wins)."""
+    record = await state.ca_record()
+    if record is not None:
+        return record
+    try:
+        return await state.put_ca_record(_idle_record(directory), 0)
+    except StoreConflict:
+        adopted = await state.ca_record()
+        assert adopted is not None
+        return adopted
 
 
 def issue_metrics_client(directory: ClusterDirectory, now: dt.datetime) -> pki.IssuedPair:
@@ -297,6 +354,7 @@ def init_cluster(
     ]
 
     async def seed(state: ClusterState) -> None:
+        await state.put_ca_record(_idle_record(directory), 0)
         for record in records:
             await state.put_certificate(record)
         await state.create_user(admin_email, "admin", "admin", hash_password(password))

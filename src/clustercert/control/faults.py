@@ -20,7 +20,10 @@ Seam = Callable[[str, str], Awaitable[None]]  # (step, the node it happened on o
 
 FAULT_ENV = "CLUSTERCERT_FAULT"
 FAULT_STEPS = ("after_validation", "after_trust", "during_stage", "after_decision",
-               "during_commit", "before_response")  # fmt: skip
+               "during_commit", "before_response",
+               # the internal CA rotation (control/carotation.py): each phase's work is done
+               # on every node, the move to the next phase is not recorded yet
+               "ca_trusting", "ca_reissuing", "ca_switching", "ca_retiring")  # fmt: skip
 
 
 class FaultPlan:
@@ -34,8 +37,9 @@ class FaultPlan:
     Steps: after_validation (lock taken, nothing written), after_trust (a new root is pinned
     on every node, not yet recorded; only rollouts with a trust phase reach it), during_stage
     (the first node has staged), after_decision, during_commit (the first node has
-    committed), before_response (everything done, lock released). The reconciler never
-    reaches a seam.
+    committed), before_response (everything done, lock released), and for the internal CA
+    rotation ca_trusting, ca_reissuing, ca_switching, ca_retiring (the phase's work is done on
+    every node, the next phase is not recorded yet). The reconciler never reaches a seam.
     """
 
     def __init__(

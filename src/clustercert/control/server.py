@@ -24,7 +24,8 @@ from clustercert.clock import utc_now
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
-from clustercert.control.directory import ClusterDirectory, check_sans
+from clustercert.control.carotation import CaRotation, identity_in_use, signing_ca, trusted_cas
+from clustercert.control.directory import ClusterDirectory, adopt_ca, check_sans
 from clustercert.control.faults import FAULT_ENV, FaultPlan
 from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
@@ -33,12 +34,13 @@ from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.sankeeper import SanKeeper
-from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.state import CaRecord, CertRecord, ClusterState
 from clustercert.control.trust import TrustKeeper
 from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
 from clustercert.hosts import host_of, is_wildcard
 from clustercert.internode import CONTROL_PLANE_URI
+from clustercert.pki import certificates_to_pem
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 from clustercert.web.app import build_console
@@ -276,6 +278,16 @@ async def record_advertised(state: ClusterState, settings: ServerSettings) -> No
         )
 
 
+def _write_ca_files(directory: ClusterDirectory, record: CaRecord) -> None:
+    """The directory's copies of the store's CA: ``ca.pem`` (every CA trusted now, the signing
+    one first), ``ca.key`` (the signing CA's) and the identity this control plane presents."""
+    signing = signing_ca(record)
+    if directory.write_ca(trusted_cas(record), signing.key_pem):
+        log.info("wrote %s from the store's internal CA", directory.ca_file)
+    if directory.write_identity(*identity_in_use(record)):
+        log.info("wrote the control plane's internode identity from the store")
+
+
 def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
     """The system CAs, plus ``ca_file`` (a private CA that signed the webhook receiver)."""
     context = ssl.create_default_context()
@@ -293,13 +305,17 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     try:
         state = directory.state(store)
         await record_advertised(state, settings)
-        ca = directory.ca()
         if await asyncio.to_thread(directory.ensure_control_plane_identity, utc_now()):
             log.warning(
                 "reissued the control plane's internode identity with its URI SAN %s "
                 "(agents now refuse internal-CA client certificates without it)",
                 CONTROL_PLANE_URI,
             )
+        # The store's CA is authoritative; the directory's files are copies of it.
+        ca_record = await adopt_ca(state, directory)
+        await asyncio.to_thread(_write_ca_files, directory, ca_record)
+        ca = signing_ca(ca_record)
+        trusted = trusted_cas(ca_record)
         listener = ApiListener(
             directory,
             state,
@@ -316,7 +332,10 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             listeners.append(console_listener)
         pool = AgentPool(
             internode_client_context(
-                directory.ca_file, directory.identity_cert, directory.identity_key
+                None,
+                directory.identity_cert,
+                directory.identity_key,
+                certificates_to_pem(trusted),
             ),
             settings.agent_timeout,
         )
@@ -324,14 +343,15 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         fault = FaultPlan.parse(fault_spec, directory.run_dir) if fault_spec else None
         if fault is not None:
             log.warning("TEST-ONLY fault injection armed: %s", fault.describe())
-        trust = TrustStore.system(extra=[ca.cert])
+        trust = TrustStore.system(extra=trusted)
+        keeper = TrustKeeper(state, pool, trust, trusted)
         coordinator = Coordinator(
             state,
             pool,
             lock_wait=settings.lock_wait,
             on_committed=lambda records: _committed(listeners, records),
             fault=fault,
-            trust=TrustKeeper(state, pool, trust, ca.cert),
+            trust=keeper,
         )
         reconciler = Reconciler(
             coordinator,
@@ -376,7 +396,27 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             lifecycle=lifecycle,
             ca=ca,
             sankeeper=sankeeper,
+            ca_bundle_pem=certificates_to_pem(trusted),
         )
+
+        async def use_ca(record: CaRecord) -> None:
+            """Make this control plane sign, trust and present what ``record`` says."""
+            await asyncio.to_thread(_write_ca_files, directory, record)
+            signing, cas = signing_ca(record), trusted_cas(record)
+            bundle = certificates_to_pem(cas)
+            if bundle != control.ca_bundle_pem:
+                anchors = TrustStore.system(extra=cas)
+                control.trust = keeper.anchors = anchors
+                keeper.internal_cas = cas
+                control.ca_bundle_pem = bundle
+                log.info("internal CA: trusting %d CA(s) now", len(cas))
+            control.ca = lifecycle.ca = sankeeper.ca = signing
+            pool.use_context(
+                internode_client_context(None, directory.identity_cert, directory.identity_key,
+                                         bundle)
+            )  # fmt: skip
+
+        control.ca_rotation = CaRotation(state, pool, coordinator, directory, use_ca, fault=fault)
         server = uvicorn.Server(
             api_config(build_app(control), listener.context.base, settings.host, settings.port)
         )
@@ -387,7 +427,8 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         keeping = asyncio.create_task(sankeeper.run_forever())
         watching = asyncio.create_task(lifecycle.run_forever())
         notifying = asyncio.create_task(notifier.run())
-        tasks = [reconciling, following, keeping, watching, notifying]
+        rotating = asyncio.create_task(control.ca_rotation.run_forever())
+        tasks = [reconciling, following, keeping, watching, notifying, rotating]
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

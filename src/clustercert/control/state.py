@@ -16,6 +16,8 @@ Key layout (the store itself is layout-agnostic)::
                                    decided or retiring)
     rollouts/generations           per name, the highest generation ever staged (never reused)
     trust/roots                    the roots pinned in every redis trust bundle (control/trust.py)
+    ca/internal                    the internal CA (sealed key), the control plane's internode
+                                   identity, and the CA rotation's phase (control/carotation.py)
 
 Private keys are sealed (AES-GCM, :mod:`clustercert.sealing`) before they reach the store.
 """
@@ -46,6 +48,7 @@ __all__ = [
     "ROLLOUT_KEY",
     "TRUST_KEY",
     "AppliedRecord",
+    "CaRecord",
     "CertRecord",
     "ClusterState",
     "NodeRecord",
@@ -62,6 +65,7 @@ ROLLOUT_KEY = "rollouts/current"
 SETTINGS_KEY = "meta/settings"
 GENERATIONS_KEY = "rollouts/generations"
 TRUST_KEY = "trust/roots"
+CA_KEY = "ca/internal"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -189,6 +193,43 @@ class TrustRecord:
 
     roots: list[str] = field(default_factory=list)
     revision: int = 0  # 0: never written
+
+
+@dataclass(frozen=True)
+class CaRecord:
+    """The internal CA as the store holds it: the authority every control plane sharing the
+    store signs with and trusts (docs/decisions.md, "The internal CA lives in the store").
+
+    ``cert``/``key`` is the established CA and ``identity_cert``/``identity_key`` the control
+    plane's internode identity (clientAuth, issued by it). During a rotation ``new_*`` hold
+    the next CA and the control plane's next identity, and ``phase`` says how far the rotation
+    got (``trusting``, ``reissuing``, ``switching``, ``retiring``; ``idle`` before any
+    rotation, ``done`` after one). Keys are PEM here and sealed in the store."""
+
+    phase: str
+    cert: str
+    key: str
+    identity_cert: str
+    identity_key: str
+    new_cert: str | None = None
+    new_key: str | None = None
+    new_identity_cert: str | None = None
+    new_identity_key: str | None = None
+    rotation: int = 0  # how many rotations were started
+    actor: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    phase_started: dict[str, str] = field(default_factory=dict)  # phase -> when it began
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> progress
+    waiting: tuple[str, ...] = ()  # the nodes the current phase waits for, by name
+    rollouts: int = 0  # certificate rollouts this rotation ran
+    revision: int = 0
+
+    _KEYS = ("key", "identity_key", "new_key", "new_identity_key")
+
+    @property
+    def rotating(self) -> bool:
+        return self.new_cert is not None
 
 
 class ClusterState:
@@ -577,6 +618,33 @@ class ClusterState:
     @staticmethod
     def encode_trust(record: TrustRecord) -> str:
         return json.dumps({"roots": record.roots})
+
+    @_in_thread
+    def ca_record(self) -> CaRecord | None:
+        """The internal CA record, or None for a store that never had one (a cluster made
+        before the CA moved into the store: the server adopts the directory's files)."""
+        entry = self.store.get(CA_KEY)
+        if entry is None:
+            return None
+        raw = json.loads(entry.value)
+        for name in CaRecord._KEYS:
+            sealed = raw.pop(name + "_sealed", None)
+            raw[name] = self.sealer.open(sealed, f"{CA_KEY}/{name}") if sealed else None
+        raw["waiting"] = tuple(raw.get("waiting", ()))
+        return CaRecord(**raw, revision=entry.revision)
+
+    @_in_thread
+    def put_ca_record(self, record: CaRecord, expect_revision: int) -> CaRecord:
+        """Store ``record`` if the stored one is still at ``expect_revision`` (0: none yet);
+        raises StoreConflict (nothing written) otherwise. Returns it with its new revision."""
+        raw = asdict(record)
+        raw.pop("revision")
+        for name in CaRecord._KEYS:
+            key = raw.pop(name)
+            raw[name + "_sealed"] = self.sealer.seal(key, f"{CA_KEY}/{name}") if key else None
+        raw["waiting"] = list(record.waiting)
+        revision = self.store.put(CA_KEY, json.dumps(raw), expect_revision=expect_revision)
+        return replace(record, revision=revision)
 
     @_in_thread
     def put_trust(self, roots: list[str], expect_revision: int) -> None:

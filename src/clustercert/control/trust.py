@@ -10,7 +10,8 @@ roots are what the bundles must trust. The control plane keeps that set in the s
 - a root is retired (phase *c*) only when no desired certificate chains to it and every node
   has proved the desired generations (so no node still presents an older one).
 
-The internal CA is in every bundle anyway (agents add it), so it is never pinned.
+The internal CA (old and new during a CA rotation) is in every bundle anyway (agents add
+it), so it is never pinned.
 
 Crash safety: phase *a* runs under the rollout record (phase ``trusting``, with the roots it
 adds); ONE atomic store commit then records the larger set in ``trust/roots`` and moves the
@@ -82,12 +83,12 @@ def roots_to_add(
     chains: Iterable[str],
     pinned: Mapping[str, x509.Certificate],
     anchors: TrustStore,
-    internal_ca: x509.Certificate,
+    internal_cas: Sequence[x509.Certificate],
 ) -> dict[str, x509.Certificate]:
     """The roots of ``chains`` (certificates about to be staged) that are neither pinned nor
-    the internal CA, by SHA-256 fingerprint."""
+    an internal CA (old and new during a CA rotation), by SHA-256 fingerprint."""
     roots = _by_fingerprint(r for c in chains if (r := chain_root(c, anchors)) is not None)
-    skip = {*pinned, pki.fingerprint_sha256(internal_ca)}
+    skip = {*pinned, *(pki.fingerprint_sha256(c) for c in internal_cas)}
     return {f: r for f, r in roots.items() if f not in skip}
 
 
@@ -116,14 +117,15 @@ class TrustKeeper:
         state: ClusterState,
         pool: Agents,
         anchors: TrustStore,
-        internal_ca: x509.Certificate,
+        internal_cas: Sequence[x509.Certificate],
         clock: Callable[[], dt.datetime] = utc_now,
     ) -> None:
         self.clock = clock
         self.state = state
         self.pool = pool
+        # Both replaced when the internal CA rotates (control/carotation.py).
         self.anchors = anchors
-        self.internal_ca = internal_ca
+        self.internal_cas = internal_cas
         self._fingerprints: tuple[int, frozenset[str]] = (-1, frozenset())
 
     async def recorded(self) -> tuple[TrustRecord, frozenset[str]]:
@@ -144,7 +146,7 @@ class TrustKeeper:
         desired = [r for r in await self.state.certificates() if r.name in names]
         chains = [r.certificate for r in (*fresh, *desired) if r.name in PEER_TRUSTED]
         pinned = _parse((await self.state.trust()).roots)
-        added = roots_to_add(chains, pinned, self.anchors, self.internal_ca)
+        added = roots_to_add(chains, pinned, self.anchors, self.internal_cas)
         return [_pem(added[f]) for f in sorted(added)]
 
     async def add(

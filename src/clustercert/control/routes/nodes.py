@@ -114,7 +114,8 @@ async def join(request: Request, cp: Plane) -> JoinAnswer:
     return JoinAnswer(
         node_id=node.node_id,
         certificate=certificate,
-        ca_certificate=cp.ca.cert_pem,
+        # During an internal CA rotation: the old and the new CA (docs/ca-rotation.md).
+        ca_certificate=cp.ca_bundle_pem or cp.ca.cert_pem,
         cluster_name=await cp.state.cluster_name(),
     )
 
