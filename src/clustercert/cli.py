@@ -711,8 +711,11 @@ def _print_ca(answer: dict[str, Any]) -> None:
                f"valid until {answer['not_after']}")  # fmt: skip
     click.echo(f"trusted: {', '.join(_fingerprint(f) for f in answer['trusted'])}")
     if answer["rotating"]:
-        click.echo(f"rotation #{answer['rotation']} to {answer['new_fingerprint']}, started "
-                   f"{answer['started_at']} by {answer['started_by']}: {_ca_line(answer)}")  # fmt: skip
+        started = f"started {answer['started_at']} by {answer['started_by']}"
+        click.echo(
+            f"rotation #{answer['rotation']} to {answer['new_fingerprint']}, {started}: "
+            + _ca_line(answer)
+        )
         for node in answer["nodes"]:
             click.echo(f"  {node['name']}: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(node.items()) if k not in ("uid", "name")
