@@ -157,10 +157,12 @@ def _check_rotated(cluster: DemoCluster, old_ca: x509.Certificate, old_client: P
         cas, identity = _node_files(node)
         assert cas == {new_fp}, node.name
         assert identity.issuer == directory_cas[0].subject, node.name
-    wait_until(
-        lambda: all(n["in_sync"] for n in api(cluster).get("/v1/nodes").json()),
-        ROTATION_WAIT, 0.5, "every node in sync",
-    )  # fmt: skip
+
+    def in_sync() -> bool:
+        with api(cluster) as client:
+            return all(n["in_sync"] for n in client.get("/v1/nodes").json())
+
+    wait_until(in_sync, ROTATION_WAIT, 0.5, "every node in sync")
     new_client = _issue_client(cluster, cluster.directory / "new-client")
     old_ca_file = cluster.directory / "old-ca.pem"
     for node in cluster.nodes:
