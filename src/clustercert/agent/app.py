@@ -347,9 +347,19 @@ class Agent:
             redis_pids[0] if redis_pids else None,
             tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
             self.boot_id,
-            _leaf_fingerprint(self.identity.cert_file.read_text()),
-            ca_fingerprints(self.identity.ca_file),
+            *self._identity_status(),
         )
+
+    def _identity_status(self) -> tuple[str | None, tuple[str, ...] | None]:
+        """The served identity's fingerprint and the CAs of ``ca.pem`` (None when unreadable:
+        the status still answers, and the CA rotation waits for the node)."""
+        try:
+            return (
+                _leaf_fingerprint(self.identity.cert_file.read_text()),
+                ca_fingerprints(self.identity.ca_file),
+            )
+        except (OSError, ValueError, IndexError):
+            return None, None
 
     # --- internal CA rotation (docs/ca-rotation.md) ------------------------------------
 
