@@ -130,10 +130,14 @@ class Reconciler:
         node: NodeRecord,
         desired: Sequence[CertRecord],
         applied: dict[str, AppliedRecord],
+        status: StatusAnswer | None = None,
     ) -> StatusAnswer | None:
         """One node, one pass: the status it answered when it holds everything ``desired``
-        afterwards (``applied``: what it last proved), else None."""
+        afterwards (``applied``: what it last proved), else None. ``status``: what the node
+        answered since the desired state last changed (else it is asked)."""
         client = await self.coordinator.pool.client(node)
+        if status is not None:
+            return await self._bring(node, status, desired, applied)
         try:
             status = await client.status()
         except AgentUnavailable as exc:
@@ -141,6 +145,16 @@ class Reconciler:
             self.health.failed(node.node_id, exc.description)
             return None
         self.health.answered(node.node_id)
+        return await self._bring(node, status, desired, applied)
+
+    async def _bring(
+        self,
+        node: NodeRecord,
+        status: StatusAnswer,
+        desired: Sequence[CertRecord],
+        applied: dict[str, AppliedRecord],
+    ) -> StatusAnswer | None:
+        """Tidy, pin and push what ``status`` shows the node lacks. Call with the lock held."""
         await self._tidy(node, status, desired)
         trust = self.coordinator.trust
         if trust is not None and not await trust.sync(node, status):
@@ -241,20 +255,21 @@ class Reconciler:
         await self._wake_returned(nodes, now)
         due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
         # Read (and unseal) the desired certificates once per pass, not twice per node.
+        seen = await self.state.desired_revisions() if due else ()
         desired = await self.state.certificates() if due else []
         applied = await self.state.applied_by_node() if due else {}
         answers = await asyncio.gather(*(self._inspect(n) for n in due))
         results: dict[int, StatusAnswer | None] = {}
-        working: list[NodeRecord] = []
+        working: dict[int, tuple[NodeRecord, StatusAnswer]] = {}
         for node, status in zip(due, answers, strict=True):
             if status is not None and await self._needs_work(
                 status, desired, applied.get(node.node_id, {})
             ):
-                working.append(node)
+                working[node.node_id] = (node, status)
             else:
                 results[node.node_id] = status
         if working:
-            results.update(await self._work(working))
+            results.update(await self._work(list(working.values()), seen))
         for node in due:
             if node.node_id not in results:
                 continue  # a live update held the lock: this node is visited again next pass
@@ -280,22 +295,31 @@ class Reconciler:
             await self.coordinator.trust.retire(everyone, desired if due else None)
         return in_sync
 
-    async def _work(self, nodes: Sequence[NodeRecord]) -> dict[int, StatusAnswer | None]:
-        """Bring ``nodes`` (each answered and needs something) to the desired state under the
-        cluster lock, taken without waiting; the desired state is read again under it. Empty
-        when an update holds the lock or is in flight (it brings every node there itself)."""
+    async def _work(
+        self, nodes: Sequence[tuple[NodeRecord, StatusAnswer]], seen: tuple[tuple[str, int], ...]
+    ) -> dict[int, StatusAnswer | None]:
+        """Bring ``nodes`` (each answered the status paired with it, read while the desired
+        state was at ``seen``, and needs something) to the desired state under the cluster
+        lock, taken without waiting. If the desired state moved meanwhile, the nodes are asked
+        again. Empty when an update holds the lock or is in flight (it does this itself)."""
         try:
             async with cluster_lock(self.state, 0.0, role="reconciler"):
                 if await self.state.rollout_in_flight() is not None:
                     return {}
+                fresh = await self.state.desired_revisions() == seen
                 desired = await self.state.certificates()
                 applied = await self.state.applied_by_node()
                 done = await asyncio.gather(
-                    *(self.reconcile_node(n, desired, applied.get(n.node_id, {})) for n in nodes)
+                    *(
+                        self.reconcile_node(
+                            n, desired, applied.get(n.node_id, {}), status if fresh else None
+                        )
+                        for n, status in nodes
+                    )
                 )
         except UpdateInProgress:
             return {}
-        return {n.node_id: status for n, status in zip(nodes, done, strict=True)}
+        return {n.node_id: status for (n, _), status in zip(nodes, done, strict=True)}
 
     async def forget(self, node_id: int) -> None:
         """The node left the cluster: drop its backoff, health and kept-alive connection."""
