@@ -62,8 +62,9 @@ def every_route() -> list[tuple[str, str]]:
 
 def test_every_route_but_join_authenticates_before_parameters_and_body(api: InProcess) -> None:
     routes = every_route()
-    # 16 certificate, node and meta routes, 3 cluster settings and alerts routes, 4 user routes
-    assert len(routes) == 23
+    # 16 certificate, node and meta routes, 4 cluster settings, alerts and control-plane
+    # routes, 4 user routes
+    assert len(routes) == 24
     before = api.snapshot()
 
     async def scenario() -> None:

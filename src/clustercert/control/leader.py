@@ -209,7 +209,7 @@ class Leadership:
                     "api_url": record.api_url,
                     "advertise": list(record.advertise),
                     "leader": holder == record.owner,
-                    "alive": seen <= 2 * self.ttl,
+                    "alive": seen <= 2 * self.ttl + 1,  # + the times' 1 s resolution
                     "started_at": record.started_at,
                     "last_seen": record.last_seen,
                     "this": record.owner == self.owner,

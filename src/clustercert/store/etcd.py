@@ -293,7 +293,11 @@ class EtcdStore(Store):
                 continue
             self._current = index
             return response
-        raise self._error(doing, f"no etcd member took the request ({'; '.join(failures)})")
+        if count == 1:
+            raise self._error(doing, f"cannot reach etcd ({failures[0].split(': ', 1)[1]})")
+        raise self._error(
+            doing, f"cannot reach etcd: no member took the request ({'; '.join(failures)})"
+        )
 
     def _post_ok(self, path: str, body: _Json, doing: str) -> httpx.Response:
         """POST to the gateway; StoreError unless it answers 200."""
