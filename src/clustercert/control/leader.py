@@ -1,15 +1,16 @@
 """Leader election among the control planes sharing a store (docs/decisions.md, "One leader").
 
-Patroni's pattern (``patroni/ha.py``): a leader key held with a lease. Every ``ttl / 3``
-seconds each control plane runs one cycle:
+Patroni's pattern (``patroni/ha.py``): a leader key held with a lease. Each control plane runs
+one cycle every ``ttl / 3`` seconds while it leads, every second (at most) while it follows:
 
-- it records itself under ``control_planes/<name>`` (its API URL, advertised names, when it
-  was last seen), which ``GET /v1/cluster/control_planes`` lists;
+- every ``ttl / 3`` seconds it records itself under ``control_planes/<name>`` (its API URL,
+  advertised names, when it was last seen), which ``GET /v1/cluster/control_planes`` lists;
 - the leader renews its lease. If the store says the lease is gone, or the leader has not
   renewed it for ``2 / 3`` of the ttl (the store does not answer), it steps down at once:
   another control plane may already lead;
-- a follower tries to take the key. The key's lease runs out ``ttl`` seconds after a leader's
-  last renewal, so a leader that died is replaced within one lease (at once when the holder was
+- a follower tries to take the key (one read while it is held). The key's lease runs out
+  ``ttl`` seconds after a leader's last renewal, so a leader that died is replaced within one
+  lease and a second (at once when the holder was
   a process of this host that no longer runs, as for the cluster lock: :mod:`.lock`).
 
 The leader runs the background work that acts on nodes or writes shared state (the
@@ -108,10 +109,11 @@ class Leadership:
         self._renewed = 0.0  # loop time the lease was last renewed (taken before the call)
         self._tasks: list[asyncio.Task[None]] = []
         self._published: dict[str, Any] | None = None
+        self._registered = -self.ttl  # loop time of the last registration
 
     @property
     def tick(self) -> float:
-        return self.ttl / 3
+        return self.ttl / 3 if self.leading else min(1.0, self.ttl / 3)
 
     async def run_forever(self) -> None:
         """Cycle every ``ttl / 3`` seconds until cancelled; then step down (releasing the key,
@@ -132,7 +134,9 @@ class Leadership:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            await self._register()
+            if started - self._registered >= self.ttl / 3:
+                await self._register()
+                self._registered = started
             if self.leading:
                 if await self.state.refresh_lock(LEADER_LOCK, self.owner, self.ttl):
                     self._renewed = started

@@ -290,9 +290,12 @@ class Reconciler:
             and all(s is not None for s in results.values())
         )
         if in_sync and self.coordinator.trust is not None:
-            # Phase c of a rollout that could not retire (a node lagged), now that all caught up.
-            everyone = list(self._nodes.values())
-            await self.coordinator.trust.retire(everyone, desired if due else None)
+            # Phase c of a rollout that could not retire (a node lagged), now that all caught
+            # up: it writes the trusted roots, so under the lock, never beside an update.
+            with contextlib.suppress(UpdateInProgress):
+                async with cluster_lock(self.state, 0.0, role="reconciler"):
+                    if await self.state.rollout_in_flight() is None:
+                        await self.coordinator.trust.retire(list(self._nodes.values()))
         return in_sync
 
     async def _work(
