@@ -38,6 +38,7 @@ import binascii
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -274,9 +275,15 @@ class EtcdStore(Store):
         count = len(self._endpoints)
         first = self._current
         failures: list[str] = []
-        for attempt in range(count):
+        # Two rounds when a member answered that it has no leader: an election takes a moment.
+        attempts = 2 * count if count > 1 else 1
+        for attempt in range(attempts):
             index = (first + attempt) % count
             endpoint = self._endpoints[index]
+            if attempt == count:
+                if len(failures) == count and not any(_NO_LEADER in f for f in failures):
+                    break  # every member refused the connection: no second round
+                time.sleep(_ELECTION_PAUSE)
             try:
                 response = self._client.post(f"{endpoint}/v3/{path}", json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -288,8 +295,8 @@ class EtcdStore(Store):
                 ) from exc
             except RuntimeError as exc:  # httpx: the client was closed by another thread
                 raise self._error(doing, f"the store is closed ({exc})") from exc
-            if count > 1 and attempt < count - 1 and _not_applied(response):
-                failures.append(f"{endpoint}: {_describe_failure(path, response)}")
+            if attempt < attempts - 1 and count > 1 and _not_applied(response):
+                failures.append(f"{endpoint}: {_NO_LEADER}: {_describe_failure(path, response)}")
                 continue
             self._current = index
             return response
@@ -461,7 +468,9 @@ def _one_line(exc: Exception) -> str:
 
 
 # What a member answers when it cannot serve a request it did not apply: another member may.
-_NOT_APPLIED = ("no leader", "not capable", "unhealthy cluster")
+_NOT_APPLIED = ("no leader", "not capable", "unhealthy cluster", "leader changed")
+_NO_LEADER = "not served"
+_ELECTION_PAUSE = 0.5  # seconds before the second round
 
 
 def _not_applied(response: httpx.Response) -> bool:
