@@ -142,6 +142,13 @@ def _listen(value: str) -> tuple[str, int]:
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="A CA trusted for the alert webhook's receiver, besides the system CAs.",
 )
+@click.option(
+    "--leader-ttl",
+    default=10.0,
+    show_default=True,
+    help="Seconds of the leader key's lease: a control plane that dies while it leads is "
+    "replaced within this time.",
+)
 def server(
     directory: Path,
     listen: str,
@@ -154,6 +161,7 @@ def server(
     advertise: tuple[str, ...],
     watch_resync: float,
     webhook_ca_file: Path | None,
+    leader_ttl: float,
 ) -> None:
     """Run the control plane (REST API and web console over HTTPS) until SIGINT/SIGTERM."""
     from clustercert import eventloop
@@ -173,6 +181,7 @@ def server(
         advertise=advertise,
         watch_resync=watch_resync,
         webhook_ca_file=webhook_ca_file,
+        leader_ttl=leader_ttl,
     )
     eventloop.run(serve(ClusterDirectory(directory), settings))
 

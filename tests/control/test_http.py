@@ -62,9 +62,9 @@ def every_route() -> list[tuple[str, str]]:
 
 def test_every_route_but_join_authenticates_before_parameters_and_body(api: InProcess) -> None:
     routes = every_route()
-    # 16 certificate, node and meta routes, 3 cluster settings and alerts routes, 2 internal CA
-    # routes, 4 user routes
-    assert len(routes) == 25
+    # 16 certificate, node and meta routes, 4 cluster settings, alerts and control-plane
+    # routes, 2 internal CA routes, 4 user routes
+    assert len(routes) == 26
     before = api.snapshot()
 
     async def scenario() -> None:

@@ -687,10 +687,20 @@ def test_open_store_opens_etcd(etcd_server: EtcdProcess) -> None:
         assert repr(default) == "EtcdStore('http://127.0.0.1:2379', prefix='/clustercert/')"
 
 
+def test_open_store_names_several_etcd_members() -> None:
+    with open_store("etcd://10.0.0.1:2379,10.0.0.2,[::1]:2381/pfx") as store:
+        assert repr(store) == (
+            "EtcdStore('http://10.0.0.1:2379,http://10.0.0.2:2379,http://[::1]:2381', "
+            "prefix='/pfx/')"
+        )
+
+
 @pytest.mark.parametrize(
     ("location", "message"),
     [
         ("", "empty store location"),
+        ("etcd://127.0.0.1:2379,,127.0.0.1:2380", "expected a file path"),
+        ("etcd://127.0.0.1:2379,127.0.0.1:x", "expected a file path"),
         ("sqlite://relative.db", "absolute path after three slashes"),
         ("sqlite:relative.db", "absolute path after three slashes"),
         ("etcd://", "expected a file path"),

@@ -102,10 +102,12 @@ class AgentClient:
         context: ssl.SSLContext,
         timeout: float,
         on_unavailable: Callable[[int], None] | None = None,
+        on_call: Callable[[str], None] | None = None,
     ) -> None:
         self.node = node
         self.timeout = timeout
         self._on_unavailable = on_unavailable
+        self._on_call = on_call
         self._connections = Connections(node.agent_url, context, keepalive_expiry=60)
 
     async def _call(
@@ -119,6 +121,8 @@ class AgentClient:
     ) -> Answer:
         """One call; ``wait``: seconds the agent may hold the answer back (a watch), on top of
         the usual timeout. Any failure is reported to ``on_unavailable`` before it is raised."""
+        if self._on_call is not None:
+            self._on_call(step)
         try:
             return await self._exchange(step, method, path, parse, body, wait)
         except AgentUnavailable:
@@ -265,17 +269,20 @@ class AgentPool:
 
     ``on_unavailable(node_id)`` is told of every call that fails (unreachable, refused, a
     malformed answer), whoever made it: the reconciler then no longer takes that node to be
-    in sync (docs/decisions.md, "Node status without polling")."""
+    in sync (docs/decisions.md, "Node status without polling"). ``on_call(step)`` counts
+    every call (the metrics)."""
 
     def __init__(
         self,
         context: ssl.SSLContext,
         timeout: float,
         on_unavailable: Callable[[int], None] | None = None,
+        on_call: Callable[[str], None] | None = None,
     ) -> None:
         self.context = context
         self.timeout = timeout
         self.on_unavailable = on_unavailable
+        self.on_call = on_call
         self._clients: dict[int, AgentClient] = {}
 
     async def client(self, node: NodeRecord) -> AgentClient:
@@ -284,7 +291,7 @@ class AgentPool:
             return existing
         if existing is not None:
             await existing.aclose()
-        client = AgentClient(node, self.context, self.timeout, self._unavailable)
+        client = AgentClient(node, self.context, self.timeout, self._unavailable, self.on_call)
         self._clients[node.node_id] = client
         return client
 

@@ -196,6 +196,7 @@ _REASONS = {
     409: "the cluster was not (fully) updated, or the change conflicts with the current state",
     413: "the body is over 1 MiB",
     415: "the body is not JSON",
+    503: "the state store does not answer (store_unavailable); nodes keep serving what they serve",
 }
 
 

@@ -53,6 +53,7 @@ from clustercert.control.directory import (
     reissue_internal,
 )
 from clustercert.control.faults import FaultPlan, seam_for
+from clustercert.control.outage import StoreOutage
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CaRecord, ClusterState, NodeRecord, proves
 from clustercert.errors import (
@@ -60,6 +61,7 @@ from clustercert.errors import (
     CaRotationInProgress,
     ClusterCertError,
     StoreConflict,
+    StoreError,
 )
 from clustercert.hosts import host_of
 from clustercert.internode import StatusAnswer
@@ -132,8 +134,10 @@ class CaRotation:
         clock: Callable[[], dt.datetime] = utc_now,
         interval: float = 1.0,
         idle_interval: float = 5.0,
+        outage: StoreOutage | None = None,
     ) -> None:
         self.state = state
+        self.outage = outage
         self.pool = pool
         self.coordinator = coordinator
         self.directory = directory
@@ -202,11 +206,21 @@ class CaRotation:
 
     # --- the loop -------------------------------------------------------------------------
 
-    async def run_forever(self) -> None:
+    async def run_forever(self, leading: Callable[[], bool] = lambda: True) -> None:
+        """Pass after pass. Only the leader (:mod:`.leader`) drives the phases, so two control
+        planes never re-issue one node's identity twice; the others only apply the record (sign,
+        trust and present what it says). A store outage is reported to ``outage``."""
         while True:
             rotating = False
             try:
-                rotating = await self.advance()
+                rotating = await (self.advance() if leading() else self.follow())
+                if self.outage is not None:
+                    self.outage.answered()
+            except StoreError as exc:
+                if self.outage is None:
+                    raise
+                self.outage.failed(exc, "following the internal CA rotation")
+                rotating = True
             except Exception:
                 log.exception("internal CA rotation pass failed; the next one tries again")
                 rotating = True
@@ -215,6 +229,15 @@ class CaRotation:
                 await asyncio.wait_for(
                     self._wake.wait(), self.interval if rotating else self.idle_interval
                 )
+
+    async def follow(self) -> bool:
+        """Apply the record if it moved; returns whether a rotation is running."""
+        async with self._lock:
+            record = await self._record()
+            if record.revision != self._applied:
+                await self.apply(record)
+                self._applied = record.revision
+            return record.rotating
 
     async def advance(self) -> bool:
         """One pass: apply the record, then do the current phase's work and move on when every

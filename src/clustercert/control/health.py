@@ -1,10 +1,12 @@
 """Whether each node answers: what ``GET /v1/nodes`` shows as ``reachable`` and ``last_seen``.
 
 The reconciler asks every node for its status every pass (and probes nodes in backoff); each
-answer, or failure, is recorded here. It lives in the memory of the control plane that runs
-the reconciler, not in the store: a write per node per second would cost the store more than
-the information is worth, and a restarted control plane learns it again on its first pass
-(until then a node is not known to be reachable, so it is not shown in sync either).
+answer, or failure, is recorded here, in the memory of the control plane that runs the
+reconciler: the leader (:mod:`.leader`). The leader writes a :meth:`NodeHealth.snapshot` to
+the store when it changes (not per answer: a write per node per second would cost the store
+more than the information is worth) and the other control planes :meth:`NodeHealth.load` it,
+so every control plane shows the same. A control plane that becomes the leader starts from the
+last snapshot and corrects it on its first pass.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import datetime as dt
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from clustercert.clock import iso, utc_now
+from clustercert.clock import iso, parse_iso, utc_now
 
 __all__ = ["NodeHealth", "Reachability"]
 
@@ -51,6 +54,21 @@ class NodeHealth:
         with self._lock:
             self._seen.pop(node_id, None)
             self._down.pop(node_id, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this record knows, as JSON (``{"seen": {id: iso}, "down": {id: error}}``)."""
+        with self._lock:
+            return {
+                "seen": {str(n): iso(t) for n, t in sorted(self._seen.items())},
+                "down": {str(n): e for n, e in sorted(self._down.items())},
+            }
+
+    def load(self, snapshot: dict[str, Any]) -> None:
+        """Replace what this record knows with a :meth:`snapshot` (another control plane's)."""
+        seen = {int(n): parse_iso(t) for n, t in snapshot.get("seen", {}).items()}
+        down = {int(n): str(e) for n, e in snapshot.get("down", {}).items()}
+        with self._lock:
+            self._seen, self._down = seen, down
 
     def of(self, node_id: int) -> Reachability:
         with self._lock:

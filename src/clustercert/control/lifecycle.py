@@ -40,10 +40,11 @@ from clustercert.control.alerts import (
 )
 from clustercert.control.directory import reissue_internal
 from clustercert.control.metrics import Metrics
+from clustercert.control.outage import StoreOutage
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
 from clustercert.control.webhook import WebhookNotifier
-from clustercert.errors import ClusterCertError
+from clustercert.errors import ClusterCertError, StoreError
 from clustercert.names import NAMES
 
 __all__ = ["ROTATION_ACTOR", "Lifecycle", "renewal_due"]
@@ -86,6 +87,7 @@ class Lifecycle:
     clock: Callable[[], dt.datetime] = utc_now
     interval: float = 5.0
     retry_delay: float = 30.0
+    outage: StoreOutage = field(default_factory=StoreOutage)  # where store outages are told
     # fingerprint -> not_after of every certificate seen desired: a node that lags behind a
     # renewal still serves one of these, and its expiry is what the node alert needs.
     _expiry: dict[str, dt.datetime] = field(default_factory=dict)
@@ -226,11 +228,19 @@ class Lifecycle:
             self._failures, self._retry_at = 0, 0.0
             await self.check_alerts(await self.state.certificates())
 
-    async def run_forever(self) -> None:
-        """Pass after pass, ``interval`` apart; a failing pass is logged, never fatal."""
+    async def run_forever(self, leading: Callable[[], bool] = lambda: True) -> None:
+        """Pass after pass, ``interval`` apart; a failing pass is logged, never fatal. While
+        ``leading()`` is false (another control plane leads, :mod:`.leader`) a pass only
+        evaluates the alerts for this process's metrics: the leader records and announces
+        flips and runs the rotation job."""
         while True:
             try:
-                await self.run_once()
+                if leading():
+                    await self.run_once()
+                else:
+                    self.metrics.set_alerts(await self.current_alerts())
+            except StoreError as exc:
+                self.outage.failed(exc, "checking alerts and renewals")
             except Exception:
                 log.exception("lifecycle pass failed; the next one tries again")
             await asyncio.sleep(self.interval)

@@ -25,7 +25,7 @@ __all__ = ["LOCK_TTL", "ROLLOUT_LOCK", "cluster_lock", "holder_is_gone", "lock_o
 log = logging.getLogger("clustercert.rollout")
 
 ROLLOUT_LOCK = "rollout"
-LOCK_TTL = 30.0
+LOCK_TTL = 10.0  # shorter than any --lock-wait worth having: a dead holder never refuses an update
 
 
 def _boot_id() -> str:

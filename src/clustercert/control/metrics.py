@@ -143,6 +143,30 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.leader = Gauge(
+            "clustercert_control_plane_leader",
+            "1 while this control plane is the leader (runs the reconciler), else 0.",
+            registry=self.registry,
+        )
+        self.agent_calls = Counter(
+            "clustercert_agent_calls",
+            "Internode calls this control plane made to agents, by call (status, watch, ...).",
+            ["call"],
+            registry=self.registry,
+        )
+        self.store_up = Gauge(
+            "clustercert_store_up",
+            "1 while the state store answers this control plane, 0 during an outage.",
+            registry=self.registry,
+        )
+        self.store_up.set(1)
+
+    def set_leader(self, leading: bool) -> None:
+        self.leader.set(1 if leading else 0)
+
+    def observe_agent_call(self, call: str) -> None:
+        self.agent_calls.labels(call).inc()
+
     def set_alerts(self, states: Mapping[str, AlertState]) -> None:
         for name, state in states.items():
             self.alert_active.labels(name).set(1 if state.raised else 0)

@@ -11,6 +11,7 @@ from clustercert import pki
 from clustercert.clock import iso, utc_now
 from clustercert.control.auth import Authenticator
 from clustercert.control.carotation import CaRotation
+from clustercert.control.leader import Leadership
 from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.metrics import Metrics
 from clustercert.control.outcomes import NodeOutcome
@@ -45,6 +46,8 @@ class ControlPlane:
     # every internal CA trusted now, PEM, signing one first (what a joining node must trust).
     ca_rotation: CaRotation | None = None
     ca_bundle_pem: str = ""
+    # This control plane's part in the leader election (None: in-process tests).
+    leadership: Leadership | None = None
 
     async def replace(
         self,

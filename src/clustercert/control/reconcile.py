@@ -34,9 +34,10 @@ from urllib.parse import urlsplit
 
 from clustercert.control.health import NodeHealth
 from clustercert.control.lock import cluster_lock
+from clustercert.control.outage import StoreOutage
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import AppliedRecord, CertRecord, NodeRecord
-from clustercert.errors import AgentUnavailable, ClusterCertError, UpdateInProgress
+from clustercert.errors import AgentUnavailable, ClusterCertError, StoreError, UpdateInProgress
 from clustercert.internode import StatusAnswer
 
 __all__ = ["Reconciler"]
@@ -54,8 +55,10 @@ class Reconciler:
         resync: float = 120.0,
         clock: Callable[[], float] | None = None,
         health: NodeHealth | None = None,
+        outage: StoreOutage | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self.outage = outage or StoreOutage()
         # What GET /v1/nodes shows as reachable / last_seen: every status answer or failure.
         self.health = health or NodeHealth()
         self.state = coordinator.state
@@ -127,10 +130,14 @@ class Reconciler:
         node: NodeRecord,
         desired: Sequence[CertRecord],
         applied: dict[str, AppliedRecord],
+        status: StatusAnswer | None = None,
     ) -> StatusAnswer | None:
         """One node, one pass: the status it answered when it holds everything ``desired``
-        afterwards (``applied``: what it last proved), else None."""
+        afterwards (``applied``: what it last proved), else None. ``status``: what the node
+        answered since the desired state last changed (else it is asked)."""
         client = await self.coordinator.pool.client(node)
+        if status is not None:
+            return await self._bring(node, status, desired, applied)
         try:
             status = await client.status()
         except AgentUnavailable as exc:
@@ -138,6 +145,16 @@ class Reconciler:
             self.health.failed(node.node_id, exc.description)
             return None
         self.health.answered(node.node_id)
+        return await self._bring(node, status, desired, applied)
+
+    async def _bring(
+        self,
+        node: NodeRecord,
+        status: StatusAnswer,
+        desired: Sequence[CertRecord],
+        applied: dict[str, AppliedRecord],
+    ) -> StatusAnswer | None:
+        """Tidy, pin and push what ``status`` shows the node lacks. Call with the lock held."""
         await self._tidy(node, status, desired)
         trust = self.coordinator.trust
         if trust is not None and not await trust.sync(node, status):
@@ -156,21 +173,24 @@ class Reconciler:
     async def run_once(self) -> bool:
         """One pass over every node due for it; True when every node is known in sync. False
         at once when a rollout holds the lock (it does this work itself). Takes no lock and
-        asks no node when every node is known in sync and no rollout is left in flight."""
+        asks no node when every node is known in sync and no rollout is left in flight.
+
+        The cluster lock is held only for work that changes a node or the store (finishing a
+        rollout left in flight, pushing, tidying, pinning roots), never while asking nodes
+        that may not answer: an update waits on the reconciler only while it really works."""
         await self._follow_membership()
         # A rollout in flight has decided new generations but may not have recorded every
         # node's proof yet: compare proofs with the desired state only when none is.
-        if await self.state.rollout_in_flight() is None:
-            await self._follow_desired()
-            if self._nodes.keys() <= self._in_sync.keys():
-                return True
-        try:
-            async with cluster_lock(self.state, 0.0, role="reconciler"):
-                await self.coordinator.resolve_in_flight()
-                await self._follow_desired()
-                return await self._pass()
-        except UpdateInProgress:
-            return False
+        if await self.state.rollout_in_flight() is not None:
+            try:
+                async with cluster_lock(self.state, 0.0, role="reconciler"):
+                    await self.coordinator.resolve_in_flight()
+            except UpdateInProgress:
+                return False
+        await self._follow_desired()
+        if self._nodes.keys() <= self._in_sync.keys():
+            return True
+        return await self._pass()
 
     async def _listening(self, node: NodeRecord) -> bool:
         """Whether anything accepts TCP connections at the node's agent address (cheap: no
@@ -203,34 +223,106 @@ class Reconciler:
                 self._gone.discard(node.node_id)
                 self._retry_at[node.node_id] = now
 
+    async def _inspect(self, node: NodeRecord) -> StatusAnswer | None:
+        """Ask ``node`` for its status without the lock; None when it does not answer."""
+        client = await self.coordinator.pool.client(node)
+        try:
+            status = await client.status()
+        except AgentUnavailable as exc:
+            log.debug("reconcile: %s", exc.description)
+            self.health.failed(node.node_id, exc.description)
+            return None
+        self.health.answered(node.node_id)
+        return status
+
+    async def _needs_work(
+        self, status: StatusAnswer, desired: Sequence[CertRecord], applied: dict[str, AppliedRecord]
+    ) -> bool:
+        """Whether :meth:`reconcile_node` would change anything on a node that answered
+        ``status``: something missing or unproved, something undesired, roots not pinned."""
+        generations = {r.name: r.generation for r in desired}
+        untidy = any(
+            name not in generations or any(g > generations[name] for g in entry.staged)
+            for name, entry in status.certificates.items()
+        )
+        trust = self.coordinator.trust
+        unpinned = trust is not None and not await trust.holds_recorded(status)
+        return untidy or unpinned or bool(self._missing(status, applied, desired))
+
     async def _pass(self) -> bool:
         now = self._now()
         nodes = [n for n in self._nodes.values() if n.node_id not in self._in_sync]
         await self._wake_returned(nodes, now)
         due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
         # Read (and unseal) the desired certificates once per pass, not twice per node.
+        seen = await self.state.desired_revisions() if due else ()
         desired = await self.state.certificates() if due else []
         applied = await self.state.applied_by_node() if due else {}
-        results = await asyncio.gather(
-            *(self.reconcile_node(n, desired, applied.get(n.node_id, {})) for n in due)
-        )
-        for node, status in zip(due, results, strict=True):
-            if status is not None:
+        answers = await asyncio.gather(*(self._inspect(n) for n in due))
+        results: dict[int, StatusAnswer | None] = {}
+        working: dict[int, tuple[NodeRecord, StatusAnswer]] = {}
+        for node, status in zip(due, answers, strict=True):
+            if status is not None and await self._needs_work(
+                status, desired, applied.get(node.node_id, {})
+            ):
+                working[node.node_id] = (node, status)
+            else:
+                results[node.node_id] = status
+        if working:
+            results.update(await self._work(list(working.values()), seen))
+        for node in due:
+            if node.node_id not in results:
+                continue  # a live update held the lock: this node is visited again next pass
+            answered = results[node.node_id]
+            if answered is not None:
                 self._failures.pop(node.node_id, None)
                 self._retry_at.pop(node.node_id, None)
                 self._gone.discard(node.node_id)
-                self._watch(node, status.boot_id)
+                self._watch(node, answered.boot_id)
             else:
                 failures = self._failures.get(node.node_id, 0) + 1
                 self._failures[node.node_id] = failures
                 delay = min(self.max_backoff, self.interval * 2 ** min(failures - 1, 10))
                 self._retry_at[node.node_id] = now + delay
-        in_sync = len(due) == len(nodes) and all(s is not None for s in results)
+        in_sync = (
+            len(due) == len(nodes)
+            and len(results) == len(due)
+            and all(s is not None for s in results.values())
+        )
         if in_sync and self.coordinator.trust is not None:
-            # Phase c of a rollout that could not retire (a node lagged), now that all caught up.
-            everyone = list(self._nodes.values())
-            await self.coordinator.trust.retire(everyone, desired if due else None)
+            # Phase c of a rollout that could not retire (a node lagged), now that all caught
+            # up: it writes the trusted roots, so under the lock, never beside an update.
+            with contextlib.suppress(UpdateInProgress):
+                async with cluster_lock(self.state, 0.0, role="reconciler"):
+                    if await self.state.rollout_in_flight() is None:
+                        await self.coordinator.trust.retire(list(self._nodes.values()))
         return in_sync
+
+    async def _work(
+        self, nodes: Sequence[tuple[NodeRecord, StatusAnswer]], seen: tuple[tuple[str, int], ...]
+    ) -> dict[int, StatusAnswer | None]:
+        """Bring ``nodes`` (each answered the status paired with it, read while the desired
+        state was at ``seen``, and needs something) to the desired state under the cluster
+        lock, taken without waiting. If the desired state moved meanwhile, the nodes are asked
+        again. Empty when an update holds the lock or is in flight (it does this itself)."""
+        try:
+            async with cluster_lock(self.state, 0.0, role="reconciler"):
+                if await self.state.rollout_in_flight() is not None:
+                    return {}
+                fresh = await self.state.desired_revisions() == seen
+                desired = await self.state.certificates()
+                applied = await self.state.applied_by_node()
+                done = await asyncio.gather(
+                    *(
+                        self.reconcile_node(
+                            n, desired, applied.get(n.node_id, {}), status if fresh else None
+                        )
+                        for n, status in nodes
+                    )
+                )
+        except UpdateInProgress:
+            return {}
+        return {n.node_id: status for (n, _), status in zip(nodes, done, strict=True)}
 
     async def forget(self, node_id: int) -> None:
         """The node left the cluster: drop its backoff, health and kept-alive connection."""
@@ -255,6 +347,8 @@ class Reconciler:
             while True:
                 try:
                     await self.run_once()
+                except StoreError as exc:
+                    self.outage.failed(exc, "reconciling the nodes")
                 except ClusterCertError as exc:
                     log.warning("reconcile pass failed: %s", exc.description)
                 except Exception:

@@ -25,9 +25,10 @@ from clustercert import pki
 from clustercert.clock import utc_now
 from clustercert.control.directory import reissue_internal, wanted_sans
 from clustercert.control.health import NodeHealth
+from clustercert.control.outage import StoreOutage
 from clustercert.control.rollout import Coordinator
 from clustercert.control.state import CertRecord, ClusterState
-from clustercert.errors import ClusterCertError
+from clustercert.errors import ClusterCertError, StoreError
 from clustercert.names import NAMES
 
 __all__ = ["SanKeeper"]
@@ -48,8 +49,10 @@ class SanKeeper:
         poll: float = 1.0,
         retry: float = 30.0,
         clock: Callable[[], dt.datetime] = utc_now,
+        outage: StoreOutage | None = None,
     ) -> None:
         self.state = state
+        self.outage = outage or StoreOutage()
         self.coordinator = coordinator
         self.ca = ca
         self.health = health
@@ -58,6 +61,7 @@ class SanKeeper:
         self.clock = clock
         self._wake = asyncio.Event()
         self._wake.set()  # check once at start: names may have changed while it was down
+        self._membership: int | None = None
 
     def wake(self) -> None:
         """Check soon (a node joined or left)."""
@@ -97,21 +101,33 @@ class SanKeeper:
     async def _everyone_answers(self) -> bool:
         return all(self.health.of(n.node_id).reachable for n in await self.state.nodes())
 
+    async def _names_moved(self) -> bool:
+        revision = await self.state.membership_revision()
+        moved, self._membership = revision != self._membership, revision
+        return moved
+
     async def run_forever(self) -> None:
-        """Idle until woken; while something is stale, look every ``poll`` seconds and roll
-        out once every node answers; after a failed rollout, wait ``retry`` seconds."""
+        """Idle until woken or the membership moves; while something is stale, look every
+        ``poll`` seconds and roll out once every node answers; after a failed rollout, wait
+        ``retry`` seconds. A store outage is reported to ``outage``, not logged each time."""
         loop = asyncio.get_running_loop()
         pending, not_before = False, 0.0
         while True:
-            timeout = max(self.poll, not_before - loop.time()) if pending else None
+            timeout = max(self.poll, not_before - loop.time()) if pending else self.poll
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
+                if not (woken or pending or await self._names_moved()):
+                    continue
                 pending = bool(await self.stale())
                 if pending and await self._everyone_answers() and loop.time() >= not_before:
                     pending = not await self.check()
                     not_before = loop.time() + self.retry if pending else 0.0
+            except StoreError as exc:
+                self.outage.failed(exc, "checking the certificates' names")
+                pending = True
             except Exception:
                 log.exception("checking the certificates' names failed; retrying")
                 pending, not_before = True, loop.time() + self.retry

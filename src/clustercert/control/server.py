@@ -1,8 +1,10 @@
 """Wires the control plane together and serves it: store, listener, coordinator, reconciler.
 
-Crash recovery needs no separate step: the reconciler's first pass runs as soon as the server
-starts, takes over a cluster lock left by a dead previous incarnation on this host, and
-finishes the rollout it finds in flight (see :mod:`clustercert.control.rollout`).
+Every control plane serves the API; the leader among those sharing the store (:mod:`.leader`)
+also runs the reconciler and the SAN keeper. Crash recovery needs no separate step: the
+leader's reconciler passes at once, takes over a cluster lock left by a dead holder (at once on
+this host, else when its lease runs out), and finishes the rollout it finds in flight (see
+:mod:`clustercert.control.rollout`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from clustercert.control.auth import Authenticator
 from clustercert.control.carotation import CaRotation, identity_in_use, signing_ca, trusted_cas
 from clustercert.control.directory import ClusterDirectory, adopt_ca, check_sans
 from clustercert.control.faults import FAULT_ENV, FaultPlan
+from clustercert.control.leader import LEADER_TTL, Leadership
 from clustercert.control.lifecycle import Lifecycle
 from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits, api_protocol
 from clustercert.control.metrics import Metrics
+from clustercert.control.outage import StoreOutage
 from clustercert.control.plane import ControlPlane
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
@@ -37,7 +41,7 @@ from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CaRecord, CertRecord, ClusterState
 from clustercert.control.trust import TrustKeeper
 from clustercert.control.webhook import WebhookNotifier
-from clustercert.errors import ConfigError
+from clustercert.errors import ConfigError, StoreError
 from clustercert.hosts import host_of, is_wildcard
 from clustercert.internode import CONTROL_PLANE_URI
 from clustercert.pki import certificates_to_pem
@@ -69,6 +73,7 @@ class ServerSettings:
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
     lifecycle_interval: float = 5.0  # alerts and the rotation job (docs/alerts.md)
+    leader_ttl: float = LEADER_TTL  # the leader key's lease: a dead leader is replaced within it
     webhook_ca_file: Path | None = None  # trusted for the alert webhook, besides the system CAs
 
 
@@ -218,13 +223,17 @@ async def _trusted_client_cas(state: ClusterState) -> str | None:
     return record.certificate if record else None
 
 
-async def _follow_store(listeners: Sequence[CertificateListener], interval: float) -> None:
+async def _follow_store(
+    listeners: Sequence[CertificateListener], interval: float, outage: StoreOutage
+) -> None:
     """Keep the listeners in step with the store (bounded by the server's lifetime)."""
     while True:
         await asyncio.sleep(max(interval, 0.2))
         for listener in listeners:
             try:
                 await listener.refresh()
+            except StoreError as exc:
+                outage.failed(exc, f"refreshing the {listener.name} listener")
             except Exception:
                 log.exception(
                     "could not refresh the %s listener from the store; retrying", listener.name
@@ -299,6 +308,13 @@ def _webhook_context(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+def _control_plane_name(settings: ServerSettings) -> str:
+    """HOST:PORT this control plane's API is reached at: its first advertised name, else its
+    listen address (how GET /v1/cluster/control_planes names it)."""
+    host = host_of(settings.advertise[0]) if settings.advertise else settings.host
+    return f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+
+
 async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM."""
     store = directory.open_store(settings.store)
@@ -330,6 +346,21 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 directory, state, await required_certificate(state, "cm"), settings.console[1]
             )
             listeners.append(console_listener)
+
+        def own_files() -> dict[str, Path]:
+            files = {
+                "control_plane_identity": directory.identity_cert,
+                "internal_ca": directory.ca_file,
+            }
+            for each in listeners:  # api, and cm when the console runs
+                served = each.cert_path()
+                if served is not None:
+                    files[each.name] = served
+            return files
+
+        name = _control_plane_name(settings)
+        metrics = Metrics(state, node=f"control-plane@{name}", own_files=own_files)
+        outage = StoreOutage(on_change=lambda up: metrics.store_up.set(1 if up else 0))
         pool = AgentPool(
             internode_client_context(
                 None,
@@ -338,6 +369,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                 certificates_to_pem(trusted),
             ),
             settings.agent_timeout,
+            on_call=metrics.observe_agent_call,
         )
         fault_spec = settings.fault if settings.fault is not None else os.environ.get(FAULT_ENV)
         fault = FaultPlan.parse(fault_spec, directory.run_dir) if fault_spec else None
@@ -358,30 +390,33 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             interval=settings.reconcile_interval,
             max_backoff=settings.reconcile_max_backoff,
             resync=settings.watch_resync,
+            outage=outage,
         )
         pool.on_unavailable = reconciler.suspect
-
-        def own_files() -> dict[str, Path]:
-            files = {
-                "control_plane_identity": directory.identity_cert,
-                "internal_ca": directory.ca_file,
-            }
-            for each in listeners:  # api, and cm when the console runs
-                served = each.cert_path()
-                if served is not None:
-                    files[each.name] = served
-            return files
-
-        metrics = Metrics(
-            state, node=f"control-plane@{settings.host}:{settings.port}", own_files=own_files
-        )
         notifier = WebhookNotifier(
             _webhook_context(settings.webhook_ca_file), observe=metrics.observe_webhook
         )
         lifecycle = Lifecycle(
-            state, coordinator, ca, metrics, notifier, interval=settings.lifecycle_interval
+            state,
+            coordinator,
+            ca,
+            metrics,
+            notifier,
+            interval=settings.lifecycle_interval,
+            outage=outage,
         )
-        sankeeper = SanKeeper(state, coordinator, ca, reconciler.health)
+        sankeeper = SanKeeper(state, coordinator, ca, reconciler.health, outage=outage)
+        leadership = Leadership(
+            state,
+            name=name,
+            api_url=f"https://{name}",
+            advertise=settings.advertise,
+            health=reconciler.health,
+            outage=outage,
+            work=[reconciler.run_forever, sankeeper.run_forever],
+            ttl=settings.leader_ttl,
+            on_change=metrics.set_leader,
+        )
         control = ControlPlane(
             state=state,
             coordinator=coordinator,
@@ -397,6 +432,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
             ca=ca,
             sankeeper=sankeeper,
             ca_bundle_pem=certificates_to_pem(trusted),
+            leadership=leadership,
         )
 
         async def use_ca(record: CaRecord) -> None:
@@ -416,19 +452,23 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
                                          bundle)
             )  # fmt: skip
 
-        control.ca_rotation = CaRotation(state, pool, coordinator, directory, use_ca, fault=fault)
+        control.ca_rotation = CaRotation(
+            state, pool, coordinator, directory, use_ca, fault=fault, outage=outage
+        )
         server = uvicorn.Server(
             api_config(build_app(control), listener.context.base, settings.host, settings.port)
         )
-        # Started before the listener, so its first pass (the recovery) normally has the lock
+        # The first cycle runs before the listener starts: on a store of its own this process
+        # leads at once, and the reconciler's first pass (the recovery) normally has the lock
         # before the first request; an update that gets it first finishes the leftover itself.
-        reconciling = asyncio.create_task(reconciler.run_forever())
-        following = asyncio.create_task(_follow_store(listeners, settings.reconcile_interval))
-        keeping = asyncio.create_task(sankeeper.run_forever())
-        watching = asyncio.create_task(lifecycle.run_forever())
+        leading = asyncio.create_task(leadership.run_forever())
+        following = asyncio.create_task(
+            _follow_store(listeners, settings.reconcile_interval, outage)
+        )
+        watching = asyncio.create_task(lifecycle.run_forever(lambda: leadership.leading))
         notifying = asyncio.create_task(notifier.run())
-        rotating = asyncio.create_task(control.ca_rotation.run_forever())
-        tasks = [reconciling, following, keeping, watching, notifying, rotating]
+        rotating = asyncio.create_task(control.ca_rotation.run_forever(lambda: leadership.leading))
+        tasks = [leading, following, watching, notifying, rotating]
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

@@ -66,6 +66,8 @@ SETTINGS_KEY = "meta/settings"
 GENERATIONS_KEY = "rollouts/generations"
 TRUST_KEY = "trust/roots"
 CA_KEY = "ca/internal"
+MEMBERSHIP_KEY = "meta/membership"  # touched when a node joins again or is removed
+_MEMBERSHIP_KEYS = ("meta/cluster", MEMBERSHIP_KEY)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -414,10 +416,13 @@ class ClusterState:
 
     @_in_thread
     def membership_revision(self) -> int:
-        """A cheap change check for :meth:`nodes`: the store revision of the record that hands
-        out node ids (it moves whenever a node joins for the first time)."""
-        entry = self.store.get("meta/cluster")
-        return entry.revision if entry else 0
+        """A cheap change check for :meth:`nodes` and the names certificates must carry: the
+        latest store revision of the record that hands out node ids and holds the control
+        planes' names (it moves when a node joins for the first time or a name is added) and
+        of ``meta/membership`` (it moves when a node joins again or is removed). Every
+        control plane sees a change made through any of them."""
+        revisions = [e.revision for e in (self.store.get(k) for k in _MEMBERSHIP_KEYS) if e]
+        return max(revisions, default=0)
 
     @_in_thread
     def node(self, node_id: int) -> NodeRecord | None:
@@ -430,7 +435,12 @@ class ClusterState:
             if existing.name == name:
                 # A node that joins again (e.g. its disk was wiped) keeps its id.
                 record = replace(existing, agent_url=agent_url)
-                self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)))
+                self.store.commit(
+                    [
+                        Put(f"nodes/{record.node_id}", json.dumps(asdict(record))),
+                        Put(MEMBERSHIP_KEY, json.dumps({"changed": iso(now)})),
+                    ]
+                )
                 return record
         record = NodeRecord(self._next_id("next_node_id"), name, agent_url, iso(now))
         self.store.put(f"nodes/{record.node_id}", json.dumps(asdict(record)), expect_revision=0)
@@ -445,6 +455,7 @@ class ClusterState:
             return None
         ops: list[Put | Delete] = [Delete(entry.key, expect_revision=entry.revision)]
         ops += [Delete(e.key) for e in self.store.list(f"applied/{node_id}/")]
+        ops.append(Put(MEMBERSHIP_KEY, json.dumps({"changed": node_id})))
         self.store.commit(ops)
         return NodeRecord(**json.loads(entry.value))
 
@@ -718,6 +729,27 @@ class ClusterState:
     def end_rollout(self, record: RolloutRecord) -> None:
         """Forget ``record`` (compare-and-delete at its revision; StoreConflict if it changed)."""
         self.store.delete(ROLLOUT_KEY, expect_revision=record.revision)
+
+    # --- control planes (see control/leader.py) ----------------------------------------
+
+    @_in_thread
+    def register_control_plane(self, name: str, record: dict[str, Any]) -> None:
+        """Record (or refresh) control plane ``name``'s registration."""
+        self.store.put(f"control_planes/{name}", json.dumps(record, sort_keys=True))
+
+    @_in_thread
+    def control_planes(self) -> list[dict[str, Any]]:
+        return [json.loads(e.value) for e in self.store.list("control_planes/")]
+
+    @_in_thread
+    def put_node_health(self, snapshot: dict[str, Any]) -> None:
+        """The leader's view of each node's reachability (:class:`NodeHealth` snapshot)."""
+        self.store.put("health/nodes", json.dumps(snapshot, sort_keys=True))
+
+    @_in_thread
+    def node_health(self) -> dict[str, Any] | None:
+        entry = self.store.get("health/nodes")
+        return dict(json.loads(entry.value)) if entry else None
 
     # --- the cluster lock (a lease: see control/lock.py) --------------------------------
 

@@ -241,6 +241,13 @@ class TrustKeeper:
 
     # --- keeping nodes as recorded ------------------------------------------------------
 
+    async def holds_recorded(self, status: StatusAnswer) -> bool:
+        """Whether a node that answered ``status`` pins the recorded set (no call to it)."""
+        if status.pinned is None:
+            return True  # an agent without trust bundles
+        _record, fingerprints = await self.recorded()
+        return set(status.pinned) == fingerprints
+
     async def sync(self, node: NodeRecord, status: StatusAnswer) -> bool:
         """Pin the recorded set on ``node`` when its status shows another one (it was down
         during a phase, or joined since). True when the node holds the recorded set."""

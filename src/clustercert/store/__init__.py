@@ -3,8 +3,9 @@
 ``open_store`` turns the operator's ``--store`` value into a backend:
 
 - a plain path (``/var/lib/clustercert/state.db``) or ``sqlite:///abs/path.db``: SQLite;
-- ``etcd://host:port[/prefix]``: etcd v3 over its JSON gateway (plain HTTP), keys under
-  ``/prefix/`` (default ``/clustercert/``).
+- ``etcd://host:port[,host:port...][/prefix]``: etcd v3 over its JSON gateway (plain HTTP),
+  keys under ``/prefix/`` (default ``/clustercert/``); several members, comma-separated, are
+  tried in turn (:class:`EtcdStore`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DEFAULT_ETCD_PORT = 2379
 DEFAULT_ETCD_PREFIX = "/clustercert/"
 
 _SCHEMES = ("sqlite", "etcd")
-_FORMS = "a file path, sqlite:///ABSOLUTE/PATH.db or etcd://HOST:PORT[/PREFIX]"
+_FORMS = "a file path, sqlite:///ABSOLUTE/PATH.db or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
 
 
 def open_store(url_or_path: str | os.PathLike[str]) -> Store:
@@ -49,16 +50,24 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
             )
         return SqliteStore(parts.path)
     if scheme == "etcd":
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as exc:
-            raise ConfigError(f"store {url_or_path!r}: {exc}; expected {_FORMS}") from exc
-        if not host or parts.query or parts.fragment or parts.username or parts.password:
+        if parts.query or parts.fragment or "@" in parts.netloc:
             raise ConfigError(f"store {url_or_path!r}: expected {_FORMS}")
-        if ":" in host:
-            host = f"[{host}]"  # an IPv6 literal
         return EtcdStore(  # EtcdStore normalises the prefix's slashes
-            endpoint=f"http://{host}:{port or DEFAULT_ETCD_PORT}",
+            endpoint=[_etcd_member(url_or_path, m) for m in parts.netloc.split(",")],
             prefix=parts.path.strip("/") or DEFAULT_ETCD_PREFIX,
         )
     raise ConfigError(f"store {url_or_path!r}: unknown scheme {parts.scheme!r}; expected {_FORMS}")
+
+
+def _etcd_member(url: str, netloc: str) -> str:
+    """One member's client URL from ``HOST[:PORT]`` of an etcd store URL."""
+    try:
+        member = urlsplit(f"//{netloc}")
+        host, port = member.hostname, member.port
+    except ValueError as exc:
+        raise ConfigError(f"store {url!r}: {exc}; expected {_FORMS}") from exc
+    if not host:
+        raise ConfigError(f"store {url!r}: expected {_FORMS}")
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{port or DEFAULT_ETCD_PORT}"

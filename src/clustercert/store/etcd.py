@@ -22,6 +22,13 @@ Mapping of the contract onto etcd (gateway paths under ``/v3/``, keys and values
 This client speaks plain HTTP to the gateway, which etcd serves on its client URL (3.4 serves
 both ``/v3beta`` and ``/v3``; 3.5 only ``/v3``). Every httpx error, non-200 answer or answer of
 an unexpected shape becomes a :class:`~clustercert.errors.StoreError` here.
+
+Several members: given more than one client URL, a request that cannot reach a member (the
+connection is refused or cannot be made, so nothing was sent) or that a member refuses because
+it has no leader or no quorum (so nothing was applied) goes to the next member; the member that
+answered is used first from then on. A request that timed out after it was sent is not sent
+again (it may have been applied): it is a StoreError like any other. With every member
+failing, the StoreError says so in one line.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import binascii
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -65,7 +73,8 @@ class _BadAnswer(Exception):
 class EtcdStore(Store):
     """A :class:`~clustercert.store.base.Store` in etcd v3.
 
-    ``endpoint``: etcd's client URL. ``prefix``: where this cluster's data lives (normalised to
+    ``endpoint``: etcd's client URL, or several members' (a sequence; see the module docstring
+    for the failover). ``prefix``: where this cluster's data lives (normalised to
     start and end with ``/``); control planes of one cluster share it, different clusters must
     not. ``timeout``: seconds for each HTTP request.
 
@@ -75,15 +84,20 @@ class EtcdStore(Store):
 
     def __init__(
         self,
-        endpoint: str = "http://127.0.0.1:2379",
+        endpoint: str | Sequence[str] = "http://127.0.0.1:2379",
         prefix: str = "/clustercert/",
         timeout: float = 5.0,
     ) -> None:
-        self._endpoint = endpoint.rstrip("/")
+        endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        if not endpoints:
+            raise ValueError("an etcd store needs at least one endpoint")
+        self._endpoints = [e.rstrip("/") for e in endpoints]
+        self._endpoint = ",".join(self._endpoints)  # for messages
+        self._current = 0  # the member that answered last: asked first
         self._prefix = f"/{prefix.strip('/')}/" if prefix.strip("/") else "/"
         self._kv = (self._prefix + "kv/").encode()
         self._locks = (self._prefix + "lock/").encode()
-        self._client = httpx.Client(base_url=self._endpoint, timeout=timeout)
+        self._client = httpx.Client(timeout=timeout)
         self._closed = False
         self._closing = threading.Lock()
 
@@ -257,12 +271,40 @@ class EtcdStore(Store):
             ) from exc
 
     def _post(self, path: str, body: _Json, doing: str) -> httpx.Response:
-        try:
-            return self._client.post(f"/v3/{path}", json=body)
-        except httpx.HTTPError as exc:
-            raise self._error(doing, f"cannot reach etcd ({type(exc).__name__}: {exc})") from exc
-        except RuntimeError as exc:  # httpx: the client was closed by another thread
-            raise self._error(doing, f"the store is closed ({exc})") from exc
+        """POST to the first member that takes the request (see the module docstring)."""
+        count = len(self._endpoints)
+        first = self._current
+        failures: list[str] = []
+        # Two rounds when a member answered that it has no leader: an election takes a moment.
+        attempts = 2 * count if count > 1 else 1
+        for attempt in range(attempts):
+            index = (first + attempt) % count
+            endpoint = self._endpoints[index]
+            if attempt == count:
+                if len(failures) == count and not any(_NO_LEADER in f for f in failures):
+                    break  # every member refused the connection: no second round
+                time.sleep(_ELECTION_PAUSE)
+            try:
+                response = self._client.post(f"{endpoint}/v3/{path}", json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failures.append(f"{endpoint}: {_one_line(exc)}")
+                continue
+            except httpx.HTTPError as exc:
+                raise self._error(
+                    doing, f"cannot reach etcd at {endpoint} ({type(exc).__name__}: {exc})"
+                ) from exc
+            except RuntimeError as exc:  # httpx: the client was closed by another thread
+                raise self._error(doing, f"the store is closed ({exc})") from exc
+            if attempt < attempts - 1 and count > 1 and _not_applied(response):
+                failures.append(f"{endpoint}: {_NO_LEADER}: {_describe_failure(path, response)}")
+                continue
+            self._current = index
+            return response
+        if count == 1:
+            raise self._error(doing, f"cannot reach etcd ({failures[0].split(': ', 1)[1]})")
+        raise self._error(
+            doing, f"cannot reach etcd: no member took the request ({'; '.join(failures)})"
+        )
 
     def _post_ok(self, path: str, body: _Json, doing: str) -> httpx.Response:
         """POST to the gateway; StoreError unless it answers 200."""
@@ -419,6 +461,20 @@ def _json_object(text: str, path: str) -> _Json:
     if not isinstance(value, dict):
         raise _BadAnswer(f"{path} answered {type(value).__name__}, not a JSON object")
     return value
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+# What a member answers when it cannot serve a request it did not apply: another member may.
+_NOT_APPLIED = ("no leader", "not capable", "unhealthy cluster", "leader changed")
+_NO_LEADER = "not served"
+_ELECTION_PAUSE = 0.5  # seconds before the second round
+
+
+def _not_applied(response: httpx.Response) -> bool:
+    return response.status_code >= 500 and any(m in response.text for m in _NOT_APPLIED)
 
 
 def _error_text(error: object) -> str:

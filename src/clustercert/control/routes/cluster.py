@@ -7,7 +7,11 @@ method and path                body                                         perm
 ``GET /v1/cluster``            —                                            view_cluster_info
 ``PUT /v1/cluster``            any subset of the settings (merged)          update_cluster
 ``GET /v1/cluster/alerts``     —                                            view_cluster_info
+``GET .../control_planes``     —                                            view_cluster_info
 =============================  ===========================================  ==================
+
+``GET /v1/cluster/control_planes`` lists the control planes sharing the store, which one leads
+(runs the reconciler) and when each was last seen (docs/deploy.md, "Several control planes").
 
 A rejected ``PUT`` (unknown key, wrong type, value out of range, a new ``name``) is a 400
 ``invalid_schema`` naming the key, and changes nothing. A change is an audit event.
@@ -59,6 +63,25 @@ class AlertAnswer(BaseModel):
     change_value: dict[str, Any]
 
 
+class ControlPlaneAnswer(BaseModel):
+    """One control plane sharing the store, as it registered itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    api_url: str
+    advertise: list[str]
+    leader: bool
+    alive: bool
+    started_at: str
+    last_seen: str
+    this: bool  # the control plane that answered
+
+
+class ControlPlanesAnswer(BaseModel):
+    control_planes: list[ControlPlaneAnswer]
+
+
 def _answer(name: str, settings: ClusterSettings) -> dict[str, Any]:
     return {"name": name, **settings.model_dump()}
 
@@ -94,3 +117,9 @@ async def put_cluster(request: Request, cp: Plane, user: Updater) -> dict[str, A
 async def get_alerts(cp: Plane, user: Viewer) -> dict[str, Any]:
     """Each certificate alert evaluated now (``change_time``: when it last flipped)."""
     return {name: state.as_json() for name, state in (await cp.lifecycle.current_alerts()).items()}
+
+
+@router.get("/v1/cluster/control_planes", responses=answers(ControlPlanesAnswer, 401, 403, 503))
+async def get_control_planes(cp: Plane, user: Viewer) -> dict[str, Any]:
+    """Every control plane sharing the store: which leads, which answered lately."""
+    return {"control_planes": await cp.leadership.control_planes() if cp.leadership else []}
