@@ -289,6 +289,14 @@ class EtcdStore(Store):
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failures.append(f"{endpoint}: {_one_line(exc)}")
                 continue
+            except httpx.TransportError as exc:
+                if path not in _REPEATABLE:
+                    raise self._error(
+                        doing, f"cannot reach etcd at {endpoint} ({type(exc).__name__}: {exc})"
+                    ) from exc
+                # Sent, maybe applied, but applying it twice changes nothing: the next member.
+                failures.append(f"{endpoint}: {_one_line(exc)}")
+                continue
             except httpx.HTTPError as exc:
                 raise self._error(
                     doing, f"cannot reach etcd at {endpoint} ({type(exc).__name__}: {exc})"
@@ -470,6 +478,9 @@ def _one_line(exc: Exception) -> str:
 # What a member answers when it cannot serve a request it did not apply: another member may.
 _NOT_APPLIED = ("no leader", "not capable", "unhealthy cluster", "leader changed")
 _NO_LEADER = "not served"
+# Requests whose repetition changes nothing: after a member dies with one in flight they go to
+# the next member. A transaction may have been applied; it is never sent twice.
+_REPEATABLE = frozenset({"kv/range", "lease/revoke", "lease/keepalive"})
 _ELECTION_PAUSE = 0.5  # seconds before the second round
 
 
