@@ -34,11 +34,13 @@ from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.storetrust import StoreTrustFile
 from clustercert.control.trust import TrustKeeper
 from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError
 from clustercert.hosts import host_of, is_wildcard
 from clustercert.internode import CONTROL_PLANE_URI
+from clustercert.store import EtcdStore
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 from clustercert.web.app import build_console
@@ -229,6 +231,16 @@ async def _follow_store(listeners: Sequence[CertificateListener], interval: floa
                 )
 
 
+async def _follow_store_trust(store_trust: StoreTrustFile, settings: ServerSettings) -> None:
+    """Keep DIR/etcd-ca.pem as the trust record says (bounded by the server's lifetime)."""
+    while True:
+        try:
+            await store_trust.refresh()
+        except Exception:
+            log.exception("could not follow the trusted roots for the store; retrying")
+        await asyncio.sleep(max(settings.reconcile_interval, 0.2))
+
+
 def _bind_console(host: str, port: int) -> socket.socket:
     """The console's socket, bound before anything is served: a port in use is a clear error
     at start (uvicorn would exit the process from inside its task)."""
@@ -325,13 +337,25 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         if fault is not None:
             log.warning("TEST-ONLY fault injection armed: %s", fault.describe())
         trust = TrustStore.system(extra=[ca.cert])
+        # etcd over HTTPS: the control plane trusts each root pinned for the members.
+        store_trust = None
+        if isinstance(store, EtcdStore) and store.uses_tls:
+            store_trust = StoreTrustFile(
+                directory.etcd_ca_file, directory.ca_file.read_text(), state
+            )
         coordinator = Coordinator(
             state,
             pool,
             lock_wait=settings.lock_wait,
             on_committed=lambda records: _committed(listeners, records),
             fault=fault,
-            trust=TrustKeeper(state, pool, trust, ca.cert),
+            trust=TrustKeeper(
+                state,
+                pool,
+                trust,
+                ca.cert,
+                on_pinned=store_trust.pinned if store_trust is not None else None,
+            ),
         )
         reconciler = Reconciler(
             coordinator,
@@ -388,6 +412,8 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         watching = asyncio.create_task(lifecycle.run_forever())
         notifying = asyncio.create_task(notifier.run())
         tasks = [reconciling, following, keeping, watching, notifying]
+        if store_trust is not None:
+            tasks.append(asyncio.create_task(_follow_store_trust(store_trust, settings)))
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

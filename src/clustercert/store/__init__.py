@@ -4,7 +4,9 @@
 
 - a plain path (``/var/lib/clustercert/state.db``) or ``sqlite:///abs/path.db``: SQLite;
 - ``etcd://host:port[/prefix]``: etcd v3 over its JSON gateway (plain HTTP), keys under
-  ``/prefix/`` (default ``/clustercert/``).
+  ``/prefix/`` (default ``/clustercert/``);
+- ``etcd+https://host:port[/prefix]``: the same over HTTPS with a client certificate (``tls``:
+  the control plane's, see control/directory.py).
 """
 
 from __future__ import annotations
@@ -14,19 +16,37 @@ from urllib.parse import urlsplit
 
 from clustercert.errors import ConfigError
 from clustercert.store.base import Delete, Entry, Put, Store
-from clustercert.store.etcd import EtcdStore
+from clustercert.store.etcd import EtcdStore, EtcdTLS
 from clustercert.store.sqlite import SqliteStore
 
-__all__ = ["Delete", "Entry", "EtcdStore", "Put", "SqliteStore", "Store", "open_store"]
+__all__ = [
+    "Delete",
+    "Entry",
+    "EtcdStore",
+    "EtcdTLS",
+    "Put",
+    "SqliteStore",
+    "Store",
+    "is_etcd_tls",
+    "open_store",
+]
 
 DEFAULT_ETCD_PORT = 2379
 DEFAULT_ETCD_PREFIX = "/clustercert/"
 
-_SCHEMES = ("sqlite", "etcd")
-_FORMS = "a file path, sqlite:///ABSOLUTE/PATH.db or etcd://HOST:PORT[/PREFIX]"
+_SCHEMES = ("sqlite", "etcd", "etcd+https")
+_FORMS = (
+    "a file path, sqlite:///ABSOLUTE/PATH.db, etcd://HOST:PORT[/PREFIX] or "
+    "etcd+https://HOST:PORT[/PREFIX]"
+)
 
 
-def open_store(url_or_path: str | os.PathLike[str]) -> Store:
+def is_etcd_tls(url: str) -> bool:
+    """Whether ``url`` names an etcd reached over HTTPS (it needs :class:`EtcdTLS`)."""
+    return url.lower().startswith("etcd+https://")
+
+
+def open_store(url_or_path: str | os.PathLike[str], tls: EtcdTLS | None = None) -> Store:
     """Open the store named by ``url_or_path`` (see the module docstring).
 
     Raises :class:`~clustercert.errors.ConfigError` for a value of none of those forms and
@@ -48,7 +68,11 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
                 f"slashes, e.g. sqlite:///var/lib/clustercert/state.db"
             )
         return SqliteStore(parts.path)
-    if scheme == "etcd":
+    if scheme in ("etcd", "etcd+https"):
+        if scheme == "etcd+https" and tls is None:
+            raise ConfigError(
+                f"store {url_or_path!r}: HTTPS to etcd needs a CA and a client certificate"
+            )
         try:
             host, port = parts.hostname, parts.port
         except ValueError as exc:
@@ -57,8 +81,10 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
             raise ConfigError(f"store {url_or_path!r}: expected {_FORMS}")
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal
+        tls = tls if scheme == "etcd+https" else None
         return EtcdStore(  # EtcdStore normalises the prefix's slashes
-            endpoint=f"http://{host}:{port or DEFAULT_ETCD_PORT}",
+            endpoint=f"{'https' if tls else 'http'}://{host}:{port or DEFAULT_ETCD_PORT}",
             prefix=parts.path.strip("/") or DEFAULT_ETCD_PREFIX,
+            tls=tls,
         )
     raise ConfigError(f"store {url_or_path!r}: unknown scheme {parts.scheme!r}; expected {_FORMS}")

@@ -1,0 +1,68 @@
+"""The roots the control plane's etcd client trusts: ``DIR/etcd-ca.pem``.
+
+With the store in etcd over HTTPS (``etcd+https://``), the members serve
+``ccs_internode_encryption``. The control plane verifies them against the internal CA and every
+root pinned in the cluster's trust record (control/trust.py): a rollout to a certificate from
+a new root pins it (phase *a*) before any member is staged, and this file gets it at the same
+moment (:meth:`StoreTrustFile.pinned`), so the control plane trusts the new root before any
+member presents it. Other control planes follow the record (:meth:`StoreTrustFile.refresh`,
+every second). The store client loads the file again when it changes (store/etcd.py); the
+file is kept across restarts, so a control plane that restarts after a rotation to a new root
+still reaches the store. Roots leave the file when they leave the record; a running client
+keeps trusting them until it restarts (an SSL context only adds trust).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+
+from clustercert import pki
+from clustercert.certfiles import write_atomically
+from clustercert.control.state import ClusterState
+
+__all__ = ["StoreTrustFile", "write_store_trust"]
+
+log = logging.getLogger("clustercert.storetrust")
+
+
+def write_store_trust(path: Path, internal_ca_pem: str, roots: Sequence[str]) -> bool:
+    """Write the internal CA and ``roots`` (PEM) to ``path`` (0644, atomically) unless it holds
+    exactly them already; return whether it wrote."""
+    certs = x509.load_pem_x509_certificates(
+        "".join([internal_ca_pem, *(r if r.endswith("\n") else r + "\n" for r in roots)]).encode()
+    )
+    unique = {pki.fingerprint_sha256(c): c for c in certs}
+    content = pki.certificates_to_pem(unique[f] for f in sorted(unique)).encode()
+    try:
+        if path.read_bytes() == content:
+            return False
+    except FileNotFoundError:
+        pass
+    write_atomically(path, content, 0o644)
+    return True
+
+
+class StoreTrustFile:
+    """``DIR/etcd-ca.pem`` kept as the internal CA plus the recorded pinned roots."""
+
+    def __init__(self, path: Path, internal_ca_pem: str, state: ClusterState) -> None:
+        self.path = path
+        self.internal_ca_pem = internal_ca_pem
+        self.state = state
+        self._revision = -1
+
+    def pinned(self, roots: Sequence[str]) -> None:
+        """The trust phase pinned ``roots`` on every node: trust them from now on too."""
+        if write_store_trust(self.path, self.internal_ca_pem, roots):
+            log.info("the store's CA file %s now trusts %d pinned root(s)", self.path, len(roots))
+
+    async def refresh(self) -> None:
+        """Follow the trust record (another control plane's rollouts)."""
+        record = await self.state.trust()
+        if record.revision != self._revision:
+            self.pinned(record.roots)
+            self._revision = record.revision
