@@ -238,11 +238,16 @@ def agent(config_file: Path) -> None:
     type=click.Choice(["replicated", "cluster"]),
     help="replicated: node-1 primary, the others its replicas; cluster: Redis Cluster.",
 )  # fmt: skip
-def demo(nodes: int, directory: Path, port: int, redis_topology: str) -> None:
+@click.option(
+    "--ha", is_flag=True,
+    help="The store in a 3-member etcd over TLS (ccs_internode_encryption, one member per "
+    "node, managed by its agent) shared by two control planes.",
+)  # fmt: skip
+def demo(nodes: int, directory: Path, port: int, redis_topology: str, ha: bool) -> None:
     """Start a local cluster (control plane, N agents, N redis-server) until Ctrl-C."""
     from clustercert.demo import run_demo
 
-    run_demo(directory, nodes, port, redis_topology)
+    run_demo(directory, nodes, port, redis_topology, ha=ha)
 
 
 # --- client commands (over the REST API) ------------------------------------------------------

@@ -160,9 +160,14 @@ def running_pid(spec: MemberSpec) -> int | None:
     return pid
 
 
-def start(spec: MemberSpec) -> subprocess.Popen[bytes]:
+# The members this process started, by pid: kept so that they are reaped when they stop (and
+# their Popen is not collected while they run).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def start(spec: MemberSpec) -> int:
     """Start the member in its own session (it outlives whoever started it); writes the pid
-    file. Does not wait for it to answer (see :func:`wait_healthy`)."""
+    file and returns the pid. Does not wait for it to answer (see :func:`wait_healthy`)."""
     spec.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     with spec.log_file.open("ab") as log:
         process = subprocess.Popen(
@@ -173,7 +178,8 @@ def start(spec: MemberSpec) -> subprocess.Popen[bytes]:
             start_new_session=True,
         )
     write_atomically(spec.pid_file, str(process.pid).encode(), 0o644)
-    return process
+    _CHILDREN[process.pid] = process
+    return process.pid
 
 
 def stop(spec: MemberSpec, timeout: float = 10.0) -> None:
@@ -184,14 +190,16 @@ def stop(spec: MemberSpec, timeout: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while running_pid(spec) is not None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
+    child = _CHILDREN.get(pid)
+    while running_pid(spec) is not None and (child is None or child.poll() is None):
         if time.monotonic() >= deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
         time.sleep(0.02)
+    if child is not None:
+        child.wait()  # it is gone (or a zombie): reap it
+        _CHILDREN.pop(pid, None)
 
 
 def client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:

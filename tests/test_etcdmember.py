@@ -1,0 +1,161 @@
+"""A real etcd member over TLS, started by clustercert.etcdmember: what etcd 3.4 re-reads and
+when, and the store client over HTTPS (store/etcd.py with EtcdTLS) following its files."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from certfactory import CA, Leaf
+from clusterkit import served_fingerprint, wait_until
+from store_fixtures import free_ports
+
+from clustercert import etcdmember
+from clustercert.errors import StoreError
+from clustercert.etcdmember import MemberSpec
+from clustercert.store import EtcdStore, EtcdTLS
+
+pytestmark = pytest.mark.cluster  # starts etcd itself
+
+SANS = ["127.0.0.1", "localhost"]
+
+
+def _pair(ca: CA, name: str = "ccs") -> Leaf:
+    return ca.issue(name, sans=SANS, eku=["serverAuth", "clientAuth"])
+
+
+def _write(directory: Path, leaf: Leaf) -> Path:
+    directory.mkdir(mode=0o700, parents=True)
+    (directory / "cert.pem").write_text(leaf.chain_pem)
+    key = directory / "key.pem"
+    key.touch(mode=0o600)
+    key.write_text(leaf.key_pem)
+    return directory
+
+
+class Member:
+    """One single-member etcd with TLS and the files to reach it."""
+
+    def __init__(self, root: Path, ca: CA) -> None:
+        client, peer = free_ports(2)
+        self.root = root
+        self.ca = ca
+        self.spec = MemberSpec(
+            name="m1",
+            directory=root / "member",
+            client_url=f"https://127.0.0.1:{client}",
+            peer_url=f"https://127.0.0.1:{peer}",
+            initial_cluster=f"m1=https://127.0.0.1:{peer}",
+        )
+        self.first = _pair(ca)
+        first = _write(root / "gen-1", self.first)
+        etcdmember.write_bootstrap(self.spec, self.first.chain_pem, self.first.key_pem, ca.cert_pem)
+        etcdmember.point_at(self.spec, first)
+        self.client = _pair(ca, "control-plane")
+        _write(root / "client", self.client)
+        etcdmember.start(self.spec)
+        assert etcdmember.wait_healthy(self.spec.client_url, self.context(), 30) is None
+
+    def context(self, ca_pem: str | None = None, client: Path | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cadata=ca_pem or self.ca.cert_pem)
+        directory = client or self.root / "client"
+        context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+        return context
+
+    def served(self) -> tuple[str, str]:
+        return (
+            served_fingerprint(*self.spec.client_address),
+            served_fingerprint(*self.spec.peer_address),
+        )
+
+
+@pytest.fixture
+def member(tmp_path: Path) -> Iterator[Member]:
+    running = Member(tmp_path, CA.new())
+    yield running
+    etcdmember.stop(running.spec)
+
+
+def test_a_symlink_swap_switches_both_ports_on_the_next_handshake(member: Member) -> None:
+    """etcd re-reads cert and key on every handshake: one rename switches the pair; a
+    connection already open keeps working (the store client's pool survives the switch)."""
+    ca_file = member.root / "trusted.pem"
+    ca_file.write_text(member.ca.cert_pem)
+    client = member.root / "client"
+    tls = EtcdTLS(ca_file, client / "cert.pem", client / "key.pem")
+    with EtcdStore(member.spec.client_url, tls=tls) as store:
+        store.put("before", "1")
+        assert member.served() == (member.first.fingerprint, member.first.fingerprint)
+        second = _pair(member.ca)
+        etcdmember.point_at(member.spec, _write(member.root / "gen-2", second))
+        assert member.served() == (second.fingerprint, second.fingerprint)
+        store.put("after", "2")  # on the pooled connection
+        assert store.get("before") is not None
+    reason = etcdmember.health(member.spec.client_url, member.context())
+    assert reason is None
+
+
+def test_the_trusted_ca_file_is_read_only_at_start(member: Member) -> None:
+    """A client from a new root is refused after the CA file gained that root, until the
+    member restarts (why the agent restarts a member to trust a new root)."""
+    other = CA.new()
+    _write(member.root / "other-client", _pair(other, "other"))
+    other_client = member.context(client=member.root / "other-client")
+    refused = etcdmember.health(member.spec.client_url, other_client)
+    assert refused is not None
+    member.spec.ca_file.write_text(member.ca.cert_pem + other.cert_pem)
+    assert etcdmember.health(member.spec.client_url, other_client) is not None  # still refused
+    assert etcdmember.restart(member.spec, member.context(), 30) is None
+    assert etcdmember.health(member.spec.client_url, other_client) is None
+
+
+def test_the_store_client_follows_its_ca_file(member: Member) -> None:
+    """The member switches to a certificate from a root the client does not trust: new
+    connections fail with a StoreError; once the CA file gains the root, the same client
+    reaches the store again (no restart, no new client)."""
+    ca_file = member.root / "trusted.pem"
+    ca_file.write_text(member.ca.cert_pem)
+    client = member.root / "client"
+    tls = EtcdTLS(ca_file, client / "cert.pem", client / "key.pem")
+    other = CA.new()
+    # The member trusts the control plane's client certificate (member.ca) in every case.
+    with EtcdStore(member.spec.client_url, tls=tls, timeout=2) as store:
+        store.put("k", "v")
+        foreign = _pair(other)
+        foreign_dir = _write(member.root / "foreign", foreign)
+        foreign_dir.joinpath("cert.pem").write_text(foreign.full_chain_pem)
+        etcdmember.point_at(member.spec, foreign_dir)
+        store.close()
+    with EtcdStore(member.spec.client_url, tls=tls, timeout=2) as store:
+        with pytest.raises(StoreError, match=r"cannot reach etcd.*CERTIFICATE_VERIFY_FAILED"):
+            store.get("k")
+        ca_file.write_text(member.ca.cert_pem + other.cert_pem)
+        entry = wait_until(lambda: _quiet_get(store, "k"), timeout=10, what="the store again")
+        assert entry.value == "v"
+
+
+def _quiet_get(store: EtcdStore, key: str) -> object:
+    try:
+        return store.get(key)
+    except StoreError:
+        return None
+
+
+def test_tls_files_that_do_not_load_are_a_store_error_without_key_material(
+    tmp_path: Path,
+) -> None:
+    ca = CA.new()
+    leaf = _pair(ca)
+    directory = _write(tmp_path / "pair", leaf)
+    (directory / "key.pem").write_text(_pair(ca).key_pem)  # another key: does not match
+    tls = EtcdTLS(tmp_path / "missing-ca.pem", directory / "cert.pem", directory / "key.pem")
+    with pytest.raises(StoreError, match="TLS files do not load") as caught:
+        EtcdStore("https://127.0.0.1:1", tls=tls)
+    assert "PRIVATE KEY" not in str(caught.value)
+    (tmp_path / "ca.pem").write_text(ca.cert_pem)
+    tls = EtcdTLS(tmp_path / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    with pytest.raises(StoreError, match=r"key\.pem") as caught:
+        EtcdStore("https://127.0.0.1:1", tls=tls)
+    assert "PRIVATE KEY" not in str(caught.value)
