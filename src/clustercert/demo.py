@@ -592,6 +592,25 @@ def run_demo(
         print("stopped.", flush=True)
 
 
+def _ha_lines(info: dict[str, Any]) -> str:
+    """With --ha: the control planes and the etcd members, and how to watch a failover."""
+    if "etcd" not in info:
+        return ""
+    planes = "\n".join(f"    {p['api_url']} (pid {p['pid']})" for p in info["control_planes"])
+    members = "\n".join(
+        f"    {m['name']}: client {m['client_url']}, peer {m['peer_url']} (pid {m['pid']})"
+        for m in info["etcd"]
+    )
+    return f"""
+  control planes (either serves the API; they share the store):
+{planes}
+  etcd members (TLS with ccs_internode_encryption; each node's agent manages its member):
+{members}
+  failover: stop one member (kill PID) or one control plane and ask the other; rotate the
+  store's certificate with `clustercert certificates rotate ccs_internode_encryption`.
+"""
+
+
 def _instructions(cluster: DemoCluster, path: Path) -> str:
     info = cluster.describe()
     redis_lines = "\n".join(
@@ -608,7 +627,7 @@ def _instructions(cluster: DemoCluster, path: Path) -> str:
     )
     return f"""
 clustercert demo is running.
-
+{_ha_lines(info)}
   API:       {info["api_url"]}
   console:   {info["console_url"]}  (log in with the user below; the `cm` certificate,
              issued by the CA file below)

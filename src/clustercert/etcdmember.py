@@ -144,6 +144,7 @@ def write_bootstrap(spec: MemberSpec, cert_pem: str, key_pem: str, ca_pem: str) 
 
 def running_pid(spec: MemberSpec) -> int | None:
     """The pid of the member's process when it runs (per its pid file), else None."""
+    _reap()
     try:
         pid = int(spec.pid_file.read_text())
     except (FileNotFoundError, ValueError):
@@ -163,6 +164,13 @@ def running_pid(spec: MemberSpec) -> int | None:
 # The members this process started, by pid: kept so that they are reaped when they stop (and
 # their Popen is not collected while they run).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    """Collect the members this process started that have exited (whoever stopped them)."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[pid]
 
 
 def start(spec: MemberSpec) -> int:
