@@ -59,7 +59,9 @@ class ServiceConfig:
     # member when it does not run, and restarts it to load a new trusted CA bundle
     supervise: bool = False
     server_binary: str = "redis-server"
-    command: tuple[str, ...] = ()  # command: argv; {cert} and {key} are replaced by paths
+    # command: argv; {cert} and {key} are replaced by paths. etcd: the command that restarts
+    # the member when another process manager runs it (e.g. systemctl restart etcd-member)
+    command: tuple[str, ...] = ()
     sni: str = "localhost"
     etcd: MemberSpec | None = None  # etcd: the member (its directory, URLs, cluster)
 
@@ -137,6 +139,10 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     command = raw.get("command", [])
     if kind == "command" and (not command or not all(isinstance(a, str) for a in command)):
         raise ConfigError(f"{where}command: required, a list of strings")
+    if kind == "etcd" and not (
+        isinstance(command, list) and all(isinstance(a, str) for a in command)
+    ):
+        raise ConfigError(f"{where}command: a list of strings (how to restart the member)")
     if kind in {"redis", "metrics"} and not address:
         raise ConfigError(f"{where}address: required (HOST:PORT of the TLS listener)")
     etcd = _etcd_member(raw, where) if kind == "etcd" else None

@@ -12,6 +12,10 @@
   the control plane pins such a root on one node at a time); one that only lost roots is
   written and takes effect at the next start (a root stays trusted a little longer, never
   shorter).
+
+Who runs the member: the agent (``supervise``, the default: it starts the member when it does
+not run, and restarts it itself), or another process manager such as systemd, with ``command``
+the restart (``["systemctl", "restart", "clustercert-etcd"]``) and ``supervise = false``.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class EtcdService(Service):
         if paths.key is None:
             raise ReloadFailed(f"{certificate} has no key; etcd needs one")
         etcdmember.point_at(self.spec, paths.cert.parent)
-        if etcdmember.running_pid(self.spec) is None:
+        if not await self._runs():
             if not self.config.supervise:
                 raise ReloadFailed(f"etcd member {self.spec.name} does not run")
             await self._start()
@@ -129,16 +133,17 @@ class EtcdService(Service):
             self.spec.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             content = pki.certificates_to_pem(unique[f] for f in sorted(unique))
             write_atomically(self.spec.ca_file, content.encode(), 0o644)
-        if etcdmember.running_pid(self.spec) is None:
+        if not await self._runs():
             self.loaded = wanted  # loaded when it starts
             return tuple(sorted(wanted))
         if self.loaded is None:
             self.loaded = before  # adopted: it runs with what the file held
         if wanted - self.loaded:
-            if not self.config.supervise:
+            if not (self.config.supervise or self.config.command):
                 raise ReloadFailed(
                     f"etcd reads {self.spec.ca_file} only when it starts: restart member "
-                    f"{self.spec.name} to trust the new root(s)"
+                    f"{self.spec.name} to trust the new root(s), or configure its restart "
+                    "(command) or supervise = true"
                 )
             await self._restart(len(wanted - self.loaded))
             self.loaded = wanted
@@ -154,11 +159,33 @@ class EtcdService(Service):
 
     # --- process --------------------------------------------------------------------------
 
+    async def _runs(self) -> bool:
+        """The member runs: its pid file names a live process (the agent's or the demo's), or
+        its client port accepts connections (run by another process manager)."""
+        if etcdmember.running_pid(self.spec) is not None:
+            return True
+        host, port = self.spec.client_address
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
+
     async def _restart(self, new_roots: int) -> None:
         started = time.monotonic()
-        reason = await asyncio.to_thread(
-            etcdmember.restart, self.spec, self._client_context(), RESTART_TIMEOUT
-        )
+        if self.config.command:
+            await self._run_restart_command()
+            reason = await asyncio.to_thread(
+                etcdmember.wait_healthy,
+                self.spec.client_url,
+                self._client_context(),
+                RESTART_TIMEOUT,
+            )
+        else:
+            reason = await asyncio.to_thread(
+                etcdmember.restart, self.spec, self._client_context(), RESTART_TIMEOUT
+            )
         if reason is not None:
             raise ReloadFailed(
                 f"etcd member {self.spec.name} restarted to trust {new_roots} new root(s) but is "
@@ -168,6 +195,23 @@ class EtcdService(Service):
             "etcd member %s restarted to trust %d new root(s): healthy after %.3f s",
             self.spec.name, new_roots, time.monotonic() - started,
         )  # fmt: skip
+
+    async def _run_restart_command(self) -> None:
+        argv = list(self.config.command)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), timeout=RESTART_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            raise ReloadFailed(f"{argv[0]} did not finish within {RESTART_TIMEOUT:g} s") from None
+        if proc.returncode != 0:
+            tail = output.decode(errors="replace").strip()[-300:]
+            raise ReloadFailed(f"restarting etcd: {argv[0]} exited with {proc.returncode}: {tail}")
 
     async def _start(self) -> None:
         """Start the member and wait (bounded) until its client port accepts connections; it
@@ -188,5 +232,5 @@ class EtcdService(Service):
         paths = current.get(self.config.certificate)
         if paths is not None and paths.key is not None:
             etcdmember.point_at(self.spec, paths.cert.parent)
-        if etcdmember.running_pid(self.spec) is None and self.config.supervise:
+        if self.config.supervise and not await self._runs():
             await self._start()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from clustercert.control.state import (
     ClusterState,
     run_blocking,
 )
-from clustercert.errors import ConfigError
+from clustercert.errors import ConfigError, StoreError
 from clustercert.hosts import canonical_host, host_of, valid_san
 from clustercert.internode import CONTROL_PLANE_URI, METRICS_SCRAPER_URI, has_identity
 from clustercert.names import NAMES
@@ -57,6 +58,7 @@ __all__ = [
     "issue_internal",
     "issue_metrics_client",
     "reissue_internal",
+    "wait_for_store",
     "wanted_sans",
 ]
 
@@ -338,6 +340,23 @@ def init_cluster(
         opened.put("meta/cluster", json.dumps(meta), expect_revision=0)
         run_blocking(seed(directory.state(opened)))
     return InitResult(directory, admin_email, password, admin_password is None)
+
+
+def wait_for_store(directory: ClusterDirectory, timeout: float) -> None:
+    """Until the store answers a read (the etcd members started with ``DIR/ccs/``), at most
+    ``timeout`` seconds; ConfigError with the last reason after that."""
+    deadline = time.monotonic() + timeout
+    with directory.open_store() as store:
+        while True:
+            try:
+                store.get("meta/cluster")
+                return
+            except StoreError as exc:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"the store did not answer within {timeout:g} s: {exc.description}"
+                    ) from exc
+            time.sleep(0.5)
 
 
 def _write_ccs_bootstrap(directory: ClusterDirectory, record: CertRecord) -> None:
