@@ -3,16 +3,23 @@ when, and the store client over HTTPS (store/etcd.py with EtcdTLS) following its
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from certfactory import CA, Leaf
 from clusterkit import served_fingerprint, wait_until
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from store_fixtures import free_ports
 
 from clustercert import etcdmember
+from clustercert.agent.config import ServiceConfig
+from clustercert.agent.etcd import EtcdService
+from clustercert.agent.services import ReloadFailed
 from clustercert.errors import StoreError
 from clustercert.etcdmember import MemberSpec
 from clustercert.store import EtcdStore, EtcdTLS
@@ -50,6 +57,7 @@ class Member:
             initial_cluster=f"m1=https://127.0.0.1:{peer}",
         )
         self.first = _pair(ca)
+        self.first_root = ca.cert.fingerprint(hashes.SHA256()).hex()
         first = _write(root / "gen-1", self.first)
         etcdmember.write_bootstrap(self.spec, self.first.chain_pem, self.first.key_pem, ca.cert_pem)
         etcdmember.point_at(self.spec, first)
@@ -159,3 +167,62 @@ def test_tls_files_that_do_not_load_are_a_store_error_without_key_material(
     with pytest.raises(StoreError, match=r"key\.pem") as caught:
         EtcdStore("https://127.0.0.1:1", tls=tls)
     assert "PRIVATE KEY" not in str(caught.value)
+
+
+def _service(member: Member, **config: object) -> EtcdService:
+    service = ServiceConfig(
+        name="etcd",
+        type="etcd",
+        certificate="ccs_internode_encryption",
+        address=member.spec.client_address,
+        etcd=member.spec,
+        **config,  # type: ignore[arg-type]
+    )
+    internal = member.root / "internal-ca.pem"
+    internal.write_text(member.ca.cert_pem)
+    return EtcdService(service, 5.0, internal)
+
+
+def test_the_agent_restarts_its_member_when_the_bundle_gains_a_root(member: Member) -> None:
+    """A new root: the member restarts (a new process) and trusts it; dropping it again only
+    rewrites the file (no restart); without supervise or a restart command: refused."""
+    service = _service(member, supervise=True)
+    other = CA.new()
+    before = etcdmember.running_pid(member.spec)
+    held = asyncio.run(service.trust([other.cert]))
+    after = etcdmember.running_pid(member.spec)
+    assert after is not None and after != before
+    assert set(held) == {member.first_root, _fingerprint(other.cert)}
+    _write(member.root / "other-client", _pair(other, "other"))
+    other_client = member.context(client=member.root / "other-client")
+    assert etcdmember.health(member.spec.client_url, other_client) is None
+    held = asyncio.run(service.trust([]))  # the root retired: written, no restart
+    assert etcdmember.running_pid(member.spec) == after
+    assert other.cert_pem.strip() not in member.spec.ca_file.read_text()
+    assert _fingerprint(other.cert) in held  # the running member still trusts it
+    unmanaged = _service(member, supervise=False)
+    with pytest.raises(ReloadFailed, match=r"reads .*ca\.pem only when it starts"):
+        asyncio.run(unmanaged.trust([CA.new().cert]))
+
+
+def test_a_member_run_by_another_manager_is_restarted_by_its_command(member: Member) -> None:
+    spec = member.spec
+    script = (
+        "from pathlib import PosixPath\n"
+        "from clustercert import etcdmember\n"
+        "from clustercert.etcdmember import MemberSpec\n"
+        f"spec = {spec!r}\n"
+        "etcdmember.stop(spec)\n"
+        "etcdmember.start(spec)\n"
+    )
+    service = _service(member, supervise=False, command=(sys.executable, "-c", script))
+    before = etcdmember.running_pid(spec)
+    asyncio.run(service.trust([CA.new().cert]))
+    assert etcdmember.running_pid(spec) not in (None, before)
+    failing = _service(member, supervise=False, command=("false",))
+    with pytest.raises(ReloadFailed, match="false exited with 1"):
+        asyncio.run(failing.trust([CA.new().cert]))
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
