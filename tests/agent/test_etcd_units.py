@@ -3,15 +3,19 @@ an etcd service, the control plane's store CA file, and opening an etcd store ov
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import pytest
 from certfactory import CA
 
 from clustercert.agent.config import load_agent_config
-from clustercert.control.storetrust import write_store_trust
+from clustercert.control.state import ClusterState, RolloutRecord
+from clustercert.control.storetrust import StoreTrustFile, write_store_trust
 from clustercert.errors import ConfigError
-from clustercert.store import EtcdStore, EtcdTLS, open_store
+from clustercert.sealing import KeySealer
+from clustercert.store import EtcdStore, EtcdTLS, SqliteStore, open_store
 
 MEMBER = """
 [[services]]
@@ -94,3 +98,37 @@ def test_etcd_over_https_needs_tls_files(tmp_path: Path) -> None:
         assert isinstance(plain, EtcdStore) and not plain.uses_tls  # etcd:// stays plain
     finally:
         plain.close()
+
+
+def test_the_store_ca_file_follows_the_record_and_a_rollout_adding_roots(
+    tmp_path: Path,
+) -> None:
+    """Another control plane's rollout in phase a: its new root is trusted for the store
+    before the rollout stages anything; once it ends, the file holds the recorded roots."""
+    internal, recorded, adding = CA.new(), CA.new(), CA.new()
+    state = ClusterState(SqliteStore(tmp_path / "store.db"), KeySealer(os.urandom(32)))
+    path = tmp_path / "etcd-ca.pem"
+    follower = StoreTrustFile(path, internal.cert_pem, state)
+
+    async def scenario() -> None:
+        await state.put_trust([recorded.cert_pem], 0)
+        await follower.refresh()
+        assert recorded.cert_pem.strip() in path.read_text()
+        assert adding.cert_pem.strip() not in path.read_text()
+        record = RolloutRecord(
+            rollout_id="r1", phase="trusting", generations={}, fingerprints={}, previous={},
+            actor="admin", owner="cp-2", started_at="2026-01-01T00:00:00Z",
+            trust_added=[adding.cert_pem],
+        )  # fmt: skip
+        begun = await state.begin_rollout(record)
+        await follower.refresh()
+        assert adding.cert_pem.strip() in path.read_text()
+        await state.end_rollout(begun)
+        await follower.refresh()
+        assert adding.cert_pem.strip() not in path.read_text()
+        assert internal.cert_pem.strip() in path.read_text()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        state.store.close()

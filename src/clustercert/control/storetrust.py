@@ -6,7 +6,9 @@ root pinned in the cluster's trust record (control/trust.py): a rollout to a cer
 a new root pins it (phase *a*) before any member is staged, and this file gets it at the same
 moment (:meth:`StoreTrustFile.pinned`), so the control plane trusts the new root before any
 member presents it. Other control planes follow the record (:meth:`StoreTrustFile.refresh`,
-every second). The store client loads the file again when it changes (store/etcd.py); the
+every second), and the roots a rollout in phase *a* is adding: the members restart one after
+the other to load them, which takes seconds, so the others trust a new root well before the
+rollout stages it. The store client loads the file again when it changes (store/etcd.py); the
 file is kept across restarts, so a control plane that restarts after a rotation to a new root
 still reaches the store. Roots leave the file when they leave the record; a running client
 keeps trusting them until it restarts (an SSL context only adds trust).
@@ -53,7 +55,7 @@ class StoreTrustFile:
         self.path = path
         self.internal_ca_pem = internal_ca_pem
         self.state = state
-        self._revision = -1
+        self._seen: tuple[int, int] = (-1, -1)
 
     def pinned(self, roots: Sequence[str]) -> None:
         """The trust phase pinned ``roots`` on every node: trust them from now on too."""
@@ -61,8 +63,11 @@ class StoreTrustFile:
             log.info("the store's CA file %s now trusts %d pinned root(s)", self.path, len(roots))
 
     async def refresh(self) -> None:
-        """Follow the trust record (another control plane's rollouts)."""
+        """Follow the trust record and a rollout adding roots (another control plane's)."""
         record = await self.state.trust()
-        if record.revision != self._revision:
-            self.pinned(record.roots)
-            self._revision = record.revision
+        in_flight = await self.state.rollout_in_flight()
+        adding = in_flight.trust_added if in_flight is not None else []
+        seen = (record.revision, in_flight.revision if in_flight is not None else 0)
+        if seen != self._seen:
+            self.pinned([*record.roots, *adding])
+            self._seen = seen
