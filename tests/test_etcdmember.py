@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,3 +227,38 @@ def test_a_member_run_by_another_manager_is_restarted_by_its_command(member: Mem
 
 def _fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def test_init_writes_the_member_files_first_then_waits_for_the_store(tmp_path: Path) -> None:
+    """The bootstrap order of an etcd+https store: init writes DIR/ccs/ (the first
+    ccs_internode_encryption pair, key 0600, and the CA), waits; a member started with those
+    files lets it seed the store; the control plane's commands then use it."""
+    client, peer = free_ports(2)
+    directory = tmp_path / "cluster"
+    init = subprocess.Popen(
+        [sys.executable, "-m", "clustercert", "init", "--dir", str(directory),
+         "--store", f"etcd+https://127.0.0.1:{client}/c", "--store-wait", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    ccs = directory / "ccs"
+    wait_until(lambda: (ccs / "ca.pem").exists(), timeout=60, what="init's member files")
+    assert (ccs / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert init.poll() is None  # waiting for the store
+    spec = MemberSpec(
+        "m1", tmp_path / "member", f"https://127.0.0.1:{client}",
+        f"https://127.0.0.1:{peer}", f"m1=https://127.0.0.1:{peer}",
+    )  # fmt: skip
+    files = [(ccs / name).read_text() for name in ("cert.pem", "key.pem", "ca.pem")]
+    etcdmember.write_bootstrap(spec, *files)
+    etcdmember.start(spec)
+    try:
+        output, _ = init.communicate(timeout=120)
+        assert init.returncode == 0, output
+        assert "waiting up to 120 s for the store" in output
+        token = subprocess.run(
+            [sys.executable, "-m", "clustercert", "join-token", "--dir", str(directory)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert token.returncode == 0 and ".sha256:" in token.stdout, token.stderr
+    finally:
+        etcdmember.stop(spec)
