@@ -108,7 +108,9 @@ def test_the_store_ca_file_follows_the_record_and_a_rollout_adding_roots(
     internal, recorded, adding = CA.new(), CA.new(), CA.new()
     state = ClusterState(SqliteStore(tmp_path / "store.db"), KeySealer(os.urandom(32)))
     path = tmp_path / "etcd-ca.pem"
-    follower = StoreTrustFile(path, internal.cert_pem, state)
+    internal_file = tmp_path / "ca.pem"
+    internal_file.write_text(internal.cert_pem)
+    follower = StoreTrustFile(path, internal_file, state)
 
     async def scenario() -> None:
         await state.put_trust([recorded.cert_pem], 0)
@@ -127,6 +129,11 @@ def test_the_store_ca_file_follows_the_record_and_a_rollout_adding_roots(
         await follower.refresh()
         assert adding.cert_pem.strip() not in path.read_text()
         assert internal.cert_pem.strip() in path.read_text()
+        # The internal CA rotates: the directory's ca.pem holds old and new, and so does this.
+        rotated = CA.new()
+        internal_file.write_text(internal.cert_pem + rotated.cert_pem)
+        await follower.refresh()
+        assert rotated.cert_pem.strip() in path.read_text()
 
     try:
         asyncio.run(scenario())

@@ -340,9 +340,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         # etcd over HTTPS: the control plane trusts each root pinned for the members.
         store_trust = None
         if isinstance(store, EtcdStore) and store.uses_tls:
-            store_trust = StoreTrustFile(
-                directory.etcd_ca_file, directory.ca_file.read_text(), state
-            )
+            store_trust = StoreTrustFile(directory.etcd_ca_file, directory.ca_file, state)
         coordinator = Coordinator(
             state,
             pool,

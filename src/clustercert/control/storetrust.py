@@ -49,17 +49,28 @@ def write_store_trust(path: Path, internal_ca_pem: str, roots: Sequence[str]) ->
 
 
 class StoreTrustFile:
-    """``DIR/etcd-ca.pem`` kept as the internal CA plus the recorded pinned roots."""
+    """``DIR/etcd-ca.pem`` kept as the internal CA plus the recorded pinned roots.
 
-    def __init__(self, path: Path, internal_ca_pem: str, state: ClusterState) -> None:
+    ``internal_ca_file``: the directory's ``ca.pem``, read at every write (it holds the old and
+    the new CA while the internal CA rotates)."""
+
+    def __init__(self, path: Path, internal_ca_file: Path, state: ClusterState) -> None:
         self.path = path
-        self.internal_ca_pem = internal_ca_pem
+        self.internal_ca_file = internal_ca_file
         self.state = state
         self._seen: tuple[int, int] = (-1, -1)
+        self._ca_stamp: tuple[int, int] | None = None
+
+    def _ca_changed(self) -> bool:
+        stat = self.internal_ca_file.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        changed = stamp != self._ca_stamp
+        self._ca_stamp = stamp
+        return changed
 
     def pinned(self, roots: Sequence[str]) -> None:
         """The trust phase pinned ``roots`` on every node: trust them from now on too."""
-        if write_store_trust(self.path, self.internal_ca_pem, roots):
+        if write_store_trust(self.path, self.internal_ca_file.read_text(), roots):
             log.info("the store's CA file %s now trusts %d pinned root(s)", self.path, len(roots))
 
     async def refresh(self) -> None:
@@ -68,6 +79,6 @@ class StoreTrustFile:
         in_flight = await self.state.rollout_in_flight()
         adding = in_flight.trust_added if in_flight is not None else []
         seen = (record.revision, in_flight.revision if in_flight is not None else 0)
-        if seen != self._seen:
+        if seen != self._seen or self._ca_changed():
             self.pinned([*record.roots, *adding])
             self._seen = seen
