@@ -33,10 +33,12 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
-def _run_demo(directory: Path, port: int) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def _run_demo(
+    directory: Path, port: int, *options: str, nodes: int = 2
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "clustercert", "demo", "--nodes", "2", "--dir", str(directory),
-         "--port", str(port)],
+        [sys.executable, "-m", "clustercert", "demo", "--nodes", str(nodes), "--dir",
+         str(directory), "--port", str(port), *options],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     cluster_file = directory / "cluster.json"
@@ -134,3 +136,51 @@ def test_demo_writes_cluster_json_and_stops_every_process(tmp_path: Path) -> Non
     finally:
         _stop(process)
     assert process.returncode == 0
+
+
+def _cli(info: dict[str, Any], url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clustercert", *args, "--url", url, "--user", info["username"],
+         "--password", info["password"], "--ca-file", info["ca_file"]],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_demo_ha_runs_three_etcd_members_and_two_control_planes(tmp_path: Path) -> None:
+    """`clustercert demo --ha`: cluster.json lists both control planes and the three members;
+    each member serves the desired ccs_internode_encryption on its client and peer port; the
+    CLI works against either control plane, and a rotation of the store's certificate through
+    one is seen by the other; SIGTERM stops every process, etcd included."""
+    port = free_port()
+    process, info = _run_demo(tmp_path / "demo", port, "--ha", nodes=3)
+    try:
+        planes, members = info["control_planes"], info["etcd"]
+        assert planes[0]["api_url"] == info["api_url"] == f"https://127.0.0.1:{port}"
+        assert len(planes) == 2 and planes[1]["api_url"] != planes[0]["api_url"]
+        assert [m["name"] for m in members] == ["node-1", "node-2", "node-3"]
+        pids = [int(info["server_pid"]), *(p["pid"] for p in planes), *(m["pid"] for m in members)]
+        pids += [n["agent_pid"] for n in info["nodes"]]
+        assert all(_alive(pid) for pid in pids)
+        listed = _cli(info, planes[1]["api_url"], "certificates", "show",
+                      "ccs_internode_encryption", "--json")  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        desired = json.loads(listed.stdout)["fingerprint_sha256"]
+        urls = [m[key] for m in members for key in ("client_url", "peer_url")]
+        ports = [int(url.rsplit(":", 1)[1]) for url in urls]
+        assert {served_fingerprint("127.0.0.1", p) for p in ports} == {desired}
+        rotated = _cli(info, planes[0]["api_url"], "certificates", "rotate",
+                       "ccs_internode_encryption")  # fmt: skip
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        shown = _cli(info, planes[1]["api_url"], "certificates", "show",
+                     "ccs_internode_encryption", "--json")  # fmt: skip
+        now = json.loads(shown.stdout)["fingerprint_sha256"]
+        assert now != desired
+        assert {served_fingerprint("127.0.0.1", p) for p in ports} == {now}
+    finally:
+        output = _stop(process)
+    assert process.returncode == 0, output
+    assert "etcd" in output
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if _alive(pid)] == []

@@ -16,8 +16,12 @@ UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
 SHIPPED_BINARY = "/opt/clustercert/bin/clustercert"
 
 
-def test_both_units_are_shipped() -> None:
-    assert [u.name for u in UNITS] == ["clustercert-agent.service", "clustercert-server.service"]
+def test_the_units_are_shipped() -> None:
+    assert [u.name for u in UNITS] == [
+        "clustercert-agent.service",
+        "clustercert-etcd.service",  # an etcd member of the HA store (ccs_internode_encryption)
+        "clustercert-server.service",
+    ]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
@@ -29,7 +33,7 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     binary = Path(sys.executable).with_name("clustercert")
     assert binary.exists()
     text = unit.read_text()
-    assert SHIPPED_BINARY in text
+    assert SHIPPED_BINARY in text or "ExecStart=/usr/bin/etcd " in text
     copy = tmp_path / unit.name
     copy.write_text(text.replace(SHIPPED_BINARY, str(binary)))
     result = subprocess.run(

@@ -60,7 +60,7 @@ _ROWS = (
     ),
     CertificateName(
         "ccs_internode_encryption",
-        "control-plane internode traffic",
+        "the cluster configuration store: etcd peer and client TLS",
         True,
         True,
         frozenset({SERVER_AUTH, CLIENT_AUTH}),

@@ -45,6 +45,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from clustercert import eventloop, pki
 from clustercert.agent.config import AgentConfig, ServiceConfig
 from clustercert.agent.discovery import control_plane_context, explain_join_failure
+from clustercert.agent.etcd import EtcdService
 from clustercert.agent.identity import (
     IdentityRefused,
     ca_fingerprints,
@@ -214,6 +215,8 @@ class Agent:
             return RedisService(
                 config, self.config.probe_timeout, self.identity.ca_file, self.config.data_dir
             )
+        if config.type == "etcd":
+            return EtcdService(config, self.config.probe_timeout, self.identity.ca_file)
         if config.type == "metrics":
             identity = {
                 "node_identity": self.identity.cert_file,

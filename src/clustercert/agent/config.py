@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from clustercert.errors import ConfigError
+from clustercert.etcdmember import MemberSpec
 from clustercert.hosts import is_wildcard
 from clustercert.names import NAMES
 
@@ -39,7 +40,9 @@ class ServiceConfig:
     """One TLS service on the node that the agent reloads and verifies."""
 
     name: str
-    type: str  # "redis" | "command" | "metrics" (the agent's own Prometheus listener)
+    # "redis" | "command" | "metrics" (the agent's own Prometheus listener) | "etcd" (a member
+    # of the cluster configuration store, serving ccs_internode_encryption)
+    type: str
     certificate: str  # the certificate name it serves
     address: tuple[str, int] | None  # where a handshake proves what it serves
     socket: Path | None = None  # redis: local unix socket for CONFIG SET
@@ -52,10 +55,15 @@ class ServiceConfig:
     # redis: how long a replication link may take to come back after a commit; keep it below
     # the control plane's --agent-timeout (10 s), which bounds the whole commit call.
     link_timeout: float = 5.0
-    supervise: bool = False  # redis: the agent starts redis-server itself
+    # redis: the agent starts redis-server itself; etcd (default on): the agent starts the
+    # member when it does not run, and restarts it to load a new trusted CA bundle
+    supervise: bool = False
     server_binary: str = "redis-server"
-    command: tuple[str, ...] = ()  # command: argv; {cert} and {key} are replaced by paths
+    # command: argv; {cert} and {key} are replaced by paths. etcd: the command that restarts
+    # the member when another process manager runs it (e.g. systemctl restart etcd-member)
+    command: tuple[str, ...] = ()
     sni: str = "localhost"
+    etcd: MemberSpec | None = None  # etcd: the member (its directory, URLs, cluster)
 
     @property
     def role(self) -> str:
@@ -88,9 +96,13 @@ def _require(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
 def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     where = f"services[{index}]."
     kind = _require(raw, "type", str, where)
-    if kind not in {"redis", "command", "metrics"}:
-        raise ConfigError(f"{where}type: expected redis, command or metrics, got {kind!r}")
-    default_cert = {"redis": "proxy", "metrics": "metrics_exporter"}.get(kind)
+    if kind not in {"redis", "command", "metrics", "etcd"}:
+        raise ConfigError(f"{where}type: expected redis, command, metrics or etcd, got {kind!r}")
+    default_cert = {
+        "redis": "proxy",
+        "metrics": "metrics_exporter",
+        "etcd": "ccs_internode_encryption",
+    }.get(kind)
     certificate = str(raw.get("certificate", default_cert))
     if certificate not in NAMES:
         raise ConfigError(f"{where}certificate: unknown certificate name {certificate!r}")
@@ -127,8 +139,17 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
     command = raw.get("command", [])
     if kind == "command" and (not command or not all(isinstance(a, str) for a in command)):
         raise ConfigError(f"{where}command: required, a list of strings")
+    if kind == "etcd" and not (
+        isinstance(command, list) and all(isinstance(a, str) for a in command)
+    ):
+        raise ConfigError(f"{where}command: a list of strings (how to restart the member)")
     if kind in {"redis", "metrics"} and not address:
         raise ConfigError(f"{where}address: required (HOST:PORT of the TLS listener)")
+    etcd = _etcd_member(raw, where) if kind == "etcd" else None
+    if etcd is not None:
+        if certificate != "ccs_internode_encryption":
+            raise ConfigError(f"{where}certificate: an etcd member serves ccs_internode_encryption")
+        address = address or "{}:{}".format(*etcd.client_address)
     return ServiceConfig(
         name=str(raw.get("name", f"{kind}-{index}")),
         type=kind,
@@ -140,11 +161,39 @@ def _service(raw: dict[str, Any], index: int) -> ServiceConfig:
         cluster_port=cluster_port,
         extra_ca_file=Path(str(extra_ca)) if extra_ca else None,
         link_timeout=float(raw.get("link_timeout", 5.0)),
-        supervise=bool(raw.get("supervise", False)),
-        server_binary=str(raw.get("server_binary", "redis-server")),
+        supervise=bool(raw.get("supervise", kind == "etcd")),
+        server_binary=str(raw.get("server_binary", "etcd" if etcd else "redis-server")),
         command=tuple(command),
         sni=str(raw.get("sni", "localhost")),
+        etcd=etcd,
     )
+
+
+def _etcd_member(raw: dict[str, Any], where: str) -> MemberSpec:
+    """An etcd service's member: ``member_name``, ``member_dir``, ``client_url``, ``peer_url``
+    (https://HOST:PORT) and ``initial_cluster`` (etcd's ``name=peer_url,...``)."""
+    values = {
+        key: _require(raw, key, str, where)
+        for key in ("member_name", "member_dir", "client_url", "peer_url", "initial_cluster")
+    }
+    spec = MemberSpec(
+        name=values["member_name"],
+        directory=Path(values["member_dir"]),
+        client_url=values["client_url"].rstrip("/"),
+        peer_url=values["peer_url"].rstrip("/"),
+        initial_cluster=values["initial_cluster"],
+        binary=str(raw.get("server_binary", "etcd")),
+    )
+    for key in ("client_url", "peer_url"):
+        try:
+            getattr(spec, key.replace("url", "address"))
+        except ValueError as exc:
+            raise ConfigError(f"{where}{key}: {exc}") from None
+    if f"{spec.name}={spec.peer_url}" not in spec.initial_cluster.split(","):
+        raise ConfigError(
+            f"{where}initial_cluster: must list this member as {spec.name}={spec.peer_url}"
+        )
+    return spec
 
 
 def _advertise_url(raw: dict[str, Any], listen: tuple[str, int]) -> str:

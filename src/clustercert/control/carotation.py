@@ -320,9 +320,12 @@ class CaRotation:
         record: CaRecord,
         done: Callable[[dict[str, Any]], bool],
         work: Callable[[NodeRecord, dict[str, Any]], Awaitable[dict[str, Any]]],
+        *,
+        one_at_a_time: bool = False,
     ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-        """Run ``work`` on every node whose progress is not ``done`` yet (concurrently); return
-        the new progress of every node and the names of the nodes still not done."""
+        """Run ``work`` on every node whose progress is not ``done`` yet (concurrently, or
+        ``one_at_a_time``); return the new progress of every node and the names of the nodes
+        still not done."""
 
         async def one(node: NodeRecord) -> tuple[NodeRecord, dict[str, Any]]:
             progress = _progress(record, node)
@@ -336,7 +339,10 @@ class CaRotation:
                     exc, AgentUnavailable) else str(exc)  # fmt: skip
             return node, progress
 
-        results = await asyncio.gather(*(one(n) for n in nodes))
+        if one_at_a_time:
+            results = [await one(n) for n in nodes]
+        else:
+            results = await asyncio.gather(*(one(n) for n in nodes))
         everyone = {str(n.node_id): p for n, p in results}
         return everyone, sorted(n.name for n, p in results if not done(p))
 
@@ -355,7 +361,11 @@ class CaRotation:
                     raise _Unproven(f"{node.name}: {service}'s trust bundle lacks the new CA")
             return {**progress, "trusts": "both"}
 
-        return await self._each(nodes, record, lambda p: p.get("trusts") == "both", work)
+        # One node at a time: a node whose etcd member (agent/etcd.py) gains a root restarts it,
+        # and restarting every member at once would take the store's quorum away.
+        return await self._each(
+            nodes, record, lambda p: p.get("trusts") == "both", work, one_at_a_time=True
+        )
 
     async def _reissuing(
         self, record: CaRecord, nodes: Sequence[NodeRecord]

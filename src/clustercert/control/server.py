@@ -39,12 +39,14 @@ from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CaRecord, CertRecord, ClusterState
+from clustercert.control.storetrust import StoreTrustFile
 from clustercert.control.trust import TrustKeeper
 from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ConfigError, StoreError
 from clustercert.hosts import host_of, is_wildcard
 from clustercert.internode import CONTROL_PLANE_URI
 from clustercert.pki import certificates_to_pem
+from clustercert.store import EtcdStore
 from clustercert.tls import ReloadableServerContext
 from clustercert.validation import TrustStore
 from clustercert.web.app import build_console
@@ -240,6 +242,16 @@ async def _follow_store(
                 )
 
 
+async def _follow_store_trust(store_trust: StoreTrustFile, settings: ServerSettings) -> None:
+    """Keep DIR/etcd-ca.pem as the trust record says (bounded by the server's lifetime)."""
+    while True:
+        try:
+            await store_trust.refresh()
+        except Exception:
+            log.exception("could not follow the trusted roots for the store; retrying")
+        await asyncio.sleep(max(settings.reconcile_interval, 0.2))
+
+
 def _bind_console(host: str, port: int) -> socket.socket:
     """The console's socket, bound before anything is served: a port in use is a clear error
     at start (uvicorn would exit the process from inside its task)."""
@@ -376,7 +388,17 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         if fault is not None:
             log.warning("TEST-ONLY fault injection armed: %s", fault.describe())
         trust = TrustStore.system(extra=trusted)
-        keeper = TrustKeeper(state, pool, trust, trusted)
+        # etcd over HTTPS: the control plane trusts each root pinned for the members.
+        store_trust = None
+        if isinstance(store, EtcdStore) and store.uses_tls:
+            store_trust = StoreTrustFile(directory.etcd_ca_file, directory.ca_file, state)
+        keeper = TrustKeeper(
+            state,
+            pool,
+            trust,
+            trusted,
+            on_pinned=store_trust.pinned if store_trust is not None else None,
+        )
         coordinator = Coordinator(
             state,
             pool,
@@ -469,6 +491,8 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         notifying = asyncio.create_task(notifier.run())
         rotating = asyncio.create_task(control.ca_rotation.run_forever(lambda: leadership.leading))
         tasks = [leading, following, watching, notifying, rotating]
+        if store_trust is not None:
+            tasks.append(asyncio.create_task(_follow_store_trust(store_trust, settings)))
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

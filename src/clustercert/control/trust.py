@@ -54,8 +54,11 @@ __all__ = ["PEER_TRUSTED", "TrustKeeper", "chain_root", "roots_to_add", "roots_t
 
 log = logging.getLogger("clustercert.trust")
 
-# The names whose certificates a redis peer presents on a replication link (DESIGN §3).
-PEER_TRUSTED = frozenset({"proxy", "data_internode_encryption", "syncer"})
+# The names whose certificates a peer presents: redis on a replication link, an etcd member to
+# the other members (DESIGN §3).
+PEER_TRUSTED = frozenset(
+    {"proxy", "data_internode_encryption", "syncer", "ccs_internode_encryption"}
+)
 
 _MAX_DEPTH = 8
 
@@ -119,7 +122,11 @@ class TrustKeeper:
         anchors: TrustStore,
         internal_cas: Sequence[x509.Certificate],
         clock: Callable[[], dt.datetime] = utc_now,
+        on_pinned: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
+        """``on_pinned``: told the larger set of roots once every node trusts it, before the
+        rollout goes on (the control plane's own etcd client trusts it then, storetrust.py)."""
+        self.on_pinned = on_pinned
         self.clock = clock
         self.state = state
         self.pool = pool
@@ -172,6 +179,8 @@ class TrustKeeper:
                 step="trust",
                 nodes=[o.as_json() for o in outcomes],
             )
+        if self.on_pinned is not None:
+            self.on_pinned(roots)
         await seam("after_trust", "")
         staging = replace(in_flight, phase="staging")
         await self.state.add_event(
@@ -265,7 +274,12 @@ class TrustKeeper:
     async def _pin(
         self, nodes: Sequence[NodeRecord], roots: Sequence[str], added: set[str]
     ) -> list[NodeOutcome]:
-        return list(await asyncio.gather(*(self._pin_node(n, roots, added) for n in nodes)))
+        """Pin ``roots`` on ``nodes``: in parallel, except when roots are added: then one node
+        after the other, because an etcd member loads a new root only by restarting
+        (agent/etcd.py), and the store keeps its quorum only if one member restarts at a time."""
+        if not added:
+            return list(await asyncio.gather(*(self._pin_node(n, roots, added) for n in nodes)))
+        return [await self._pin_node(n, roots, added) for n in nodes]
 
     async def _pin_node(
         self, node: NodeRecord, roots: Sequence[str], added: set[str]

@@ -5,7 +5,9 @@
 - a plain path (``/var/lib/clustercert/state.db``) or ``sqlite:///abs/path.db``: SQLite;
 - ``etcd://host:port[,host:port...][/prefix]``: etcd v3 over its JSON gateway (plain HTTP),
   keys under ``/prefix/`` (default ``/clustercert/``); several members, comma-separated, are
-  tried in turn (:class:`EtcdStore`).
+  tried in turn (:class:`EtcdStore`);
+- ``etcd+https://host:port[,host:port...][/prefix]``: the same over HTTPS with a client
+  certificate (``tls``: the control plane's, see control/directory.py).
 """
 
 from __future__ import annotations
@@ -15,19 +17,37 @@ from urllib.parse import urlsplit
 
 from clustercert.errors import ConfigError
 from clustercert.store.base import Delete, Entry, Put, Store
-from clustercert.store.etcd import EtcdStore
+from clustercert.store.etcd import EtcdStore, EtcdTLS
 from clustercert.store.sqlite import SqliteStore
 
-__all__ = ["Delete", "Entry", "EtcdStore", "Put", "SqliteStore", "Store", "open_store"]
+__all__ = [
+    "Delete",
+    "Entry",
+    "EtcdStore",
+    "EtcdTLS",
+    "Put",
+    "SqliteStore",
+    "Store",
+    "is_etcd_tls",
+    "open_store",
+]
 
 DEFAULT_ETCD_PORT = 2379
 DEFAULT_ETCD_PREFIX = "/clustercert/"
 
-_SCHEMES = ("sqlite", "etcd")
-_FORMS = "a file path, sqlite:///ABSOLUTE/PATH.db or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+_SCHEMES = ("sqlite", "etcd", "etcd+https")
+_FORMS = (
+    "a file path, sqlite:///ABSOLUTE/PATH.db, etcd://HOST:PORT[,HOST:PORT...][/PREFIX] or "
+    "etcd+https://HOST:PORT[,HOST:PORT...][/PREFIX]"
+)
 
 
-def open_store(url_or_path: str | os.PathLike[str]) -> Store:
+def is_etcd_tls(url: str) -> bool:
+    """Whether ``url`` names an etcd reached over HTTPS (it needs :class:`EtcdTLS`)."""
+    return url.lower().startswith("etcd+https://")
+
+
+def open_store(url_or_path: str | os.PathLike[str], tls: EtcdTLS | None = None) -> Store:
     """Open the store named by ``url_or_path`` (see the module docstring).
 
     Raises :class:`~clustercert.errors.ConfigError` for a value of none of those forms and
@@ -49,17 +69,24 @@ def open_store(url_or_path: str | os.PathLike[str]) -> Store:
                 f"slashes, e.g. sqlite:///var/lib/clustercert/state.db"
             )
         return SqliteStore(parts.path)
-    if scheme == "etcd":
+    if scheme in ("etcd", "etcd+https"):
+        if scheme == "etcd+https" and tls is None:
+            raise ConfigError(
+                f"store {url_or_path!r}: HTTPS to etcd needs a CA and a client certificate"
+            )
         if parts.query or parts.fragment or "@" in parts.netloc:
             raise ConfigError(f"store {url_or_path!r}: expected {_FORMS}")
+        tls = tls if scheme == "etcd+https" else None
+        web = "https" if tls else "http"
         return EtcdStore(  # EtcdStore normalises the prefix's slashes
-            endpoint=[_etcd_member(url_or_path, m) for m in parts.netloc.split(",")],
+            endpoint=[_etcd_member(url_or_path, m, web) for m in parts.netloc.split(",")],
             prefix=parts.path.strip("/") or DEFAULT_ETCD_PREFIX,
+            tls=tls,
         )
     raise ConfigError(f"store {url_or_path!r}: unknown scheme {parts.scheme!r}; expected {_FORMS}")
 
 
-def _etcd_member(url: str, netloc: str) -> str:
+def _etcd_member(url: str, netloc: str, web: str) -> str:
     """One member's client URL from ``HOST[:PORT]`` of an etcd store URL."""
     try:
         member = urlsplit(f"//{netloc}")
@@ -70,4 +97,4 @@ def _etcd_member(url: str, netloc: str) -> str:
         raise ConfigError(f"store {url!r}: expected {_FORMS}")
     if ":" in host:
         host = f"[{host}]"  # an IPv6 literal
-    return f"http://{host}:{port or DEFAULT_ETCD_PORT}"
+    return f"{web}://{host}:{port or DEFAULT_ETCD_PORT}"

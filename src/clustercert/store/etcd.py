@@ -19,9 +19,10 @@ Mapping of the contract onto etcd (gateway paths under ``/v3/``, keys and values
 - try_lock: ``lease/grant`` then a txn that puts the lock key with that lease only if the key
   does not exist; refresh_lock: ``lease/keepalive``; unlock: ``lease/revoke``.
 
-This client speaks plain HTTP to the gateway, which etcd serves on its client URL (3.4 serves
-both ``/v3beta`` and ``/v3``; 3.5 only ``/v3``). Every httpx error, non-200 answer or answer of
-an unexpected shape becomes a :class:`~clustercert.errors.StoreError` here.
+This client speaks HTTP to the gateway, which etcd serves on its client URL (3.4 serves
+both ``/v3beta`` and ``/v3``; 3.5 only ``/v3``): plain, or HTTPS with a client certificate
+(:class:`EtcdTLS`). Every httpx error, non-200 answer or answer of an unexpected shape becomes
+a :class:`~clustercert.errors.StoreError` here.
 
 Several members: given more than one client URL, a request that cannot reach a member (the
 connection is refused or cannot be made, so nothing was sent) or that a member refuses because
@@ -29,6 +30,12 @@ it has no leader or no quorum (so nothing was applied) goes to the next member; 
 answered is used first from then on. A request that timed out after it was sent is not sent
 again (it may have been applied): it is a StoreError like any other. With every member
 failing, the StoreError says so in one line.
+
+TLS files follow rotations without a restart: before each operation the client looks at the
+files' modification times; a CA file that changed is loaded again (its certificates are added
+to those trusted: new connections verify against both, so a root is trusted before any member
+presents a certificate from it), a client certificate that changed is presented on new
+connections. Connections already open keep what they negotiated.
 """
 
 from __future__ import annotations
@@ -37,9 +44,13 @@ import base64
 import binascii
 import json
 import math
+import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -57,7 +68,7 @@ from clustercert.store.base import (
     expectation_holds,
 )
 
-__all__ = ["EtcdStore"]
+__all__ = ["EtcdStore", "EtcdTLS"]
 
 _T = TypeVar("_T")
 _LIST_PAGE = 500
@@ -70,16 +81,57 @@ class _BadAnswer(Exception):
     """etcd answered, but not with what the gateway documents; becomes a StoreError."""
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """HTTPS to etcd: ``ca_file`` holds the roots its members' certificates chain to;
+    ``cert_file``/``key_file`` the client certificate etcd requires (``--client-cert-auth``)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+class _FollowedContext:
+    """One client SSL context that follows its files (see the module docstring)."""
+
+    def __init__(self, tls: EtcdTLS) -> None:
+        self.tls = tls
+        self.context = ssl.create_default_context()
+        self._seen: dict[Path, tuple[int, int] | None] = {}
+        self._lock = threading.Lock()
+        self.follow()
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def follow(self) -> None:
+        """Load what changed since the last call; raise OSError/ssl.SSLError if it does not
+        load."""
+        with self._lock:
+            stamps = {p: self._stamp(p) for p in (self.tls.ca_file, self.tls.cert_file)}
+            if stamps[self.tls.ca_file] != self._seen.get(self.tls.ca_file):
+                self.context.load_verify_locations(cafile=self.tls.ca_file)
+            if stamps[self.tls.cert_file] != self._seen.get(self.tls.cert_file):
+                self.context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+            self._seen = stamps
+
+
 class EtcdStore(Store):
     """A :class:`~clustercert.store.base.Store` in etcd v3.
 
     ``endpoint``: etcd's client URL, or several members' (a sequence; see the module docstring
     for the failover). ``prefix``: where this cluster's data lives (normalised to
     start and end with ``/``); control planes of one cluster share it, different clusters must
-    not. ``timeout``: seconds for each HTTP request.
+    not. ``timeout``: seconds for each HTTP request. ``tls``: for an ``https://`` endpoint, the
+    CA file and client certificate (files followed across rotations, see the module docstring).
 
-    The constructor does not contact etcd. Thread-safe (one pooled ``httpx.Client``, no other
-    shared state).
+    The constructor does not contact etcd; it raises StoreError if the TLS files do not load.
+    Thread-safe (one pooled ``httpx.Client``; the TLS files are followed under a lock).
     """
 
     def __init__(
@@ -87,6 +139,7 @@ class EtcdStore(Store):
         endpoint: str | Sequence[str] = "http://127.0.0.1:2379",
         prefix: str = "/clustercert/",
         timeout: float = 5.0,
+        tls: EtcdTLS | None = None,
     ) -> None:
         endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         if not endpoints:
@@ -97,9 +150,21 @@ class EtcdStore(Store):
         self._prefix = f"/{prefix.strip('/')}/" if prefix.strip("/") else "/"
         self._kv = (self._prefix + "kv/").encode()
         self._locks = (self._prefix + "lock/").encode()
-        self._client = httpx.Client(timeout=timeout)
+        self._tls: _FollowedContext | None = None
+        if tls is not None:
+            try:
+                self._tls = _FollowedContext(tls)
+            except (OSError, ssl.SSLError) as exc:
+                raise self._error("loading the TLS files", _tls_problem(tls, exc)) from exc
+        verify: ssl.SSLContext | bool = self._tls.context if self._tls is not None else True
+        self._client = httpx.Client(timeout=timeout, verify=verify)
         self._closed = False
         self._closing = threading.Lock()
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether this client speaks HTTPS with a client certificate."""
+        return self._tls is not None
 
     def __repr__(self) -> str:
         return f"EtcdStore({self._endpoint!r}, prefix={self._prefix!r})"
@@ -263,6 +328,11 @@ class EtcdStore(Store):
         """Run ``work``, turning a malformed etcd answer into :class:`StoreError`."""
         if self._closed:
             raise self._error(doing, "the store is closed")
+        if self._tls is not None:
+            try:
+                self._tls.follow()
+            except (OSError, ssl.SSLError) as exc:
+                raise self._error(doing, _tls_problem(self._tls.tls, exc)) from exc
         try:
             return work()
         except (_BadAnswer, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
@@ -492,6 +562,13 @@ def _error_text(error: object) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("error") or error)
     return str(error)
+
+
+def _tls_problem(tls: EtcdTLS, exc: Exception) -> str:
+    return (
+        f"the TLS files do not load (CA {tls.ca_file}, certificate {tls.cert_file}, key "
+        f"{tls.key_file}): {type(exc).__name__}: {exc}"
+    )
 
 
 def _describe_failure(path: str, response: httpx.Response) -> str:
