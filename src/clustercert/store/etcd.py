@@ -27,9 +27,11 @@ a :class:`~clustercert.errors.StoreError` here.
 Several members: given more than one client URL, a request that cannot reach a member (the
 connection is refused or cannot be made, so nothing was sent) or that a member refuses because
 it has no leader or no quorum (so nothing was applied) goes to the next member; the member that
-answered is used first from then on. A request that timed out after it was sent is not sent
-again (it may have been applied): it is a StoreError like any other. With every member
-failing, the StoreError says so in one line.
+answered is used first from then on. A read, lease revoke or keepalive cut off after it was
+sent goes to the next member too (repeating it changes nothing). A transaction cut off that way
+may have landed: the client reads its keys back through the next member and sends it once more
+only if it did not (its compares turn a late landing into a conflict, never a double write).
+With every member failing, the StoreError says so in one line.
 
 TLS files follow rotations without a restart: before each operation the client looks at the
 files' modification times; a CA file that changed is loaded again (its certificates are added
@@ -75,6 +77,14 @@ _LIST_PAGE = 500
 
 _Json = dict[str, Any]
 _Jsons = list[_Json]  # `list` is a method name inside EtcdStore
+
+
+class _MaybeApplied(Exception):
+    """A transaction was sent to a member that died before answering: it may have landed."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _BadAnswer(Exception):
@@ -361,9 +371,13 @@ class EtcdStore(Store):
                 continue
             except httpx.TransportError as exc:
                 if path not in _REPEATABLE:
-                    raise self._error(
+                    error = self._error(
                         doing, f"cannot reach etcd at {endpoint} ({type(exc).__name__}: {exc})"
-                    ) from exc
+                    )
+                    if count > 1 and path == "kv/txn":
+                        self._current = (index + 1) % count
+                        raise _MaybeApplied(error) from exc
+                    raise error from exc
                 # Sent, maybe applied, but applying it twice changes nothing: the next member.
                 failures.append(f"{endpoint}: {_one_line(exc)}")
                 continue
@@ -443,15 +457,24 @@ class EtcdStore(Store):
                 )
             else:
                 success.append({"request_delete_range": {"key": keys[op.key]}})
-        answer = self._call(
-            "kv/txn",
-            {
-                "compare": [_compare(keys[op.key], op.expect_revision) for op in guarded],
-                "success": success,
-                "failure": [{"request_range": {"key": keys[op.key]}} for op in guarded],
-            },
-            doing,
-        )
+        body = {
+            "compare": [_compare(keys[op.key], op.expect_revision) for op in guarded],
+            "success": success,
+            "failure": [{"request_range": {"key": keys[op.key]}} for op in guarded],
+        }
+        try:
+            answer = self._call("kv/txn", body, doing)
+        except _MaybeApplied:
+            # The member died with the transaction in flight. Read back whether it landed; if
+            # not, send it once more (to the next member). Its compares make a late landing of
+            # the first one turn the second into a conflict, never a double write.
+            landed = self._landed(ops, keys, doing)
+            if landed is not None:
+                return landed
+            try:
+                answer = self._call("kv/txn", body, doing)
+            except _MaybeApplied as again:
+                raise again.error from None
         responses: _Jsons = answer.get("responses", [])
         if not answer.get("succeeded"):
             # The failure branch read every guarded key at the revision the compares saw.
@@ -467,6 +490,33 @@ class EtcdStore(Store):
             for response in responses
         )
         return _header_revision(answer), deleted
+
+    def _landed(
+        self, ops: Sequence[Put | Delete], keys: dict[str, str], doing: str
+    ) -> tuple[int, bool] | None:
+        """What :meth:`_txn` returns if ``ops`` are in the store as written by one transaction
+        (every put's value there, all at one revision that none of them expected; every
+        deleted key absent), else ``None``."""
+        revisions: set[int] = set()
+        revision = 0
+        for op in ops:
+            answer = self._call("kv/range", {"key": keys[op.key]}, doing)
+            revision = max(revision, _header_revision(answer))
+            kvs = self._kvs(answer)
+            if isinstance(op, Delete):
+                if kvs:
+                    return None
+                continue
+            if not kvs or _unb64(kvs[0].get("value", "")).decode() != op.value:
+                return None
+            found = int(kvs[0]["mod_revision"])
+            if op.expect_revision is not None and found == op.expect_revision:
+                return None  # the same value was there before: not this transaction's write
+            revisions.add(found)
+        if len(revisions) > 1:
+            return None
+        deleted = any(isinstance(op, Delete) for op in ops)
+        return (revisions.pop() if revisions else revision), deleted
 
     def _kvs(self, answer: _Json) -> _Jsons:
         kvs = answer.get("kvs", [])
