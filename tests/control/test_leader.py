@@ -20,6 +20,8 @@ import contextlib
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ import httpx
 import pytest
 from clusterkit import api, proxy_body, served_by_node, wait_until
 from conftest import ADMIN_PASSWORD
+from cryptography import x509
 from store_fixtures import EtcdCluster
 
 from clustercert.demo import DemoCluster, free_port
@@ -49,7 +52,7 @@ class ControlPlanes:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
-    def start(self, name: str, fault: str | None = None) -> None:
+    def start(self, name: str, fault: str | None = None, *extra: str) -> None:
         port = self.ports.setdefault(name, free_port())
         env = {k: v for k, v in os.environ.items() if k != "CLUSTERCERT_FAULT"}
         if fault is not None:
@@ -60,7 +63,8 @@ class ControlPlanes:
         self.processes[name] = subprocess.Popen(
             ["unshare", "--uts", "sh", "-c", f'hostname {name} && exec "$@"', "sh",
              sys.executable, "-m", "clustercert", "server", "--dir", str(self.cluster.directory),
-             "--listen", f"127.0.0.1:{port}", "--console-listen", f"127.0.0.1:{console}"],
+             "--listen", f"127.0.0.1:{port}", "--console-listen", f"127.0.0.1:{console}",
+             *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         log.close()
@@ -358,3 +362,50 @@ def test_store_member_loss_is_invisible_and_majority_loss_is_a_503(
         assert log.count("store available again") == 1, log[-3000:]
         outage = log[log.index("store unavailable (") : log.index("store available again")]
         assert "Traceback" not in outage, outage[-3000:]
+
+
+def _served_names(port: int) -> set[str]:
+    """The DNS names of the certificate served on 127.0.0.1:``port`` (a fresh handshake)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only reading what is served
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    sans = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    return set(sans.value.get_values_for_type(x509.DNSName))
+
+
+def test_a_control_plane_added_with_advertise_is_named_by_api_and_cm(ha: HaCluster) -> None:
+    """A third control plane registers its --advertise name; the leader re-issues api and cm
+    (a normal rollout) and every control plane then serves an api certificate naming it."""
+    _settled(ha)
+    alias = "cp-c.clustercert.test"
+    assert alias not in _served_names(ha.planes.ports["cp-a"])
+    ha.planes.start("cp-c", None, "--advertise", alias)
+    try:
+        for name in ("cp-a", "cp-b", "cp-c"):
+            port = ha.planes.ports[name]
+            wait_until(lambda port=port: alias in _served_names(port), timeout=90,
+                       interval=0.5, what=f"{name}'s api certificate to name {alias}")  # fmt: skip
+        with api(ha) as client:
+            listed = client.get("/v1/cluster/certificates").json()
+        for name in ("api", "cm"):
+            assert alias in _san_names(listed[f"{name}_cert"]), name
+        planes = _control_planes(ha)
+        assert [alias] in [p["advertise"] for p in planes]
+    finally:
+        process = ha.planes.processes.pop("cp-c")
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _san_names(pem: str) -> set[str]:
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return set(sans.value.get_values_for_type(x509.DNSName))
