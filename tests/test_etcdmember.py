@@ -206,6 +206,28 @@ def test_the_agent_restarts_its_member_when_the_bundle_gains_a_root(member: Memb
         asyncio.run(unmanaged.trust([CA.new().cert]))
 
 
+def test_a_root_dropped_now_restarts_the_member_and_it_refuses_that_root(
+    member: Member,
+) -> None:
+    """``drop_now`` (the CA rotation retiring the old CA): a root that left the bundle is not
+    trusted once trust() returns: the member restarted, a client from that root is refused."""
+    service = _service(member, supervise=True)
+    other = CA.new()
+    asyncio.run(service.trust([other.cert]))
+    _write(member.root / "other-client", _pair(other, "other"))
+    other_client = member.context(client=member.root / "other-client")
+    assert etcdmember.health(member.spec.client_url, other_client) is None
+    before = etcdmember.running_pid(member.spec)
+    held = asyncio.run(service.trust([], drop_now=True))
+    after = etcdmember.running_pid(member.spec)
+    assert after is not None and after != before
+    assert set(held) == {member.first_root}
+    assert etcdmember.health(member.spec.client_url, other_client) is not None
+    assert etcdmember.health(member.spec.client_url, member.context()) is None
+    asyncio.run(service.trust([], drop_now=True))  # nothing left to drop: no restart
+    assert etcdmember.running_pid(member.spec) == after
+
+
 def test_a_member_run_by_another_manager_is_restarted_by_its_command(member: Member) -> None:
     spec = member.spec
     script = (

@@ -305,15 +305,8 @@ class DemoCluster:
     def start_more_servers(self, wait: float) -> None:
         """The second control plane: its own API and console ports, the same cluster
         directory, the store through the second member first."""
-        api_port, console_port = free_port(), free_port()
-        process = self._spawn(
-            "server-2",
-            _python_command(
-                "server", "--dir", str(self.directory), "--listen", f"127.0.0.1:{api_port}",
-                "--console-listen", f"127.0.0.1:{console_port}",
-                "--store", self.store_url_from(1), *self.server_args,
-            ),
-        )  # fmt: skip
+        api_port = free_port()
+        process = self.spawn_second_server(api_port)
         self.more_servers.append((api_port, process))
         deadline = time.monotonic() + wait
         with self.client(timeout=2, url=f"https://127.0.0.1:{api_port}") as client:
@@ -328,6 +321,18 @@ class DemoCluster:
                         return
                 time.sleep(0.1)
         raise ConfigError(f"the second control plane did not answer within {wait} s")
+
+    def spawn_second_server(self, api_port: int) -> subprocess.Popen[bytes]:
+        """Start the second control plane (again, with the same API port after it stopped);
+        does not wait for it."""
+        return self._spawn(
+            "server-2",
+            _python_command(
+                "server", "--dir", str(self.directory), "--listen", f"127.0.0.1:{api_port}",
+                "--console-listen", f"127.0.0.1:{free_port()}",
+                "--store", self.store_url_from(1), *self.server_args,
+            ),
+        )  # fmt: skip
 
     @property
     def redis_client(self) -> tuple[Path, Path]:

@@ -281,12 +281,13 @@ class Agent:
             self._roots[key] = chain_roots(x509.load_pem_x509_certificates(paths.cert.read_bytes()))
         return self._roots[key]
 
-    async def _refresh_trust(self) -> dict[str, tuple[str, ...]]:
+    async def _refresh_trust(self, drop_now: bool = False) -> dict[str, tuple[str, ...]]:
         """Point every service with a trust bundle at: the pinned roots, and the roots of the
         current and staged generations of the names its peers present (see agent/trust.py).
         The generation kept for rollback does not count: its root stays only while pinned.
-        Returns each service's bundle (CA fingerprints); raises ReloadFailed when a service
-        refuses its new bundle."""
+        ``drop_now``: a root that left a bundle is no longer trusted when this returns (see
+        Service.trust). Returns each service's bundle (CA fingerprints); raises ReloadFailed
+        when a service refuses its new bundle."""
         pinned = self.pinned.load()
         bundles: dict[str, tuple[str, ...]] = {}
         for service in self.services:
@@ -297,7 +298,7 @@ class Agent:
                     paths = self.files.paths(name, generation)
                     if paths is not None and (current is None or generation >= current):
                         roots += self._chain_roots(name, paths)
-            held = await service.trust(roots)
+            held = await service.trust(roots, drop_now)
             if held is not None:
                 bundles[service.name] = held
         return bundles
@@ -386,7 +387,9 @@ class Agent:
             write_ca(self.identity.ca_file, cas)
             try:
                 self._reload_listener()
-                bundles = await self._refresh_trust()
+                # A CA that leaves ca.pem is retired: no service may go on trusting it (the
+                # control plane checks the bundles answered).
+                bundles = await self._refresh_trust(drop_now=True)
             except (ReloadFailed, ssl.SSLError, OSError) as exc:
                 write_atomically(self.identity.ca_file, before, 0o644)
                 self._reload_listener()

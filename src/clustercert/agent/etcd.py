@@ -11,7 +11,8 @@
   file only when it starts, so a bundle that gained a root restarts the member (supervised;
   the control plane pins such a root on one node at a time); one that only lost roots is
   written and takes effect at the next start (a root stays trusted a little longer, never
-  shorter).
+  shorter), except when the internal CA rotation retires the old CA (``drop_now``): then the
+  member restarts too (node after node), so the store stops accepting the old CA at once.
 
 Who runs the member: the agent (``supervise``, the default: it starts the member when it does
 not run, and restarts it itself), or another process manager such as systemd, with ``command``
@@ -122,7 +123,7 @@ class EtcdService(Service):
     def trust_names(self) -> frozenset[str]:
         return self.certificates()  # the members present ccs_internode_encryption to each other
 
-    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...]:
+    async def trust(self, roots: list[x509.Certificate], drop_now: bool = False) -> tuple[str, ...]:
         fixed = read_certificates(self.ca_file)
         if self.config.extra_ca_file is not None:
             fixed += read_certificates(self.config.extra_ca_file)
@@ -138,14 +139,22 @@ class EtcdService(Service):
             return tuple(sorted(wanted))
         if self.loaded is None:
             self.loaded = before  # adopted: it runs with what the file held
-        if wanted - self.loaded:
+        # A root that only left the bundle stays trusted until the next start, unless it must
+        # go now (``drop_now``: the CA rotation retires the old internal CA; a running member
+        # would otherwise go on accepting clients with certificates from it, and the rotation
+        # waits until no bundle holds it). The CA rotation does this one node at a time too.
+        if wanted - self.loaded or (drop_now and self.loaded - wanted):
             if not (self.config.supervise or self.config.command):
                 raise ReloadFailed(
                     f"etcd reads {self.spec.ca_file} only when it starts: restart member "
-                    f"{self.spec.name} to trust the new root(s), or configure its restart "
+                    f"{self.spec.name} to load its trust bundle, or configure its restart "
                     "(command) or supervise = true"
                 )
-            await self._restart(len(wanted - self.loaded))
+            gained, dropped = len(wanted - self.loaded), len(self.loaded - wanted)
+            await self._restart(
+                f"trust {gained} new root(s)"
+                + (f" and drop {dropped}" if drop_now and dropped else "")
+            )
             self.loaded = wanted
         return tuple(sorted(self.loaded))
 
@@ -172,7 +181,8 @@ class EtcdService(Service):
         writer.close()
         return True
 
-    async def _restart(self, new_roots: int) -> None:
+    async def _restart(self, why: str) -> None:
+        """Restart the member so that it loads its bundle (``why``: to trust/drop what)."""
         started = time.monotonic()
         if self.config.command:
             await self._run_restart_command()
@@ -188,12 +198,12 @@ class EtcdService(Service):
             )
         if reason is not None:
             raise ReloadFailed(
-                f"etcd member {self.spec.name} restarted to trust {new_roots} new root(s) but is "
+                f"etcd member {self.spec.name} restarted to {why} but is "
                 f"not healthy within {RESTART_TIMEOUT:g} s: {reason}; see {self.spec.log_file}"
             )
         log.info(
-            "etcd member %s restarted to trust %d new root(s): healthy after %.3f s",
-            self.spec.name, new_roots, time.monotonic() - started,
+            "etcd member %s restarted to %s: healthy after %.3f s",
+            self.spec.name, why, time.monotonic() - started,
         )  # fmt: skip
 
     async def _run_restart_command(self) -> None:

@@ -101,10 +101,14 @@ class Service(ABC):
         """The names whose roots this service must trust (what its peers present)."""
         return frozenset()
 
-    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...] | None:
+    async def trust(
+        self, roots: list[x509.Certificate], drop_now: bool = False
+    ) -> tuple[str, ...] | None:
         """Make the service trust ``roots`` (plus its fixed CAs); raise ``ReloadFailed``.
-        Returns the fingerprints of every CA it now trusts, or None when it has no trust
-        bundle. Default: none."""
+        ``drop_now``: a root that left the bundle must stop being trusted before this returns
+        (the internal CA rotation retires a CA), even where that costs a restart. Returns the
+        fingerprints of every CA it now trusts, or None when it has no trust bundle. Default:
+        none."""
         return None
 
     async def start(self, current: dict[str, GenerationPaths]) -> None:  # noqa: B027
@@ -161,7 +165,7 @@ class RedisService(Service):
         # covers every peer, whichever role each has.
         return self.certificates()
 
-    async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...]:
+    async def trust(self, roots: list[x509.Certificate], drop_now: bool = False) -> tuple[str, ...]:
         fixed = read_certificates(self.ca_file)
         if self.config.extra_ca_file is not None:
             fixed += read_certificates(self.config.extra_ca_file)

@@ -445,6 +445,17 @@ class CaRotation:
         lagging = await self._lagging(nodes)
         if lagging:
             return record.nodes, lagging
+        # A certificate an operator had the old CA issue (not re-issued: only `internal` ones
+        # are) keeps the old CA in the bundles of the services that check it, and would not be
+        # trusted once it retires: wait, naming it, until it is replaced.
+        old_ca = _cert(record.cert)
+        stale = [
+            r.name
+            for r in await self.state.certificates()
+            if pki.is_issued_by(x509.load_pem_x509_certificates(r.certificate.encode())[0], old_ca)
+        ]
+        if stale:
+            return record.nodes, [f"(replace {', '.join(stale)}: issued by the old CA)"]
         new_only = internode_client_context(
             None, self.directory.identity_cert, self.directory.identity_key, record.new_cert
         )
@@ -462,7 +473,11 @@ class CaRotation:
                     raise _Unproven(f"{node.name}: {service}'s trust bundle still has the old CA")
             return {**progress, "identity": status.identity, "trusts": "new"}
 
-        return await self._each(nodes, record, lambda p: p.get("trusts") == "new", work)
+        # One node at a time, as in trusting: an etcd member restarts to stop trusting the old
+        # CA (agent/etcd.py), and restarting every member at once would take the quorum away.
+        return await self._each(
+            nodes, record, lambda p: p.get("trusts") == "new", work, one_at_a_time=True
+        )
 
     async def _lagging(self, nodes: Sequence[NodeRecord]) -> list[str]:
         """The nodes that have not proved every desired generation (one may still serve a
