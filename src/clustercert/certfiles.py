@@ -191,11 +191,12 @@ class CertificateFiles:
             except BaseException:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 raise
-        os.rename(tmp_dir, name_dir / str(generation))
+        final = name_dir / str(generation)
+        os.rename(tmp_dir, final)
         _fsync_dir(name_dir)
-        paths = self.paths(name, generation)
-        assert paths is not None
-        return paths
+        return GenerationPaths(
+            generation, final / CERT_FILE, final / KEY_FILE if key_pem is not None else None
+        )
 
     def discard(self, name: str, generation: int) -> None:
         """Remove a staged generation (abort). The current generation is never removed."""

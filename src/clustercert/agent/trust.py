@@ -26,12 +26,7 @@ from cryptography import x509
 from clustercert import pki
 from clustercert.certfiles import write_atomically
 
-__all__ = ["PinnedRoots", "TrustBundles", "chain_roots", "read_certificates"]
-
-
-def read_certificates(path: Path) -> list[x509.Certificate]:
-    """Every certificate of a PEM file."""
-    return x509.load_pem_x509_certificates(path.read_bytes())
+__all__ = ["PinnedRoots", "TrustBundles", "chain_roots"]
 
 
 def chain_roots(chain: Iterable[x509.Certificate]) -> list[x509.Certificate]:
