@@ -46,6 +46,10 @@ class Service(ABC):
     def name(self) -> str:
         return self.config.name
 
+    # Whether the server may choose its certificate by the client's SNI, so that the proof
+    # needs a handshake without SNI besides the one with it. Unknown servers: assume it may.
+    selects_by_sni = True
+
     def certificates(self) -> frozenset[str]:
         names = {self.config.certificate}
         if self.config.client_certificate:
@@ -64,7 +68,10 @@ class Service(ABC):
         if self.config.address is None:
             return ServiceProof(self.name, certificate, True, None, None)
         host, port = self.config.address
-        result = await probe(host, port, expected, self.config.sni, self.probe_timeout, anchors_pem)
+        result = await probe(
+            host, port, expected, self.config.sni, self.probe_timeout, anchors_pem,
+            without_sni=self.selects_by_sni,
+        )  # fmt: skip
         return ServiceProof(
             self.name, certificate, result.ok, result.served, result.error, result.verified
         )
@@ -124,6 +131,9 @@ class RedisService(Service):
     replication), ``client_certificate`` the one it presents on its own replication link."""
 
     PROOF_KEY = "clustercert:link-proof"  # written on a primary to prove its replicas get writes
+    # redis-server has one tls-cert-file and no SNI callback: it serves the same certificate
+    # with or without SNI, so one (verifying) handshake is the whole proof.
+    selects_by_sni = False
 
     def __init__(self, config: ServiceConfig, probe_timeout: float, ca_file: Path, data_dir: Path):
         super().__init__(config, probe_timeout)
