@@ -25,10 +25,9 @@ import redis.asyncio as aioredis
 from cryptography import x509
 from redis.exceptions import RedisError
 
-from clustercert import pki
 from clustercert.agent.config import ServiceConfig
 from clustercert.agent.probe import probe, served_fingerprint
-from clustercert.agent.trust import TrustBundles
+from clustercert.agent.trust import TrustBundles, fingerprint
 from clustercert.certfiles import GenerationPaths
 from clustercert.internode import LinkProof, ServiceProof
 
@@ -197,7 +196,7 @@ class RedisService(Service):
 
     async def trust(self, roots: list[x509.Certificate]) -> tuple[str, ...]:
         certificates = [*self._fixed_cas(), *roots]
-        held = tuple(sorted({pki.fingerprint_sha256(c) for c in certificates}))
+        held = tuple(sorted({fingerprint(c) for c in certificates}))
         if held == self._held and self.bundle is not None:
             return held  # the bundle redis was pointed at holds exactly these: nothing to do
         path, fingerprints = self.bundles.write(certificates)
