@@ -667,6 +667,11 @@ async def _serve(config: AgentConfig) -> None:
                 http=InternodeProtocol,
                 log_level="warning",
                 timeout_keep_alive=75,
+                # Only the control plane calls, directly: no proxy headers to honour, and no
+                # Server/Date headers it would read.
+                proxy_headers=False,
+                server_header=False,
+                date_header=False,
             ),
             agent,
         )
