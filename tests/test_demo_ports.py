@@ -42,3 +42,10 @@ def test_a_port_in_use_is_never_chosen() -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_the_same_port_is_never_answered_twice() -> None:
+    """A cluster picks its ports before any process binds them: free_port must not answer a
+    port it answered before (at N=30, 90 picks from 20,000 ports collided one run in five)."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

@@ -53,6 +53,9 @@ def _ephemeral_ports() -> range:
         return range(32768, 61000)
 
 
+_handed_out: set[int] = set()  # free_port never answers the same port twice in a process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, chosen at random *below* the ephemeral range.
 
@@ -66,11 +69,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     candidates = range(max(1024, top - 20000), top)
     for _ in range(200):
         port = secrets.choice(candidates)
+        if port in _handed_out:
+            continue  # chosen before, perhaps not bound yet: a cluster of 30 picks 90 ports
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))  # the whole low range is taken: fall back to the kernel's choice
