@@ -21,6 +21,7 @@ import uvicorn
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.clock import utc_now
+from clustercert.control import memory
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
@@ -387,7 +388,10 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         keeping = asyncio.create_task(sankeeper.run_forever())
         watching = asyncio.create_task(lifecycle.run_forever())
         notifying = asyncio.create_task(notifier.run())
-        tasks = [reconciling, following, keeping, watching, notifying]
+        trimmer = memory.Trimmer()
+        control.after_rollout = trimmer.soon
+        trimming = asyncio.create_task(trimmer.run_forever())
+        tasks = [reconciling, following, keeping, watching, notifying, trimming]
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(
