@@ -262,6 +262,7 @@ def measure(
         procstat.machine_busy_seconds() - machine_before
         - (sum(procstat.cpu_seconds(p) for p in ours) - ours_before)
     )  # fmt: skip
+    time.sleep(_SETTLE_S)  # RSS once the last rotation has ended (the server trims after it)
     return SizeFigures(
         nodes=n,
         store=store,
@@ -411,12 +412,13 @@ def render_markdown(
 
 
 def render_line(figures: Sequence[SizeFigures]) -> str:
-    top = max((f for f in figures if f.store == "sqlite"), key=lambda f: f.nodes)
-    n = top.nodes
+    sqlite = [f for f in figures if f.store == "sqlite"]
+    top = max(sqlite or figures, key=lambda f: f.nodes)  # --only-etcd: the etcd run
+    n = f"{'' if sqlite else top.store + '_'}n{top.nodes}"
     return (
-        f"scale: n{n}_p50_ms={top.latency.p50:.0f} n{n}_cp_cpu_ms_per_node="
-        f"{top.cp_cpu_ms_per_node:.2f} n{n}_idle_cpu_pct={top.idle_cpu_pct:.2f} "
-        f"n{n}_rss_mb={top.rss_mb:.0f}"
+        f"scale: {n}_p50_ms={top.latency.p50:.0f} {n}_cp_cpu_ms_per_node="
+        f"{top.cp_cpu_ms_per_node:.2f} {n}_idle_cpu_pct={top.idle_cpu_pct:.2f} "
+        f"{n}_rss_mb={top.rss_mb:.0f}"
     )
 
 
