@@ -82,6 +82,7 @@ def running_cluster(
         directory,
         nodes_count=nodes,
         api_port=free_port(),
+        console_port=free_port(),  # not 8443: bench.compare runs two clusters side by side
         admin_password=secrets.token_urlsafe(16),
         server_args=server_args,
     )

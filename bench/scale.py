@@ -306,6 +306,7 @@ def control_plane(
         directory / "cluster",
         nodes_count=0,
         api_port=free_port(),
+        console_port=free_port(),
         admin_password=secrets.token_urlsafe(16),
         store_url=etcd.url if etcd else None,
         server_args=server_args,
