@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -81,18 +82,24 @@ def running_cluster(
         directory,
         nodes_count=nodes,
         api_port=free_port(),
+        console_port=free_port(),  # not 8443: bench.compare runs two clusters side by side
         admin_password=secrets.token_urlsafe(16),
         server_args=server_args,
     )
+    started = False
     try:
         demo.start(wait=60.0 + 3.0 * nodes)
+        started = True
         with demo.client(timeout=120.0) as client:
             yield BenchCluster(demo, client)
     finally:
         redis_pids = [pid for n in demo.nodes if (pid := n.redis_pid) is not None]
         demo.stop()
         _wait_gone(redis_pids, timeout=10.0)
-        shutil.rmtree(directory, ignore_errors=True)
+        if started:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:  # the error names a log in it: keep them
+            print(f"the cluster did not start; its logs stay in {directory}", file=sys.stderr)
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:

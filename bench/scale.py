@@ -1,7 +1,8 @@
 """``make bench-scale``: the control plane with 100, 300 and 1,000 hollow nodes (bench/hollow.py).
 
     .venv/bin/python -m bench.scale [--sizes 100,300,1000] [--reps 5] [--idle-seconds 20]
-                                    [--no-etcd] [--doc docs/benchmarks.md | --no-doc]
+                                    [--no-etcd | --only-etcd] [--watch-ms MS]
+                                    [--doc docs/benchmarks.md | --no-doc]
 
 One control plane (SQLite), nodes added in steps up to the largest size (the same cluster grows,
 so joins are paid once); at each size: the idle control plane's CPU (no rotation running),
@@ -261,6 +262,7 @@ def measure(
         procstat.machine_busy_seconds() - machine_before
         - (sum(procstat.cpu_seconds(p) for p in ours) - ours_before)
     )  # fmt: skip
+    time.sleep(_SETTLE_S)  # RSS once the last rotation has ended (the server trims after it)
     return SizeFigures(
         nodes=n,
         store=store,
@@ -304,6 +306,7 @@ def control_plane(
         directory / "cluster",
         nodes_count=0,
         api_port=free_port(),
+        console_port=free_port(),
         admin_password=secrets.token_urlsafe(16),
         store_url=etcd.url if etcd else None,
         server_args=server_args,
@@ -323,13 +326,21 @@ def control_plane(
 
 
 def run(
-    sizes: Sequence[int], reps: int, idle_seconds: float, etcd: bool
+    sizes: Sequence[int],
+    reps: int,
+    idle_seconds: float,
+    etcd: bool,
+    sqlite: bool = True,
+    watch_ms: float | None = None,
 ) -> tuple[list[SizeFigures], float]:
     figures = []
     parent = Path(tempfile.gettempdir())
-    watch_ms = measure_watch_cost(parent)
-    _log(f"one watch answer costs the control plane {watch_ms:.2f} ms")
-    runs = [("sqlite", list(sizes))] + ([("etcd", [max(sizes)])] if etcd else [])
+    if watch_ms is None:
+        watch_ms = measure_watch_cost(parent)
+        _log(f"one watch answer costs the control plane {watch_ms:.2f} ms")
+    runs = ([("sqlite", list(sizes))] if sqlite else []) + (
+        [("etcd", [max(sizes)])] if etcd else []
+    )
     for store, steps in runs:
         with control_plane(store, parent) as (cluster, hollow):
             for n in steps:
@@ -402,12 +413,13 @@ def render_markdown(
 
 
 def render_line(figures: Sequence[SizeFigures]) -> str:
-    top = max((f for f in figures if f.store == "sqlite"), key=lambda f: f.nodes)
-    n = top.nodes
+    sqlite = [f for f in figures if f.store == "sqlite"]
+    top = max(sqlite or figures, key=lambda f: f.nodes)  # --only-etcd: the etcd run
+    n = f"{'' if sqlite else top.store + '_'}n{top.nodes}"
     return (
-        f"scale: n{n}_p50_ms={top.latency.p50:.0f} n{n}_cp_cpu_ms_per_node="
-        f"{top.cp_cpu_ms_per_node:.2f} n{n}_idle_cpu_pct={top.idle_cpu_pct:.2f} "
-        f"n{n}_rss_mb={top.rss_mb:.0f}"
+        f"scale: {n}_p50_ms={top.latency.p50:.0f} {n}_cp_cpu_ms_per_node="
+        f"{top.cp_cpu_ms_per_node:.2f} {n}_idle_cpu_pct={top.idle_cpu_pct:.2f} "
+        f"{n}_rss_mb={top.rss_mb:.0f}"
     )
 
 
@@ -423,6 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed rotations per size")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--no-etcd", action="store_true", help="skip the etcd run")
+    parser.add_argument(
+        "--only-etcd", action="store_true", help="only the etcd run (at the largest size)"
+    )
+    parser.add_argument(
+        "--watch-ms",
+        type=float,
+        help="the control plane's CPU per watch answer, from an earlier run: skips measuring it",
+    )
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--no-doc", action="store_true", help="do not touch the document")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
@@ -432,7 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited: N kept-alive sockets
     sizes = sorted(int(s) for s in args.sizes.split(","))
     started = time.monotonic()
-    figures, watch_ms = run(sizes, args.reps, args.idle_seconds, etcd=not args.no_etcd)
+    figures, watch_ms = run(
+        sizes,
+        args.reps,
+        args.idle_seconds,
+        etcd=not args.no_etcd,
+        sqlite=not args.only_etcd,
+        watch_ms=args.watch_ms,
+    )
     markdown = render_markdown(
         figures, time.monotonic() - started, args.reps, args.idle_seconds, watch_ms
     )

@@ -20,6 +20,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,13 +108,17 @@ def _remove_tree(path: Path) -> None:
 
 
 class CertificateFiles:
-    """The certificate files of one node. Not thread-safe: the agent serialises calls; one
-    process owns a directory at a time (opening it sweeps crash leftovers)."""
+    """The certificate files of one node. Not thread-safe, but for :meth:`current`, which
+    :meth:`activate` may update from a worker thread: the agent serialises calls. One process
+    owns a directory at a time (opening it sweeps crash leftovers); it keeps ``current`` in
+    memory once read."""
 
     def __init__(self, root: Path, keep: int = 2) -> None:
         self.root = root / "certs"
         self.keep = keep
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._current: dict[str, int | None] = {}
+        self._current_lock = threading.Lock()
         self._sweep()
 
     def _sweep(self) -> None:
@@ -191,11 +196,12 @@ class CertificateFiles:
             except BaseException:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 raise
-        os.rename(tmp_dir, name_dir / str(generation))
+        final = name_dir / str(generation)
+        os.rename(tmp_dir, final)
         _fsync_dir(name_dir)
-        paths = self.paths(name, generation)
-        assert paths is not None
-        return paths
+        return GenerationPaths(
+            generation, final / CERT_FILE, final / KEY_FILE if key_pem is not None else None
+        )
 
     def discard(self, name: str, generation: int) -> None:
         """Remove a staged generation (abort). The current generation is never removed."""
@@ -204,10 +210,17 @@ class CertificateFiles:
         _remove_tree(self._name_dir(name) / str(generation))
 
     def current(self, name: str) -> int | None:
-        try:
-            return int((self._name_dir(name) / CURRENT_FILE).read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        # Read once, then kept: this object is the directory's only writer (see the class),
+        # and the agent asks on every stage, commit, prune and status.
+        # The lock orders a read that fills the cache against activate() in a worker thread.
+        with self._current_lock:
+            if name not in self._current:
+                try:
+                    text = (self._name_dir(name) / CURRENT_FILE).read_text()
+                    self._current[name] = int(text.strip())
+                except (FileNotFoundError, ValueError):
+                    self._current[name] = None
+            return self._current[name]
 
     def activate(self, name: str, generation: int, *, prune: bool = True) -> GenerationPaths:
         """Make ``generation`` current, then (unless the caller does it later with
@@ -215,7 +228,14 @@ class CertificateFiles:
         paths = self.paths(name, generation)
         if paths is None:
             raise FileNotFoundError(f"{name} generation {generation} is not staged")
-        write_atomically(self._name_dir(name) / CURRENT_FILE, f"{generation}\n".encode())
+        try:
+            write_atomically(self._name_dir(name) / CURRENT_FILE, f"{generation}\n".encode())
+        except BaseException:
+            with self._current_lock:
+                self._current.pop(name, None)  # old or new on disk: read it again
+            raise
+        with self._current_lock:
+            self._current[name] = generation
         if prune:
             self.prune(name)
         return paths
@@ -243,4 +263,6 @@ class CertificateFiles:
 
     def remove(self, name: str) -> None:
         """Remove every file of ``name`` (DELETE of an optional certificate)."""
+        with self._current_lock:
+            self._current.pop(name, None)
         _remove_tree(self._name_dir(name))

@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -50,9 +51,42 @@ ADMIN_EMAIL = "admin@cluster.local"
 CONSOLE_PORT = 8443  # the console's default port; the demo takes a free one when it is in use
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections (and ``bind(0)``)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+_handed_out: set[int] = set()  # free_port never answers the same port twice in a process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, chosen at random *below* the ephemeral range.
+
+    The process that will listen on it binds it seconds later (an agent binds after it has
+    joined). A port from ``bind(0)`` is an ephemeral one, which any outgoing connection on the
+    machine may take meanwhile (the control plane's calls, replication links, other test runs):
+    the listener then fails with EADDRINUSE (an agent exits with uvicorn's code 3). Below the
+    range, only a process that asks for that very port can take it."""
+    ephemeral = _ephemeral_ports()
+    top = min(ephemeral.start, 65536)
+    candidates = range(max(1024, top - 20000), top)
+    for _ in range(200):
+        port = secrets.choice(candidates)
+        if port in _handed_out:
+            continue  # chosen before, perhaps not bound yet: a cluster of 30 picks 90 ports
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        sock.bind((host, 0))  # the whole low range is taken: fall back to the kernel's choice
         return int(sock.getsockname()[1])
 
 

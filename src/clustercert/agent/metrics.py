@@ -86,6 +86,16 @@ class _FilesCollector(Collector):
         yield from (generation, not_after, expiration)
 
 
+async def _serve_without_exiting(server: uvicorn.Server) -> None:
+    """``server.serve()``, except that a listener that cannot start (uvicorn calls
+    ``sys.exit(3)`` when its port is taken) fails this task instead of ending the agent: the
+    commit that started it then fails with the reason, and the agent goes on serving."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        raise OSError(f"uvicorn could not start it (exit {exc.code}; is the port taken?)") from None
+
+
 class MetricsListener(Service):
     """Starts on the first ``metrics_exporter`` it gets; later ones swap the SSL context."""
 
@@ -141,7 +151,7 @@ class MetricsListener(Service):
         )
         # uvicorn chains signal handlers: on SIGTERM this server stops, restores the agent's
         # handler and re-raises the signal, so the agent stops too.
-        self._task = asyncio.create_task(self._server.serve())
+        self._task = asyncio.create_task(_serve_without_exiting(self._server))
         for _ in range(200):
             if self._server.started:
                 return
@@ -149,7 +159,10 @@ class MetricsListener(Service):
                 break
             await asyncio.sleep(0.025)
         self.context = None
-        raise ReloadFailed(f"the metrics listener did not start on {host}:{port}")
+        why = ""
+        if self._task.done() and (failure := self._task.exception()) is not None:
+            why = f": {failure}"
+        raise ReloadFailed(f"the metrics listener did not start on {host}:{port}{why}")
 
     async def start(self, current: dict[str, GenerationPaths]) -> None:
         paths = current.get(self.config.certificate)

@@ -66,6 +66,16 @@ async def served_fingerprint(
     )
 
 
+async def _attempt(
+    host: str, port: int, server_name: str | None, timeout: float, anchors_pem: str | None = None
+) -> str | BaseException:
+    """:func:`served_fingerprint`, with its exception returned rather than raised."""
+    try:
+        return await served_fingerprint(host, port, server_name, timeout, anchors_pem)
+    except Exception as exc:  # sorted out by the caller, as with gather(return_exceptions)
+        return exc
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     address: str
@@ -82,20 +92,38 @@ async def probe(
     sni: str,
     timeout: float = 5.0,
     anchors_pem: str | None = None,
+    without_sni: bool = True,
 ) -> ProbeResult:
     """Handshake without SNI and with SNI ``sni``; ok when both serve ``expected``. With
     ``anchors_pem`` (the roots the certificate's clients trust) the handshake with SNI is a
-    verifying one, as a client's would be: ok also requires that it verifies."""
+    verifying one, as a client's would be: ok also requires that it verifies.
+
+    ``without_sni=False`` skips the handshake without SNI, for a server that cannot choose its
+    certificate by SNI (redis-server: one ``tls-cert-file`` whatever the client sends), where
+    it would prove nothing the other one does not (docs/decisions.md, "One handshake for
+    redis")."""
     address = f"{host}:{port}"
-    # Both handshakes at once (each in its own worker thread): the wall time of one.
-    plain, verifying = await asyncio.gather(
-        served_fingerprint(host, port, None, timeout),
-        served_fingerprint(host, port, sni, timeout, anchors_pem),
-        return_exceptions=True,
-    )
+    if without_sni:
+        # Both handshakes at once (each in its own worker thread): the wall time of one.
+        plain, verifying = await asyncio.gather(
+            served_fingerprint(host, port, None, timeout),
+            served_fingerprint(host, port, sni, timeout, anchors_pem),
+            return_exceptions=True,
+        )
+        shown: tuple[tuple[str | None, str | BaseException], ...] = (
+            (None, plain),
+            (sni, verifying),
+        )
+    else:
+        plain = verifying = await _attempt(host, port, sni, timeout, anchors_pem)
+        if isinstance(verifying, ssl.SSLCertVerificationError):
+            # Refused: is it the old certificate, still served, or the new one? Only a failed
+            # proof pays for this second handshake.
+            plain = await _attempt(host, port, sni, timeout)
+        shown = ((sni, plain),)
     # What is served decides first: a service still serving the old certificate says so,
     # whether or not a verifying client would accept that old one.
-    for server_name, answer in ((None, plain), (sni, verifying)):
+    for server_name, answer in shown:
         if isinstance(answer, str) and answer != expected:
             with_sni = f"with SNI {server_name!r}" if server_name else "without SNI"
             error = f"{address} still serves {answer[:16]}… {with_sni}, expected {expected[:16]}…"

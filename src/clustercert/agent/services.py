@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from clustercert.agent.config import ServiceConfig
 from clustercert.agent.probe import probe, served_fingerprint
-from clustercert.agent.trust import TrustBundles, read_certificates
+from clustercert.agent.trust import TrustBundles, fingerprint
 from clustercert.certfiles import GenerationPaths
 from clustercert.internode import LinkProof, ServiceProof
 
@@ -44,6 +44,10 @@ class Service(ABC):
     @property
     def name(self) -> str:
         return self.config.name
+
+    # Whether the server may choose its certificate by the client's SNI, so that the proof
+    # needs a handshake without SNI besides the one with it. Unknown servers: assume it may.
+    selects_by_sni = True
 
     def certificates(self) -> frozenset[str]:
         names = {self.config.certificate}
@@ -63,7 +67,10 @@ class Service(ABC):
         if self.config.address is None:
             return ServiceProof(self.name, certificate, True, None, None)
         host, port = self.config.address
-        result = await probe(host, port, expected, self.config.sni, self.probe_timeout, anchors_pem)
+        result = await probe(
+            host, port, expected, self.config.sni, self.probe_timeout, anchors_pem,
+            without_sni=self.selects_by_sni,
+        )  # fmt: skip
         return ServiceProof(
             self.name, certificate, result.ok, result.served, result.error, result.verified
         )
@@ -127,6 +134,9 @@ class RedisService(Service):
     replication), ``client_certificate`` the one it presents on its own replication link."""
 
     PROOF_KEY = "clustercert:link-proof"  # written on a primary to prove its replicas get writes
+    # redis-server has one tls-cert-file and no SNI callback: it serves the same certificate
+    # with or without SNI, so one (verifying) handshake is the whole proof.
+    selects_by_sni = False
 
     def __init__(self, config: ServiceConfig, probe_timeout: float, ca_file: Path, data_dir: Path):
         super().__init__(config, probe_timeout)
@@ -139,6 +149,9 @@ class RedisService(Service):
         self.paths: dict[str, GenerationPaths] = {}  # the files each name last applied
         self.process: subprocess.Popen[bytes] | None = None
         self._redis: aioredis.Redis | None = None
+        self._waiting: aioredis.Redis | None = None
+        self._fixed: tuple[tuple[bytes, ...], list[x509.Certificate]] = ((), [])
+        self._held: tuple[str, ...] = ()  # the fingerprints of self.bundle
 
     def _client(self) -> aioredis.Redis:
         # One client, one pooled connection, kept: a new client per call costs a connect, two
@@ -149,9 +162,20 @@ class RedisService(Service):
             )
         return self._redis
 
-    async def _command(self, *args: str) -> Any:
+    def _blocking_client(self) -> aioredis.Redis:
+        # For WAIT, which may block for link_timeout: a socket timeout that outlasts it.
+        if self._waiting is None:
+            self._waiting = aioredis.Redis(
+                unix_socket_path=str(self.socket),
+                socket_timeout=self.probe_timeout + self.config.link_timeout,
+            )
+        return self._waiting
+
+    async def _command(self, *args: str, blocking: bool = False) -> Any:
+        """One command; ``blocking`` for one that may block up to ``link_timeout`` (WAIT)."""
         try:
-            return await self._client().execute_command(*args)  # type: ignore[no-untyped-call]
+            client = self._blocking_client() if blocking else self._client()
+            return await client.execute_command(*args)  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
             what = " ".join(args[:2])
             raise ReloadFailed(f"redis at {self.socket} refused {what}: {exc}") from exc
@@ -165,15 +189,26 @@ class RedisService(Service):
         # covers every peer, whichever role each has.
         return self.certificates()
 
+    def _fixed_cas(self) -> list[x509.Certificate]:
+        """The internal CA and ``extra_ca_file``, read on every call (an operator may edit the
+        extra file) but parsed only when their bytes change."""
+        files = [self.ca_file, *([self.config.extra_ca_file] if self.config.extra_ca_file else [])]
+        data = tuple(f.read_bytes() for f in files)
+        if data != self._fixed[0]:
+            self._fixed = (data, [c for d in data for c in x509.load_pem_x509_certificates(d)])
+        return list(self._fixed[1])
+
     async def trust(self, roots: list[x509.Certificate], drop_now: bool = False) -> tuple[str, ...]:
-        fixed = read_certificates(self.ca_file)
-        if self.config.extra_ca_file is not None:
-            fixed += read_certificates(self.config.extra_ca_file)
-        path, fingerprints = self.bundles.write([*fixed, *roots])
+        certificates = [*self._fixed_cas(), *roots]
+        held = tuple(sorted({fingerprint(c) for c in certificates}))
+        if held == self._held and self.bundle is not None:
+            return held  # the bundle redis was pointed at holds exactly these: nothing to do
+        path, fingerprints = self.bundles.write(certificates)
         if path != self.bundle and await self._answers():
             await self._config_set("tls-ca-cert-file", str(path))
         self.bundle = path
-        return tuple(fingerprints)
+        self._held = tuple(fingerprints)
+        return self._held
 
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         if paths.key is None:
@@ -292,6 +327,12 @@ class RedisService(Service):
         return sum(1 for replica in replicas if replica.get("state") == "online")
 
     async def _relink_replicas(self, certificate: str) -> list[LinkProof]:
+        """Drop every replica connection, then one fresh write that each of them must
+        acknowledge (``WAIT``). Only a replica that came back acknowledges it: the old
+        connections are gone once ``CLIENT KILL`` answers, and a returning replica reads the
+        write (and the ack request ``WAIT`` sends) from the backlog after its handshake with the
+        new certificate. One blocking round trip instead of polling ``INFO replication``, which
+        cost the primary's agent and its redis CPU for every replica on every poll."""
         try:
             before = await self._online_replicas()
         except (RedisError, OSError) as exc:
@@ -301,33 +342,24 @@ class RedisService(Service):
         link = f"{before} replica(s) of this primary"
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + self.config.link_timeout
+        wait_ms = str(max(1, int(self.config.link_timeout * 1000)))
+        error = None
         try:
             await self._command("CLIENT", "KILL", "TYPE", "replica")
+            await self._command("SET", self.PROOF_KEY, certificate, "PX", "60000")
+            acks = int(await self._command("WAIT", str(before), wait_ms, blocking=True))
         except ReloadFailed as exc:
             return [LinkProof(self.name, certificate, link, False, 0.0, str(exc))]
-
-        async def back() -> bool:
-            return await self._online_replicas() >= before
-
-        error = None
-        if not await self._until(back, deadline):
-            now = await self._online_replicas()
-            error = (
-                f"{before - now} of {before} replicas did not reconnect within "
-                f"{self.config.link_timeout:g} s after this primary switched {certificate} "
-                "(do they trust its root?)"
-            )
-        else:
-            # A fresh write, acknowledged by every replica that relinked.
-            wait_ms = str(max(1, int((deadline - loop.time()) * 1000)))
+        if acks < before:
             try:
-                await self._command("SET", self.PROOF_KEY, certificate, "PX", "60000")
-                acks = int(await self._command("WAIT", str(before), wait_ms))
-            except ReloadFailed as exc:
-                acks, error = 0, str(exc)
-            if acks < before and error is None:
-                error = f"only {acks} of {before} replicas acknowledged a write after relinking"
+                online = await self._online_replicas()
+            except (RedisError, OSError):
+                online = 0
+            error = (
+                f"only {acks} of {before} replicas acknowledged a write within "
+                f"{self.config.link_timeout:g} s after this primary switched {certificate} "
+                f"({online} reconnected; do they trust its root?)"
+            )
         seconds = loop.time() - started
         return [LinkProof(self.name, certificate, link, error is None, seconds, error)]
 
@@ -458,10 +490,11 @@ class RedisService(Service):
         raise ReloadFailed(f"redis-server did not answer on {self.socket} within 5 s")
 
     async def stop(self) -> None:
-        if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._waiting):
+            if client is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+        self._redis = self._waiting = None
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             for _ in range(200):

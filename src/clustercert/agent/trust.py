@@ -17,6 +17,7 @@ change a new value for that setting, so redis reloads it, and never rewrites a f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,7 +27,7 @@ from cryptography import x509
 from clustercert import pki
 from clustercert.certfiles import write_atomically
 
-__all__ = ["PinnedRoots", "TrustBundles", "chain_roots", "read_certificates"]
+__all__ = ["PinnedRoots", "TrustBundles", "chain_roots", "fingerprint", "read_certificates"]
 
 
 def read_certificates(path: Path) -> list[x509.Certificate]:
@@ -36,7 +37,22 @@ def read_certificates(path: Path) -> list[x509.Certificate]:
 
 def chain_roots(chain: Iterable[x509.Certificate]) -> list[x509.Certificate]:
     """The self-signed certificates of a chain (its root, when the upload included it)."""
-    return [cert for cert in chain if pki.is_self_signed(cert)]
+    return [cert for cert in chain if _self_signed(cert)]
+
+
+@functools.lru_cache(maxsize=256)
+def _self_signed(cert: x509.Certificate) -> bool:
+    # Cached by the certificate's DER: every rotation stages a chain that usually ends in the
+    # same intermediate and root, and checking a signature costs more than the rest of the
+    # stage check.
+    return pki.is_self_signed(cert)
+
+
+@functools.lru_cache(maxsize=256)
+def fingerprint(cert: x509.Certificate) -> str:
+    """``pki.fingerprint_sha256``, cached by DER: the trust bundle's roots are fingerprinted on
+    every stage, commit and prune, and are nearly always the same few."""
+    return pki.fingerprint_sha256(cert)
 
 
 class TrustBundles:
@@ -50,7 +66,7 @@ class TrustBundles:
         """Write the bundle of ``certificates`` (duplicates dropped, stable order) and return its
         path and the SHA-256 fingerprints it holds. Idempotent: the same set gives the same
         file, written once. Mode 0644: it holds public certificates only."""
-        unique = {pki.fingerprint_sha256(c): c for c in certificates}
+        unique = {fingerprint(c): c for c in certificates}
         fingerprints = sorted(unique)
         content = pki.certificates_to_pem(unique[f] for f in fingerprints).encode()
         path = self.directory / f"ca-{hashlib.sha256(content).hexdigest()[:16]}.pem"

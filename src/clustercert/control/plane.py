@@ -48,6 +48,8 @@ class ControlPlane:
     ca_bundle_pem: str = ""
     # This control plane's part in the leader election (None: in-process tests).
     leadership: Leadership | None = None
+    # Called when a rollout ends, however it ended (the server trims the heap, control/memory.py).
+    after_rollout: Callable[[], None] = lambda: None
 
     async def replace(
         self,
@@ -88,5 +90,7 @@ class ControlPlane:
         except ClusterCertError as exc:
             self.metrics.observe_rollout(exc.error_code, time.monotonic() - started)
             raise
+        finally:
+            self.after_rollout()
         self.metrics.observe_rollout("ok", time.monotonic() - started)
         return outcomes

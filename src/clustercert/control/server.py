@@ -23,6 +23,7 @@ import uvicorn
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.clock import utc_now
+from clustercert.control import memory
 from clustercert.control.agents import AgentPool, internode_client_context
 from clustercert.control.app import build_app
 from clustercert.control.auth import Authenticator
@@ -490,7 +491,10 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         watching = asyncio.create_task(lifecycle.run_forever(lambda: leadership.leading))
         notifying = asyncio.create_task(notifier.run())
         rotating = asyncio.create_task(control.ca_rotation.run_forever(lambda: leadership.leading))
-        tasks = [leading, following, watching, notifying, rotating]
+        trimmer = memory.Trimmer()
+        control.after_rollout = trimmer.soon
+        trimming = asyncio.create_task(trimmer.run_forever())
+        tasks = [leading, following, watching, notifying, rotating, trimming]
         if store_trust is not None:
             tasks.append(asyncio.create_task(_follow_store_trust(store_trust, settings)))
         if settings.console is not None:
