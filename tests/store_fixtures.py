@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -234,22 +235,9 @@ class FakeClock:
 
 
 @contextlib.contextmanager
-def not_etcd(status: int, body: bytes, content_type: str) -> Iterator[str]:
-    """An HTTP server that answers every POST with ``status`` and ``body``; yields its URL."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served on a free loopback port in a thread; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -258,3 +246,39 @@ def not_etcd(status: int, body: bytes, content_type: str) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def not_etcd(status: int, body: bytes, content_type: str) -> contextlib.AbstractContextManager[str]:
+    """An HTTP server that answers every POST with ``status`` and ``body``; yields its URL."""
+
+    class Handler(_Quiet):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return serving(Handler)
+
+
+def dying_member(upstream: str, forward: bool) -> contextlib.AbstractContextManager[str]:
+    """A member that dies with a transaction in flight: it forwards each ``kv/txn`` to the real
+    etcd at ``upstream`` (when ``forward``: the write lands) or not, then resets the connection
+    without an answer, as a member killed mid-request does. Yields its URL."""
+
+    class Handler(_Quiet):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if forward and self.path.endswith("/kv/txn"):
+                httpx.post(f"{upstream}{self.path}", content=body, timeout=5.0)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+    return serving(Handler)

@@ -46,7 +46,7 @@ from clusterkit import (
 )
 from conftest import start_cluster
 
-from clustercert.control.faults import FAULT_STEPS
+from clustercert.control.faults import ROLLOUT_STEPS
 from clustercert.control.lock import ROLLOUT_LOCK
 from clustercert.demo import DemoCluster, DemoNode, free_port
 
@@ -232,7 +232,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoClus
 # --- the control plane killed at each step --------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", FAULT_STEPS)
+@pytest.mark.parametrize("step", ROLLOUT_STEPS)
 def test_control_plane_killed_at_each_step_recovers(fault_cluster: DemoCluster, step: str) -> None:
     cluster = fault_cluster
     wait_converged(cluster)

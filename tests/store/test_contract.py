@@ -8,12 +8,9 @@ SQLite and a real 1 s lease on etcd (waited for with a bounded poll; nothing ass
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import sqlite3
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -22,12 +19,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
-from store_fixtures import EtcdProcess, FakeClock, free_ports, not_etcd
+from store_fixtures import EtcdProcess, FakeClock, dying_member, free_ports, not_etcd
 
 from clustercert.errors import ConfigError, StoreConflict, StoreError
 from clustercert.store import (
@@ -716,35 +711,6 @@ def test_open_store_names_several_etcd_members() -> None:
 def test_open_store_rejects_other_locations(location: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         open_store(location)
-
-
-@contextlib.contextmanager
-def dying_member(upstream: str, forward: bool) -> Iterator[str]:
-    """A member that dies with a transaction in flight: it forwards each ``kv/txn`` to the real
-    etcd at ``upstream`` (when ``forward``: the write lands) or not, then drops the connection
-    without an answer. Yields its URL. Everything else is refused outright (a 404 is never
-    taken for an answer: the test only sends transactions through it first)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if forward and self.path.endswith("/kv/txn"):
-                httpx.post(f"{upstream}{self.path}", content=body, timeout=5.0)
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()  # a reset, as from a member killed mid-request
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])

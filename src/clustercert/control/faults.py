@@ -12,18 +12,29 @@ from pathlib import Path
 
 from clustercert.errors import ConfigError
 
-__all__ = ["FAULT_ENV", "FAULT_STEPS", "FaultPlan", "Seam", "no_seam", "seam_for"]
+__all__ = [
+    "CA_STEPS",
+    "FAULT_ENV",
+    "FAULT_STEPS",
+    "ROLLOUT_STEPS",
+    "FaultPlan",
+    "Seam",
+    "no_seam",
+    "seam_for",
+]
 
 log = logging.getLogger("clustercert.rollout")
 
 Seam = Callable[[str, str], Awaitable[None]]  # (step, the node it happened on or "")
 
 FAULT_ENV = "CLUSTERCERT_FAULT"
-FAULT_STEPS = ("after_validation", "after_trust", "during_stage", "after_decision",
-               "during_commit", "before_response",
-               # the internal CA rotation (control/carotation.py): each phase's work is done
-               # on every node, the move to the next phase is not recorded yet
-               "ca_trusting", "ca_reissuing", "ca_switching", "ca_retiring")  # fmt: skip
+# The steps of an API rollout (control/rollout.py).
+ROLLOUT_STEPS = ("after_validation", "after_trust", "during_stage", "after_decision",
+                 "during_commit", "before_response")  # fmt: skip
+# The internal CA rotation (control/carotation.py): each phase's work is done on every node,
+# the move to the next phase is not recorded yet.
+CA_STEPS = ("ca_trusting", "ca_reissuing", "ca_switching", "ca_retiring")
+FAULT_STEPS = ROLLOUT_STEPS + CA_STEPS
 
 
 class FaultPlan:

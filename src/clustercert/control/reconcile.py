@@ -135,16 +135,10 @@ class Reconciler:
         """One node, one pass: the status it answered when it holds everything ``desired``
         afterwards (``applied``: what it last proved), else None. ``status``: what the node
         answered since the desired state last changed (else it is asked)."""
-        client = await self.coordinator.pool.client(node)
-        if status is not None:
-            return await self._bring(node, status, desired, applied)
-        try:
-            status = await client.status()
-        except AgentUnavailable as exc:
-            log.debug("reconcile: %s", exc.description)
-            self.health.failed(node.node_id, exc.description)
-            return None
-        self.health.answered(node.node_id)
+        if status is None:
+            status = await self._inspect(node)
+            if status is None:
+                return None
         return await self._bring(node, status, desired, applied)
 
     async def _bring(
