@@ -8,8 +8,10 @@ Layout under the agent's data directory::
 
 A generation directory is built under a temporary name, checked there (the agent checks that
 the pair parses and matches), and only then renamed into place: a generation on disk is
-complete and its certificate and key match, or it is absent. Removal is the same in reverse: the
-directory is renamed out of the way (one atomic step) before it is deleted. Files a service
+complete and its certificate and key match, or it is absent (after a power cut, one whose
+stage had not answered yet may be torn: see :meth:`CertificateFiles.stage`). Removal is the
+same in reverse: the directory is renamed out of the way (one atomic step) before it is
+deleted. Files a service
 reads are never overwritten. Leftovers of a crash mid-write or mid-delete (names starting with
 a dot) are swept when the files are opened. Directories are 0700.
 """
@@ -69,7 +71,7 @@ def _write_new(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True)
         os.close(fd)
 
 
-_FSYNC_THREADS = ThreadPoolExecutor(max_workers=3, thread_name_prefix="fsync")
+_FSYNC_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
 
 
 def _fsync_path(path: Path) -> None:
@@ -95,15 +97,22 @@ class GenerationPaths:
     key: Path | None
 
 
-def _remove_tree(path: Path) -> None:
+def _files(paths: GenerationPaths) -> list[Path]:
+    return [paths.cert] if paths.key is None else [paths.cert, paths.key]
+
+
+def _remove_tree(path: Path, *, durable: bool = True) -> None:
     """Delete directory ``path`` so that it is never seen half-deleted: rename it to a hidden
-    name first (atomic), fsync the parent, then delete it. A crash in between leaves a hidden
-    directory that :class:`CertificateFiles` sweeps when it next opens."""
+    name first (atomic), fsync the parent (unless not ``durable``), then delete it. A crash in
+    between leaves a hidden directory that :class:`CertificateFiles` sweeps when it next opens.
+    Without the fsync, a power cut may bring the directory back under its old name, possibly
+    half-deleted: only for generations nothing reads again (pruned ones, see :meth:`prune`)."""
     if not path.exists():
         return
     trash = path.with_name(f".trash-{path.name}-{secrets.token_hex(4)}")
     os.rename(path, trash)
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -168,6 +177,10 @@ class CertificateFiles:
         if existing is not None:
             same_key = (existing.key.read_text() if existing.key else None) == key_pem
             if existing.cert.read_text() == cert_pem and same_key:
+                # An earlier stage of it may have ended before its fsync (the agent died).
+                _fsync_together(
+                    [*_files(existing), existing.cert.parent, existing.cert.parent.parent]
+                )
                 return existing
             if self.current(name) == generation:
                 raise FileExistsError(f"{name} generation {generation} is current and differs")
@@ -179,14 +192,15 @@ class CertificateFiles:
             shutil.rmtree(tmp_dir)
         tmp_dir.mkdir(mode=0o700)
         # The staging directory is the unit of atomicity (renamed into place below), so its
-        # files need no temporary names of their own: write them, then fsync them and the
-        # directory (all at once) before the rename.
-        written = [tmp_dir / CERT_FILE]
-        _write_new(written[0], cert_pem.encode(), sync=False)
+        # files need no temporary names of their own. Nothing is fsynced before the rename:
+        # the files, the generation's directory and the name's directory are fsynced all at
+        # once after it (one journal commit instead of two), before the stage answers. A power
+        # cut before then may leave a torn generation that no one was told about: never
+        # current (a commit follows an answered stage), and replaced by the next stage of that
+        # generation (other content) or removed by an abort or the reconciler's tidy.
+        _write_new(tmp_dir / CERT_FILE, cert_pem.encode(), sync=False)
         if key_pem is not None:
-            written.append(tmp_dir / KEY_FILE)
-            _write_new(written[1], key_pem.encode(), sync=False)
-        _fsync_together([*written, tmp_dir])
+            _write_new(tmp_dir / KEY_FILE, key_pem.encode(), sync=False)
         if check is not None:
             key = tmp_dir / KEY_FILE
             try:
@@ -198,10 +212,11 @@ class CertificateFiles:
                 raise
         final = name_dir / str(generation)
         os.rename(tmp_dir, final)
-        _fsync_dir(name_dir)
-        return GenerationPaths(
+        paths = GenerationPaths(
             generation, final / CERT_FILE, final / KEY_FILE if key_pem is not None else None
         )
+        _fsync_together([*_files(paths), final, name_dir])
+        return paths
 
     def discard(self, name: str, generation: int) -> None:
         """Remove a staged generation (abort). The current generation is never removed."""
@@ -247,8 +262,10 @@ class CertificateFiles:
         if current is None:
             return
         older = [g for g in self.generations(name) if g < current]
+        # Not durable: a pruned generation that a power cut brings back (even half-deleted)
+        # is older than the previous one, which nothing reads, and the next prune removes it.
         for generation in older[: max(0, len(older) - (self.keep - 1))]:
-            _remove_tree(self._name_dir(name) / str(generation))
+            _remove_tree(self._name_dir(name) / str(generation), durable=False)
 
     def generations(self, name: str) -> list[int]:
         name_dir = self._name_dir(name)

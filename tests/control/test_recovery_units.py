@@ -23,11 +23,12 @@ from certfactory import CA
 
 from clustercert.certfiles import CertificateFiles, GenerationPaths
 from clustercert.control.agents import AgentPool
+from clustercert.control.audit import CertificateEvent
 from clustercert.control.faults import FaultPlan
 from clustercert.control.lock import lock_owner
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
-from clustercert.control.state import ClusterState, RolloutRecord
+from clustercert.control.state import AppliedRecord, ClusterState, RolloutRecord
 from clustercert.demo import free_port
 from clustercert.errors import ConfigError, StoreConflict
 from clustercert.sealing import KeySealer
@@ -65,6 +66,33 @@ def test_one_rollout_in_flight_and_generation_numbers_are_never_reused(tmp_path:
     assert run(state.generations_used()) == {"proxy": 5}
     run(state.end_rollout(run(state.begin_rollout(_rollout(3)))))  # never lowers the mark
     assert run(state.generations_used()) == {"proxy": 5}
+    state.store.close()
+
+
+def test_the_end_of_a_rollout_is_one_commit_or_nothing(tmp_path: Path) -> None:
+    """Proofs, the audit events and the end of the record land at one revision; when the
+    record moved meanwhile (another control plane finished it), nothing is written."""
+    state = _state(tmp_path)
+    state.store.put("meta/cluster", json.dumps({"next_event": 7}))
+    at = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    proofs = [(n, "proxy", AppliedRecord(5, "ab" * 32, True)) for n in (1, 2, 3)]
+    events = [CertificateEvent(at, "admin@cluster.local", "update", name="proxy", generation=5)]
+    stale = run(state.begin_rollout(_rollout(5)))
+    run(state.end_rollout(stale))
+    with pytest.raises(StoreConflict):
+        run(state.finish_rollout(proofs, events, stale))
+    assert run(state.applied_by_node()) == {}
+    assert run(state.events()) == []
+    record = run(state.begin_rollout(_rollout(6)))
+    run(state.finish_rollout(proofs, events, record))
+    assert run(state.rollout_in_flight()) is None
+    assert {n: a["proxy"].generation for n, a in run(state.applied_by_node()).items()} == {
+        1: 5, 2: 5, 3: 5
+    }  # fmt: skip
+    assert [(e["id"], e["action"]) for e in run(state.events())] == [(7, "update")]
+    written = {e.key: e.revision for e in state.store.list("")}
+    revisions = {written[k] for k in written if k.startswith(("applied/", "events/"))}
+    assert revisions == {written["meta/cluster"]}
     state.store.close()
 
 
@@ -177,6 +205,20 @@ def test_a_pair_that_fails_its_check_never_lands(tmp_path: Path) -> None:
     assert list((tmp_path / "certs" / "proxy").iterdir()) == []
     paths = files.stage("proxy", 1, one.cert_pem, one.key_pem, check=_loads)
     assert paths.cert.read_text() == one.cert_pem
+
+
+def test_a_torn_generation_never_answered_is_replaced_by_its_next_stage(tmp_path: Path) -> None:
+    """What a power cut before a stage's fsync may leave (the rename on disk, not the data):
+    the control plane was never told it was staged, and a stage of it writes it whole."""
+    files = CertificateFiles(tmp_path)
+    leaf = CA.new().issue("a.example")
+    torn = tmp_path / "certs" / "proxy" / "4"
+    torn.mkdir(parents=True)
+    (torn / "cert.pem").write_text("")
+    paths = files.stage("proxy", 4, leaf.cert_pem, leaf.key_pem, check=_loads)
+    assert paths.cert.read_text() == leaf.cert_pem
+    assert paths.key is not None and paths.key.read_text() == leaf.key_pem
+    assert files.stage("proxy", 4, leaf.cert_pem, leaf.key_pem) == paths  # idempotent
 
 
 def test_crash_leftovers_are_swept_when_the_files_are_opened(tmp_path: Path) -> None:

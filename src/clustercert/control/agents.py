@@ -42,6 +42,10 @@ __all__ = ["AgentClient", "AgentPool", "Agents", "NodeAgent", "internode_client_
 
 Answer = TypeVar("Answer")
 
+# Internode calls in flight at once (AgentPool): enough to keep the event loop busy, far below
+# a large fleet's node count.
+MAX_CALLS = 128
+
 
 class NodeAgent(Protocol):
     """The internode calls on one node. Each raises AgentUnavailable when the node cannot be
@@ -103,11 +107,13 @@ class AgentClient:
         timeout: float,
         on_unavailable: Callable[[int], None] | None = None,
         on_call: Callable[[str], None] | None = None,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.node = node
         self.timeout = timeout
         self._on_unavailable = on_unavailable
         self._on_call = on_call
+        self._gate = gate
         self._connections = Connections(node.agent_url, context, keepalive_expiry=60)
 
     async def _call(
@@ -124,7 +130,10 @@ class AgentClient:
         if self._on_call is not None:
             self._on_call(step)
         try:
-            return await self._exchange(step, method, path, parse, body, wait)
+            if wait or self._gate is None:  # a watch waits on the agent, not on us: no gate
+                return await self._exchange(step, method, path, parse, body, wait)
+            async with self._gate:
+                return await self._exchange(step, method, path, parse, body, wait)
         except AgentUnavailable:
             if self._on_unavailable is not None:
                 self._on_unavailable(self.node.node_id)
@@ -270,7 +279,13 @@ class AgentPool:
     ``on_unavailable(node_id)`` is told of every call that fails (unreachable, refused, a
     malformed answer), whoever made it: the reconciler then no longer takes that node to be
     in sync (docs/decisions.md, "Node status without polling"). ``on_call(step)`` counts
-    every call (the metrics)."""
+    every call (the metrics).
+
+    At most ``max_calls`` calls (watches aside) are in flight at once, over all nodes: a
+    rollout to 1,000 nodes otherwise holds 1,000 requests, answers and TLS connections' buffers
+    at the same moment (the control plane's memory peak, docs/benchmarks.md), for no speed: one
+    event loop handles them one after another anyway. A call waiting for the gate does not run
+    down its timeout."""
 
     def __init__(
         self,
@@ -278,11 +293,13 @@ class AgentPool:
         timeout: float,
         on_unavailable: Callable[[int], None] | None = None,
         on_call: Callable[[str], None] | None = None,
+        max_calls: int = MAX_CALLS,
     ) -> None:
         self.context = context
         self.timeout = timeout
         self.on_unavailable = on_unavailable
         self.on_call = on_call
+        self._gate = asyncio.Semaphore(max_calls)
         self._clients: dict[int, AgentClient] = {}
 
     async def client(self, node: NodeRecord) -> AgentClient:
@@ -291,7 +308,9 @@ class AgentPool:
             return existing
         if existing is not None:
             await existing.aclose()
-        client = AgentClient(node, self.context, self.timeout, self._unavailable, self.on_call)
+        client = AgentClient(
+            node, self.context, self.timeout, self._unavailable, self.on_call, self._gate
+        )
         self._clients[node.node_id] = client
         return client
 

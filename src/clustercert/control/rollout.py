@@ -278,8 +278,7 @@ class Coordinator:
         outcomes = list(
             await asyncio.gather(*(self._commit_node(n, records, seam, proofs) for n in nodes))
         )
-        await self._record(records, current, actor, outcomes, proofs, nodes)
-        await self.state.end_rollout(decided)
+        await self._record(records, current, actor, outcomes, proofs, nodes, decided)
         return outcomes
 
     # 1. plan: which records need a new generation, and the rollout record that says so
@@ -519,37 +518,49 @@ class Coordinator:
         outcomes: Sequence[NodeOutcome],
         proofs: Proofs,
         nodes: Sequence[NodeRecord],
+        decided: RolloutRecord,
     ) -> None:
-        """Record the proofs; retire roots once every node proved the new certificates (it
-        reads those proofs); then the update's audit event, so that it is the newest."""
-        await self.state.record_applied_many(proofs)
-        if self.trust is not None and all(o.ok for o in outcomes):
+        """Record the proofs, the update's audit event and the rollout's end. Usually in one
+        store commit (one fsync or etcd round trip, not three or more). When a root may retire,
+        one step after another instead: retiring reads the proofs, and the update's event comes
+        after the retire event, so that it is the newest. A crash before the end is recorded
+        leaves a decided rollout, rolled forward by the next lock holder (pushes are
+        idempotent)."""
+        if self.trust is not None and all(o.ok for o in outcomes) and await self.trust.retirable():
+            await self.state.record_applied_many(proofs)
             await self._retire(nodes, actor)
+            self.on_committed(records)
+            for event in self._events(records, current, actor, outcomes):
+                await self.state.add_event(event)
+            await self.state.end_rollout(decided)
+            return
         self.on_committed(records)
-        await self._audit(records, current, actor, outcomes)
+        await self.state.finish_rollout(
+            proofs, self._events(records, current, actor, outcomes), decided
+        )
 
-    async def _audit(
+    def _events(
         self,
         records: Sequence[CertRecord],
         current: dict[str, CertRecord | None],
         actor: str,
         outcomes: Sequence[NodeOutcome],
         action: str = "update",
-    ) -> None:
-        for record in records:
-            old = current.get(record.name)
-            await self.state.add_event(
-                CertificateEvent(
-                    self.clock(),
-                    actor,
-                    action,
-                    name=record.name,
-                    generation=record.generation,
-                    old_fingerprint=old.fingerprint if old else None,
-                    new_fingerprint=record.fingerprint,
-                    nodes=[o.summary() for o in outcomes],
-                )
+    ) -> list[CertificateEvent]:
+        summaries = [o.summary() for o in outcomes]
+        return [
+            CertificateEvent(
+                self.clock(),
+                actor,
+                action,
+                name=record.name,
+                generation=record.generation,
+                old_fingerprint=old.fingerprint if (old := current.get(record.name)) else None,
+                new_fingerprint=record.fingerprint,
+                nodes=summaries,
             )
+            for record in records
+        ]
 
     async def _audit_in_flight(
         self, record: RolloutRecord, outcomes: Sequence[NodeOutcome], *, recovered: bool
@@ -593,7 +604,8 @@ class Coordinator:
         )
         if lagging_anywhere:
             self.on_committed(records)
-            await self._audit(records, {}, actor, outcomes, action="retry")
+            for event in self._events(records, {}, actor, outcomes, action="retry"):
+                await self.state.add_event(event)
         return outcomes
 
     async def _catch_up(

@@ -491,6 +491,7 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         watching = asyncio.create_task(lifecycle.run_forever(lambda: leadership.leading))
         notifying = asyncio.create_task(notifier.run())
         rotating = asyncio.create_task(control.ca_rotation.run_forever(lambda: leadership.leading))
+        memory.tune_allocator()
         trimmer = memory.Trimmer()
         control.after_rollout = trimmer.soon
         trimming = asyncio.create_task(trimmer.run_forever())

@@ -72,6 +72,9 @@ _MEMBERSHIP_KEYS = ("meta/cluster", MEMBERSHIP_KEY)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+# Keys per store commit: below etcd's default --max-txn-ops of 128.
+_MAX_OPS = 100
+
 
 def _in_thread(
     method: Callable[Concatenate[ClusterState, _P], _R],
@@ -485,8 +488,8 @@ class ClusterState:
         """Record what many nodes proved, in as few store commits as possible (each commit
         atomic; at most 100 keys per commit, below etcd's default --max-txn-ops of 128)."""
         ops = [Put(f"applied/{n}/{name}", json.dumps(asdict(r))) for n, name, r in entries]
-        for start in range(0, len(ops), 100):
-            self.store.commit(ops[start : start + 100])
+        for start in range(0, len(ops), _MAX_OPS):
+            self.store.commit(ops[start : start + _MAX_OPS])
 
     # --- users --------------------------------------------------------------------------
 
@@ -724,6 +727,54 @@ class ClusterState:
         ]
         ops.append(Put(ROLLOUT_KEY, self.encode_rollout(decided), expect_revision=expect_revision))
         return self.store.commit(ops)
+
+    @_in_thread
+    def finish_rollout(
+        self,
+        proofs: Sequence[tuple[int, str, AppliedRecord]],
+        events: Sequence[AuditEvent],
+        record: RolloutRecord,
+    ) -> None:
+        """The end of a rollout in ONE atomic commit (when the proofs fit in one): what the
+        nodes proved, the audit events, and forgetting ``record`` (compare-and-delete at its
+        revision; StoreConflict if it changed). More than ~100 proofs are recorded first, 100
+        per commit, as :meth:`record_applied_many` does. Replaces ``record_applied_many``,
+        ``add_event`` and ``end_rollout`` one after another: three durable writes or more (the
+        event's sequence number is one more) become one."""
+        ops: list[Put | Delete] = [
+            Put(f"applied/{node_id}/{name}", json.dumps(asdict(entry)))
+            for node_id, name, entry in proofs
+        ]
+        room = max(0, _MAX_OPS - len(events) - 2)  # the events, meta/cluster, the delete
+        while len(ops) > room:
+            self.store.commit(ops[:_MAX_OPS])
+            ops = ops[_MAX_OPS:]
+        while True:
+            entry = self.store.get("meta/cluster")
+            if entry is None:
+                raise ValueError("the cluster is not initialised")
+            meta = json.loads(entry.value)
+            first = int(meta.get("next_event", 1))
+            meta["next_event"] = first + len(events)
+            written = [
+                Put(f"events/{n:012d}", json.dumps({"id": n, **event.to_json()}))
+                for n, event in enumerate(events, start=first)
+            ]
+            try:
+                self.store.commit(
+                    [
+                        *ops,
+                        *written,
+                        Put("meta/cluster", json.dumps(meta), expect_revision=entry.revision),
+                        Delete(ROLLOUT_KEY, expect_revision=record.revision),
+                    ]
+                )
+            except StoreConflict:
+                now = self.store.get(ROLLOUT_KEY)
+                if now is None or now.revision != record.revision:
+                    raise
+                continue  # another event took the next sequence number: number them again
+            return
 
     @_in_thread
     def end_rollout(self, record: RolloutRecord) -> None:

@@ -63,10 +63,28 @@ PEER_TRUSTED = frozenset(
 _MAX_DEPTH = 8
 
 
+# chain_root's answers by chain text, with the anchors they were found in: every rollout asks
+# for the roots of every desired certificate (phases a and c), which parses each chain and
+# verifies one to three signatures; the same chains come back rotation after rotation.
+_ROOTS: dict[str, tuple[TrustStore, x509.Certificate | None]] = {}
+_ROOTS_MAX = 256
+
+
 def chain_root(chain_pem: str, anchors: TrustStore) -> x509.Certificate | None:
     """The self-signed root a validated chain ends in: its last certificate when that is
     self-signed, otherwise the anchor (found by name and signature) that issued it. None when
     no self-signed root is known (an anchor that is itself an intermediate)."""
+    cached = _ROOTS.get(chain_pem)
+    if cached is not None and cached[0] is anchors:
+        return cached[1]
+    root = _find_root(chain_pem, anchors)
+    if len(_ROOTS) >= _ROOTS_MAX:
+        _ROOTS.clear()
+    _ROOTS[chain_pem] = (anchors, root)
+    return root
+
+
+def _find_root(chain_pem: str, anchors: TrustStore) -> x509.Certificate | None:
     top = x509.load_pem_x509_certificates(chain_pem.encode())[-1]
     for _ in range(_MAX_DEPTH):
         if pki.is_self_signed(top):
@@ -133,15 +151,19 @@ class TrustKeeper:
         # Both replaced when the internal CA rotates (control/carotation.py).
         self.anchors = anchors
         self.internal_cas = internal_cas
-        self._fingerprints: tuple[int, frozenset[str]] = (-1, frozenset())
+        self._pinned: tuple[int, dict[str, x509.Certificate]] = (-1, {})
 
     async def recorded(self) -> tuple[TrustRecord, frozenset[str]]:
         """The recorded pins and their fingerprints (parsed once per store revision: the
         reconciler compares every node's pins with them on every pass)."""
         record = await self.state.trust()
-        if self._fingerprints[0] != record.revision:
-            self._fingerprints = (record.revision, frozenset(_parse(record.roots)))
-        return record, self._fingerprints[1]
+        return record, frozenset(self._parsed(record))
+
+    def _parsed(self, record: TrustRecord) -> dict[str, x509.Certificate]:
+        """The recorded pins by fingerprint, parsed once per store revision (do not mutate)."""
+        if self._pinned[0] != record.revision:
+            self._pinned = (record.revision, _parse(record.roots))
+        return self._pinned[1]
 
     # --- phase a ----------------------------------------------------------------------
 
@@ -152,7 +174,7 @@ class TrustKeeper:
         names = {r.name for r in fresh}
         desired = [r for r in await self.state.certificates() if r.name in names]
         chains = [r.certificate for r in (*fresh, *desired) if r.name in PEER_TRUSTED]
-        pinned = _parse((await self.state.trust()).roots)
+        pinned = self._parsed(await self.state.trust())
         added = roots_to_add(chains, pinned, self.anchors, self.internal_cas)
         return [_pem(added[f]) for f in sorted(added)]
 
@@ -213,6 +235,17 @@ class TrustKeeper:
             for record in desired
         )
 
+    async def retirable(self, certificates: Sequence[CertRecord] | None = None) -> bool:
+        """Whether some pinned root is one no desired certificate chains to any more: what
+        :meth:`retire` would unpin once every node proved the desired generations. Reads only.
+        ``certificates``: the desired ones, when the caller has read them."""
+        record, fingerprints = await self.recorded()
+        if not fingerprints:
+            return False
+        every = await self.state.certificates() if certificates is None else certificates
+        chains = [r.certificate for r in every if r.name in PEER_TRUSTED]
+        return bool(roots_to_retire(self._parsed(record), chains, self.anchors))
+
     async def retire(
         self,
         nodes: Sequence[NodeRecord],
@@ -229,7 +262,7 @@ class TrustKeeper:
             return []
         every = await self.state.certificates() if certificates is None else certificates
         desired = [r for r in every if r.name in PEER_TRUSTED]
-        pinned = _parse(record.roots)
+        pinned = self._parsed(record)
         retiring = roots_to_retire(pinned, [r.certificate for r in desired], self.anchors)
         if not retiring or not await self._settled(nodes, desired):
             return []

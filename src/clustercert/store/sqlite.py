@@ -13,7 +13,8 @@ Writes run inside ``BEGIN IMMEDIATE``, which takes SQLite's write lock before th
 so a compare-and-set is atomic across threads *and* processes sharing the file. WAL mode lets
 readers proceed while a writer works; ``busy_timeout`` makes a writer wait for another one
 instead of failing at once. ``synchronous = FULL`` because a recorded rollout decision must
-survive a power cut (DESIGN §6 step 4).
+survive a power cut (DESIGN §6 step 4); the locks' commits alone skip the fsync (a lock that
+only lived on this host dies with its holder: see ``_transaction``).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class SqliteStore(Store):
             )
             return True
 
-        return self._transaction(f"taking lock {name!r} for {owner!r}", take)
+        return self._transaction(f"taking lock {name!r} for {owner!r}", take, durable=False)
 
     def refresh_lock(self, name: str, owner: str, ttl: float) -> bool:
         check_lock(name, owner, ttl)
@@ -186,7 +187,7 @@ class SqliteStore(Store):
             )
             return cursor.rowcount == 1
 
-        return self._transaction(f"refreshing lock {name!r} for {owner!r}", refresh)
+        return self._transaction(f"refreshing lock {name!r} for {owner!r}", refresh, durable=False)
 
     def unlock(self, name: str, owner: str) -> None:
         check_lock(name, owner)
@@ -194,7 +195,7 @@ class SqliteStore(Store):
         def release(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
 
-        self._transaction(f"releasing lock {name!r} for {owner!r}", release)
+        self._transaction(f"releasing lock {name!r} for {owner!r}", release, durable=False)
 
     def lock_holder(self, name: str) -> str | None:
         check_lock(name)
@@ -271,13 +272,24 @@ class SqliteStore(Store):
             except sqlite3.Error as exc:
                 raise self._error(doing, exc) from exc
 
-    def _transaction(self, doing: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``work`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception."""
+    def _transaction(
+        self, doing: str, work: Callable[[sqlite3.Connection], _T], *, durable: bool = True
+    ) -> _T:
+        """Run ``work`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception.
+
+        Not ``durable``: the commit does not wait for an fsync (``synchronous = NORMAL``). In
+        WAL mode it is still atomic and ordered: a power cut may lose it, and only with every
+        commit after it up to the next durable one, whose fsync covers it. The locks use it:
+        every process that shares the file runs on this host, so a power cut that loses a
+        lock also stopped its holder (a rollout's durable record says what it had done)."""
         with self._mutex:
             conn = self._usable(doing)
             try:
+                if not durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                self._restore_synchronous(conn, durable)
                 raise self._error(doing, exc) from exc
             try:
                 result = work(conn)
@@ -289,7 +301,17 @@ class SqliteStore(Store):
                 if isinstance(exc, sqlite3.Error):
                     raise self._error(doing, exc) from exc
                 raise
+            finally:
+                self._restore_synchronous(conn, durable)
             return result
+
+    def _restore_synchronous(self, conn: sqlite3.Connection, durable: bool) -> None:
+        """Back to durable commits; failing that, fail (never go on without the fsyncs)."""
+        if not durable:
+            try:
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
+                raise self._error("restoring synchronous = FULL", exc) from exc
 
     def _write(self, doing: str, ops: Sequence[Put | Delete]) -> tuple[int, bool]:
         """Check every expectation, then apply ``ops`` at one new revision.
