@@ -209,6 +209,10 @@ class Agent:
         # The internode listener's context: swapped for new handshakes when the identity or
         # the trusted CAs change (an internal CA rotation); set once the listener is built.
         self.listener: ReloadableServerContext | None = None
+        # What the status answer reports of the identity and ca.pem; only this agent changes
+        # them (:meth:`_reload_listener` after each change), so they are read then, not on
+        # every status call.
+        self._identity_seen = self._identity_status()
 
     def _service(self, config: ServiceConfig) -> Service:
         if config.type == "redis":
@@ -373,7 +377,7 @@ class Agent:
             redis_pids[0] if redis_pids else None,
             tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
             self.boot_id,
-            *self._identity_status(),
+            *self._identity_seen,
         )
 
     def _identity_status(self) -> tuple[str | None, tuple[str, ...] | None]:
@@ -390,7 +394,9 @@ class Agent:
     # --- internal CA rotation (docs/ca-rotation.md) ------------------------------------
 
     def _reload_listener(self) -> None:
-        """New handshakes on the internode listener get the identity and CAs on disk now."""
+        """New handshakes on the internode listener get the identity and CAs on disk now, and
+        the status answer reports them."""
+        self._identity_seen = self._identity_status()
         if self.listener is not None:
             self.listener.reload(self.identity.cert_file, self.identity.key_file)
 
