@@ -34,7 +34,7 @@ from cryptography import x509
 from clustercert import etcdmember, pki
 from clustercert.agent.config import ServiceConfig
 from clustercert.agent.probe import probe
-from clustercert.agent.services import ReloadFailed, Service
+from clustercert.agent.services import ReloadFailed, Service, run_command
 from clustercert.agent.trust import read_certificates
 from clustercert.certfiles import GenerationPaths, write_atomically
 from clustercert.internode import LinkProof, ServiceProof
@@ -207,21 +207,7 @@ class EtcdService(Service):
         )  # fmt: skip
 
     async def _run_restart_command(self) -> None:
-        argv = list(self.config.command)
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), timeout=RESTART_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            raise ReloadFailed(f"{argv[0]} did not finish within {RESTART_TIMEOUT:g} s") from None
-        if proc.returncode != 0:
-            tail = output.decode(errors="replace").strip()[-300:]
-            raise ReloadFailed(f"restarting etcd: {argv[0]} exited with {proc.returncode}: {tail}")
+        await run_command(list(self.config.command), RESTART_TIMEOUT, "restarting etcd")
 
     async def _start(self) -> None:
         """Start the member and wait (bounded) until its client port accepts connections; it

@@ -31,7 +31,7 @@ from clustercert.agent.trust import TrustBundles, fingerprint
 from clustercert.certfiles import GenerationPaths
 from clustercert.internode import LinkProof, ServiceProof
 
-__all__ = ["CommandService", "RedisService", "ReloadFailed", "Service"]
+__all__ = ["CommandService", "RedisService", "ReloadFailed", "Service", "run_command"]
 
 
 class Service(ABC):
@@ -512,23 +512,33 @@ class RedisService(Service):
             return None
 
 
+COMMAND_TIMEOUT = 30.0  # seconds an operator's reload or restart command may take
+
+
 class CommandService(Service):
     async def reload(self, certificate: str, paths: GenerationPaths) -> None:
         argv = [
             a.replace("{cert}", str(paths.cert)).replace("{key}", str(paths.key or ""))
             for a in self.config.command
         ]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
-        except TimeoutError:
-            proc.kill()
-            raise ReloadFailed(f"{argv[0]} did not finish within 30 s") from None
-        if proc.returncode != 0:
-            tail = output.decode(errors="replace").strip()[-300:]
-            raise ReloadFailed(f"{argv[0]} exited with {proc.returncode}: {tail}")
+        await run_command(argv, COMMAND_TIMEOUT)
+
+
+async def run_command(argv: list[str], timeout: float, doing: str = "") -> None:
+    """Run ``argv`` (no shell, no input), bounded by ``timeout``; ReloadFailed with the tail of
+    its output when it fails. ``doing``: what the message starts with, e.g. "restarting etcd"."""
+    prefix = f"{doing}: " if doing else ""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout)
+    except TimeoutError:
+        proc.kill()
+        raise ReloadFailed(f"{prefix}{argv[0]} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = output.decode(errors="replace").strip()[-300:]
+        raise ReloadFailed(f"{prefix}{argv[0]} exited with {proc.returncode}: {tail}")
