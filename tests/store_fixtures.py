@@ -48,6 +48,26 @@ def etcd_binary() -> str:
     return found
 
 
+def wait_healthy(url: str, process: subprocess.Popen[bytes] | None) -> str | None:
+    """Until the etcd at ``url`` answers /health with a leader: None, or (after
+    ETCD_START_TIMEOUT, or at once if ``process`` is not running) why not."""
+    deadline = time.monotonic() + ETCD_START_TIMEOUT
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if process is None or process.poll() is not None:
+            code = None if process is None else process.returncode
+            return f"not running (exit code {code}; last: {last})"
+        try:
+            answer = httpx.get(f"{url}/health", timeout=1.0)
+            if answer.status_code == 200 and answer.json().get("health") == "true":
+                return None
+            last = f"HTTP {answer.status_code}: {answer.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    return f"not healthy after {ETCD_START_TIMEOUT} s ({last})"
+
+
 class EtcdProcess:
     """One single-member etcd on free loopback ports, with its data in ``data_dir``.
 
@@ -89,24 +109,9 @@ class EtcdProcess:
             raise
 
     def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + ETCD_START_TIMEOUT
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                raise RuntimeError(f"etcd exited with {code} while starting:\n{self.log_tail()}")
-            try:
-                answer = httpx.get(f"{self.endpoint}/health", timeout=1.0)
-                if answer.status_code == 200 and answer.json().get("health") == "true":
-                    return
-                last = f"HTTP {answer.status_code}: {answer.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"etcd at {self.endpoint} not healthy after {ETCD_START_TIMEOUT} s ({last}):\n"
-            f"{self.log_tail()}"
-        )
+        problem = wait_healthy(self.endpoint, self._process)
+        if problem is not None:
+            raise RuntimeError(f"etcd at {self.endpoint}: {problem}:\n{self.log_tail()}")
 
     def log_tail(self) -> str:
         self._log.flush()
@@ -181,21 +186,9 @@ class EtcdCluster:
 
     def wait_healthy(self, index: int) -> None:
         """Until member ``index`` answers /health with a leader (bounded)."""
-        deadline = time.monotonic() + ETCD_START_TIMEOUT
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            process = self._processes[index]
-            if process is None or process.poll() is not None:
-                raise RuntimeError(f"etcd member {self.names[index]} is not running: {last}")
-            try:
-                answer = httpx.get(f"{self.client_urls[index]}/health", timeout=1.0)
-                if answer.status_code == 200 and answer.json().get("health") == "true":
-                    return
-                last = f"HTTP {answer.status_code}: {answer.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.05)
-        raise RuntimeError(f"etcd member {self.names[index]} not healthy: {last}")
+        problem = wait_healthy(self.client_urls[index], self._processes[index])
+        if problem is not None:
+            raise RuntimeError(f"etcd member {self.names[index]}: {problem}")
 
     def kill(self, index: int) -> None:
         """SIGKILL member ``index`` (its data stays for :meth:`restart`)."""
