@@ -334,6 +334,18 @@ def _echo_json(answer: Any) -> None:
     click.echo(json.dumps(answer, indent=2))
 
 
+def _get_for_table(options: dict[str, Any], path: str) -> Any | None:
+    """GET ``path`` with the client options. With ``--json`` the answer is printed here and
+    None returned (the caller prints nothing more); otherwise the answer, for a table."""
+    as_json = options.pop("as_json")
+    with _client(options) as client:
+        answer = client.call("GET", path)
+    if as_json:
+        _echo_json(answer)
+        return None
+    return answer
+
+
 def _print_nodes(nodes: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
@@ -692,11 +704,8 @@ def alerts(**options: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    as_json = options.pop("as_json")
-    with _client(options) as client:
-        answer = client.call("GET", "/v1/cluster/alerts")
-    if as_json:
-        _echo_json(answer)
+    answer = _get_for_table(options, "/v1/cluster/alerts")
+    if answer is None:
         return
     table = Table("alert", "state", "threshold", "since", "certificates (source, days left)",
                   box=None)  # fmt: skip
@@ -758,12 +767,8 @@ def _print_ca(answer: dict[str, Any]) -> None:
 @client_options
 def ca_status(**options: Any) -> None:
     """The internal CA and the rotation's progress per node (GET /v1/cluster/ca)."""
-    as_json = options.pop("as_json")
-    with _client(options) as client:
-        answer = client.call("GET", "/v1/cluster/ca")
-    if as_json:
-        _echo_json(answer)
-    else:
+    answer = _get_for_table(options, "/v1/cluster/ca")
+    if answer is not None:
         _print_ca(answer)
 
 
@@ -829,11 +834,8 @@ def list_nodes(**options: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    as_json = options.pop("as_json")
-    with _client(options) as client:
-        found = client.call("GET", "/v1/nodes")
-    if as_json:
-        _echo_json(found)
+    found = _get_for_table(options, "/v1/nodes")
+    if found is None:
         return
     table = Table("uid", "name", "agent", "reachable", "last seen", "in sync", box=None)
     for node in found:
@@ -920,11 +922,8 @@ def list_users(**options: Any) -> None:
     """A table of the users (never their password hashes)."""
     from rich.table import Table
 
-    as_json = options.pop("as_json")
-    with _client(options) as client:
-        found = client.call("GET", "/v1/users")
-    if as_json:
-        _echo_json(found)
+    found = _get_for_table(options, "/v1/users")
+    if found is None:
         return
     table = Table("uid", "email", "name", "role", "login", box=None)
     for user in found:
