@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import uvicorn
 
@@ -226,31 +227,28 @@ async def _trusted_client_cas(state: ClusterState) -> str | None:
     return record.certificate if record else None
 
 
+class _Follower(Protocol):
+    """Something kept in step with the store: a listener's certificate, DIR/etcd-ca.pem."""
+
+    name: str
+
+    async def refresh(self) -> None: ...
+
+
 async def _follow_store(
-    listeners: Sequence[CertificateListener], interval: float, outage: StoreOutage
+    followers: Sequence[_Follower], interval: float, outage: StoreOutage
 ) -> None:
-    """Keep the listeners in step with the store (bounded by the server's lifetime)."""
+    """Keep ``followers`` in step with the store (bounded by the server's lifetime); a store
+    outage goes to ``outage`` (one line per change, not one per pass)."""
     while True:
         await asyncio.sleep(max(interval, 0.2))
-        for listener in listeners:
+        for follower in followers:
             try:
-                await listener.refresh()
+                await follower.refresh()
             except StoreError as exc:
-                outage.failed(exc, f"refreshing the {listener.name} listener")
+                outage.failed(exc, f"following the store ({follower.name})")
             except Exception:
-                log.exception(
-                    "could not refresh the %s listener from the store; retrying", listener.name
-                )
-
-
-async def _follow_store_trust(store_trust: StoreTrustFile, settings: ServerSettings) -> None:
-    """Keep DIR/etcd-ca.pem as the trust record says (bounded by the server's lifetime)."""
-    while True:
-        try:
-            await store_trust.refresh()
-        except Exception:
-            log.exception("could not follow the trusted roots for the store; retrying")
-        await asyncio.sleep(max(settings.reconcile_interval, 0.2))
+                log.exception("could not follow the store (%s); retrying", follower.name)
 
 
 def _bind_console(host: str, port: int) -> socket.socket:
@@ -486,7 +484,11 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         # before the first request; an update that gets it first finishes the leftover itself.
         leading = asyncio.create_task(leadership.run_forever())
         following = asyncio.create_task(
-            _follow_store(listeners, settings.reconcile_interval, outage)
+            _follow_store(
+                [*listeners, *([store_trust] if store_trust is not None else [])],
+                settings.reconcile_interval,
+                outage,
+            )
         )
         watching = asyncio.create_task(lifecycle.run_forever(lambda: leadership.leading))
         notifying = asyncio.create_task(notifier.run())
@@ -496,8 +498,6 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
         control.after_rollout = trimmer.soon
         trimming = asyncio.create_task(trimmer.run_forever())
         tasks = [leading, following, watching, notifying, rotating, trimming]
-        if store_trust is not None:
-            tasks.append(asyncio.create_task(_follow_store_trust(store_trust, settings)))
         if settings.console is not None:
             host, port = settings.console
             console = _FollowingServer(

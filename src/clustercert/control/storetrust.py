@@ -6,9 +6,9 @@ root pinned in the cluster's trust record (control/trust.py): a rollout to a cer
 a new root pins it (phase *a*) before any member is staged, and this file gets it at the same
 moment (:meth:`StoreTrustFile.pinned`), so the control plane trusts the new root before any
 member presents it. Other control planes follow the record (:meth:`StoreTrustFile.refresh`,
-every second), and the roots a rollout in phase *a* is adding: the members restart one after
-the other to load them, which takes seconds, so the others trust a new root well before the
-rollout stages it. The store client loads the file again when it changes (store/etcd.py); the
+every second, in the server's loop that follows the store), and the roots a rollout in phase
+*a* is adding: the members restart one after the other to load them, which takes seconds, so
+the others trust a new root well before the rollout stages it. The store client loads the file again when it changes (store/etcd.py); the
 file is kept across restarts, so a control plane that restarts after a rotation to a new root
 still reaches the store. Roots leave the file when they leave the record; a running client
 keeps trusting them until it restarts (an SSL context only adds trust).
@@ -53,6 +53,8 @@ class StoreTrustFile:
 
     ``internal_ca_file``: the directory's ``ca.pem``, read at every write (it holds the old and
     the new CA while the internal CA rotates)."""
+
+    name = "etcd-ca.pem"  # how the server's loop that follows the store names it
 
     def __init__(self, path: Path, internal_ca_file: Path, state: ClusterState) -> None:
         self.path = path
