@@ -134,10 +134,10 @@ class CaRotation:
         clock: Callable[[], dt.datetime] = utc_now,
         interval: float = 1.0,
         idle_interval: float = 5.0,
-        outage: StoreOutage | None = None,
+        outage: StoreOutage | None = None,  # default: one of its own
     ) -> None:
         self.state = state
-        self.outage = outage
+        self.outage = outage if outage is not None else StoreOutage()
         self.pool = pool
         self.coordinator = coordinator
         self.directory = directory
@@ -214,11 +214,8 @@ class CaRotation:
             rotating = False
             try:
                 rotating = await (self.advance() if leading() else self.follow())
-                if self.outage is not None:
-                    self.outage.answered()
+                self.outage.answered()
             except StoreError as exc:
-                if self.outage is None:
-                    raise
                 self.outage.failed(exc, "following the internal CA rotation")
                 rotating = True
             except Exception:

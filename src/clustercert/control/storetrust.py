@@ -8,9 +8,9 @@ moment (:meth:`StoreTrustFile.pinned`), so the control plane trusts the new root
 member presents it. Other control planes follow the record (:meth:`StoreTrustFile.refresh`,
 every second, in the server's loop that follows the store), and the roots a rollout in phase
 *a* is adding: the members restart one after the other to load them, which takes seconds, so
-the others trust a new root well before the rollout stages it. The store client loads the file again when it changes (store/etcd.py); the
-file is kept across restarts, so a control plane that restarts after a rotation to a new root
-still reaches the store. Roots leave the file when they leave the record; a running client
+the others trust a new root well before the rollout stages it. The store client loads the file
+again when it changes (store/etcd.py); the file is kept across restarts, so a control plane
+that restarts after a rotation to a new root still reaches the store. Roots leave the file when they leave the record; a running client
 keeps trusting them until it restarts (an SSL context only adds trust).
 """
 
