@@ -10,8 +10,9 @@ every second, in the server's loop that follows the store), and the roots a roll
 *a* is adding: the members restart one after the other to load them, which takes seconds, so
 the others trust a new root well before the rollout stages it. The store client loads the file
 again when it changes (store/etcd.py); the file is kept across restarts, so a control plane
-that restarts after a rotation to a new root still reaches the store. Roots leave the file when they leave the record; a running client
-keeps trusting them until it restarts (an SSL context only adds trust).
+that restarts after a rotation to a new root still reaches the store. Roots leave the file
+when they leave the record; a running client keeps trusting them until it restarts (an SSL
+context only adds trust).
 """
 
 from __future__ import annotations
