@@ -41,8 +41,12 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy --strict src
 
+# Two workers (pytest-xdist), one test module at a time each: most tests wait on processes, so
+# two halve the wall time on 2 cores. The fuzz module runs alone after: schemathesis gives each
+# operation's test the same node id, which xdist's scheduling cannot tell apart.
 pytest: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --ignore tests/control/test_fuzz.py
+	$(VENV)/bin/pytest -q tests/control/test_fuzz.py
 
 # The shipped Prometheus alerting rules: syntax (check rules) and behaviour (test rules).
 check-rules: install

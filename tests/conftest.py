@@ -1,13 +1,22 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from clustercert.demo import DemoCluster, free_port
+from clustercert.demo import PORT_SLICE_ENV, DemoCluster, free_port
 
 ADMIN_PASSWORD = "correct horse battery staple"
+
+# `make test` runs the suite on pytest-xdist workers (gw0, gw1, ...): each picks listening
+# ports from its own slice of the range, so that two workers never pick the same one; the
+# processes they start (a `clustercert demo`) inherit the slice.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[PORT_SLICE_ENV] = (
+        f"{int(worker.removeprefix('gw'))}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
+    )
 
 
 def start_cluster(

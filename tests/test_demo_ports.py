@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import socket
 
-from clustercert.demo import _ephemeral_ports, free_port
+import pytest
+
+from clustercert.demo import PORT_SLICE_ENV, _ephemeral_ports, _port_candidates, free_port
+from clustercert.errors import ConfigError
 
 
 def test_free_ports_are_below_the_ephemeral_range_and_bindable() -> None:
@@ -49,3 +52,22 @@ def test_the_same_port_is_never_answered_twice() -> None:
     port it answered before (at N=30, 90 picks from 20,000 ports collided one run in five)."""
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+def test_each_slice_of_several_processes_is_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test workers running at once (``CLUSTERCERT_PORT_SLICE=I/N``) pick from disjoint slices
+    of the range, so one never picks a port another chose but has not bound yet."""
+    slices = []
+    for index in range(3):
+        monkeypatch.setenv(PORT_SLICE_ENV, f"{index}/3")
+        slices.append(_port_candidates())
+        assert all(slices[-1].start <= free_port() < slices[-1].stop for _ in range(20))
+    assert slices[0].stop <= slices[1].start and slices[1].stop <= slices[2].start
+    assert all(len(s) > 6000 for s in slices)
+
+
+@pytest.mark.parametrize("value", ["2/2", "x/2", "1", "-1/2"])
+def test_a_malformed_slice_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(PORT_SLICE_ENV, value)
+    with pytest.raises(ConfigError, match=PORT_SLICE_ENV):
+        free_port()

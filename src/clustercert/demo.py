@@ -62,6 +62,28 @@ def _ephemeral_ports() -> range:
 
 _handed_out: set[int] = set()  # free_port never answers the same port twice in a process
 
+# Several processes picking ports at once (test runs on several workers) each take their own
+# slice of the range, so that none picks a port another chose but has not bound yet.
+PORT_SLICE_ENV = "CLUSTERCERT_PORT_SLICE"
+
+
+def _port_candidates() -> range:
+    """Below the ephemeral range (20,000 ports), or this process's slice of it: the
+    environment's ``CLUSTERCERT_PORT_SLICE=I/N`` (``I`` from 0) takes the ``I``-th of ``N``."""
+    top = min(_ephemeral_ports().start, 65536)
+    candidates = range(max(1024, top - 20000), top)
+    index, _, count = os.environ.get(PORT_SLICE_ENV, "0/1").partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise ConfigError(
+            f"{PORT_SLICE_ENV} must read I/N (e.g. 0/2), not {index}/{count}"
+        ) from None
+    if not 0 <= i < n:
+        raise ConfigError(f"{PORT_SLICE_ENV}={i}/{n}: I must be at least 0 and less than N")
+    size = len(candidates) // n
+    return range(candidates.start + i * size, candidates.start + (i + 1) * size)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, chosen at random *below* the ephemeral range.
@@ -71,9 +93,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     machine may take meanwhile (the control plane's calls, replication links, other test runs):
     the listener then fails with EADDRINUSE (an agent exits with uvicorn's code 3). Below the
     range, only a process that asks for that very port can take it."""
-    ephemeral = _ephemeral_ports()
-    top = min(ephemeral.start, 65536)
-    candidates = range(max(1024, top - 20000), top)
+    candidates = _port_candidates()
     for _ in range(200):
         port = secrets.choice(candidates)
         if port in _handed_out:
