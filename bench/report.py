@@ -94,14 +94,15 @@ def render_markdown(results: Results) -> str:
         "#### CPU per node per rotation, in ms",
         "",
         "| N | control plane (net of idle) | control plane (raw) | control plane idle "
-        "| agent (net of idle) | floor script |",
-        "|---|---|---|---|---|---|",
+        "| agent (net of idle) | floor script | redis-server, ours | redis-server, floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in results.sizes:
         lines.append(
             f"| {s.nodes} | {s.cp_cpu_ms_per_node:.2f} | {s.cp_cpu_raw_ms_per_node:.2f} "
             f"| {s.cp_idle_cpu_pct:.1f} % of a core | {s.agent_cpu_ms_per_rotation:.2f} "
-            f"| {s.floor_script_cpu_ms_per_node:.2f} |"
+            f"| {s.floor_script_cpu_ms_per_node:.2f} | {s.redis_cpu_ms_per_node:.2f} "
+            f"| {s.floor_redis_cpu_ms_per_node:.2f} |"
         )
     large = results.size(max(plan.sizes))
     small = results.size(3)

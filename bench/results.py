@@ -88,6 +88,11 @@ class SizeResult:
     cp_idle_cpu_pct: float
     agent_cpu_ms_per_rotation: float
     floor_script_cpu_ms_per_node: float
+    # redis-server's own CPU per node per turn (raw: its idle is ~1 % of a core): ours (the
+    # reload, the verifying handshake, the replicas relinking to prove replication) and the
+    # floor's (its reload and handshake), paid on the same cores outside either side's processes.
+    redis_cpu_ms_per_node: float
+    floor_redis_cpu_ms_per_node: float
     other_load_pct: float  # CPU used by processes outside this benchmark, % of all cores
 
     def ratio_floor(self) -> float:

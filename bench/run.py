@@ -49,14 +49,15 @@ def measure_size(
     reps = plan.repetitions[n]
     leaves = iter([issuer.issue() for _ in range(3 * (plan.warmup + reps))])
     baselines = Baselines(cluster.targets())
-    ours = Contender("ours", cluster.rotate,
-                     {"cp": [cluster.server_pid], "agents": cluster.agent_pids()})  # fmt: skip
+    redis = cluster.redis_pids()
+    groups = {"cp": [cluster.server_pid], "agents": cluster.agent_pids(), "redis": redis}
+    ours = Contender("ours", cluster.rotate, groups)
     contenders = [
         ours,
-        Contender("floor", baselines.floor, {"self": []}),
+        Contender("floor", baselines.floor, {"self": [], "redis": redis}),
         Contender("node_by_node", baselines.node_by_node, {"self": []}),
     ]
-    everything = [cluster.server_pid, *cluster.agent_pids(), *cluster.redis_pids()]
+    everything = [cluster.server_pid, *cluster.agent_pids(), *redis]
     profiling = contextlib.nullcontext() if profile is None else py_spy(
         profile / f"n{n}", {"server": cluster.server_pid, "agent": cluster.agent_pids()[0]}
     )  # fmt: skip
@@ -83,6 +84,9 @@ def measure_size(
         cp_idle_cpu_pct=100 * mine.idle_cpu_share("cp"),
         agent_cpu_ms_per_rotation=mine.net_cpu_ms_per_turn("agents") / n,
         floor_script_cpu_ms_per_node=tallies["floor"].raw_cpu_ms_per_turn("self") / n,
+        # Raw: the redis-servers are shared, so one side's "idle" turns are the other's work.
+        redis_cpu_ms_per_node=mine.raw_cpu_ms_per_turn("redis") / n,
+        floor_redis_cpu_ms_per_node=tallies["floor"].raw_cpu_ms_per_turn("redis") / n,
         other_load_pct=max(0.0, 100 * others / (wall * (os.cpu_count() or 1))),
     )
 
