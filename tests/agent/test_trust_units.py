@@ -5,7 +5,9 @@ test_trust_phases.py."""
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,20 @@ def test_bundles_are_content_addressed_idempotent_and_public(tmp_path: Path) -> 
     assert stat.S_IMODE(first.stat().st_mode) == 0o644
     other, _ = bundles.write([a])
     assert other != first and first.exists()
+
+
+def test_bundles_written_within_one_clock_tick_are_pruned_oldest_first(tmp_path: Path) -> None:
+    """File times come from the kernel's coarse clock: bundles written within one tick have
+    equal mtimes (seen under load: the newer one was pruned). The order of writes decides."""
+    bundles = TrustBundles(tmp_path / "trust", keep=3)
+    paths = [bundles.write([CA.new().cert])[0] for _ in range(3)]
+    tick = time.time_ns() + 10**9
+    for path in paths:
+        os.utime(path, ns=(tick, tick))
+    bundles.keep = 2
+    current, _ = bundles.write([CA.new().cert])
+    left = {p.name for p in (tmp_path / "trust").iterdir()}
+    assert left == {paths[1].name, paths[2].name, current.name}
 
 
 def test_old_bundles_are_pruned_but_never_the_current_one(tmp_path: Path) -> None:

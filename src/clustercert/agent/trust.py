@@ -61,6 +61,7 @@ class TrustBundles:
     def __init__(self, directory: Path, keep: int = 3) -> None:
         self.directory = directory
         self.keep = keep
+        self._written: dict[Path, int] = {}  # path -> the count of writes when last written
 
     def write(self, certificates: Iterable[x509.Certificate]) -> tuple[Path, list[str]]:
         """Write the bundle of ``certificates`` (duplicates dropped, stable order) and return its
@@ -74,12 +75,17 @@ class TrustBundles:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomically(path, content, 0o644)
         path.touch()  # newest first when pruning
+        self._written[path] = max(self._written.values(), default=0) + 1
         self._prune(path)
         return path, fingerprints
 
     def _prune(self, current: Path) -> None:
+        # Newest first: by modification time, and among files written within one tick of the
+        # kernel's coarse clock (equal mtimes), by the order this process wrote them.
         bundles = sorted(
-            self.directory.glob("ca-*.pem"), key=lambda p: p.stat().st_mtime_ns, reverse=True
+            self.directory.glob("ca-*.pem"),
+            key=lambda p: (p.stat().st_mtime_ns, self._written.get(p, -1)),
+            reverse=True,
         )
         for old in bundles[self.keep :]:
             if old != current:

@@ -142,6 +142,10 @@ class RequestLimits:
         await self.app(scope, limited_receive, send)
 
 
+# Well below h11's limit on an incomplete request head (16 KiB, which uvicorn keeps).
+_FEED_BYTES = 8 * 1024
+
+
 def api_protocol(limits: ListenerLimits) -> type[H11Protocol]:
     """An h11 protocol class for uvicorn (``uvicorn.Config(http=...)``) enforcing ``limits``."""
 
@@ -159,6 +163,15 @@ def api_protocol(limits: ListenerLimits) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            # h11 refuses a head over its size limit only while the head is still incomplete:
+            # one that arrives whole in a single read (a busy server reads late) would pass.
+            # Fed in pieces below the limit, every oversized head is refused alike.
+            for start in range(0, len(data), _FEED_BYTES):
+                if self.transport.is_closing():
+                    return
+                self._feed(data[start : start + _FEED_BYTES])
+
+        def _feed(self, data: bytes) -> None:
             waiting_for_head = self.conn.their_state is h11.IDLE
             if waiting_for_head and self._head_timer is None:
                 self._arm_head_timer()
