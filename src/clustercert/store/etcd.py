@@ -28,7 +28,10 @@ Several members: given more than one client URL, a request that cannot reach a m
 connection is refused or cannot be made, so nothing was sent) or that a member refuses because
 it has no leader or no quorum (so nothing was applied) goes to the next member; the member that
 answered is used first from then on. A read, lease revoke or keepalive cut off after it was
-sent goes to the next member too (repeating it changes nothing). A transaction cut off that way
+sent, or refused with a server error, goes to the next member too (repeating it changes
+nothing). While members answer that they have no leader, the members are tried again in rounds
+half a second apart, five rounds at most (an election after a member restarts can take more
+than a second on a busy host). A transaction cut off that way
 may have landed: the client reads its keys back through the next member and sends it once more
 only if it did not (its compares turn a late landing into a conflict, never a double write).
 With every member failing, the StoreError says so in one line.
@@ -355,14 +358,16 @@ class EtcdStore(Store):
         count = len(self._endpoints)
         first = self._current
         failures: list[str] = []
-        # Two rounds when a member answered that it has no leader: an election takes a moment.
-        attempts = 2 * count if count > 1 else 1
+        # Another round, after a pause, while a member answered that it has no leader: an
+        # election takes a moment (longer on a busy host, or after a member restarted).
+        attempts = _ELECTION_ROUNDS * count if count > 1 else 1
         for attempt in range(attempts):
             index = (first + attempt) % count
             endpoint = self._endpoints[index]
-            if attempt == count:
-                if len(failures) == count and not any(_NO_LEADER in f for f in failures):
-                    break  # every member refused the connection: no second round
+            if attempt and attempt % count == 0:
+                # Every request of the last round failed (one that did not returned).
+                if not any(_NO_LEADER in f for f in failures[-count:]):
+                    break  # every member refused the connection: no election to wait for
                 time.sleep(_ELECTION_PAUSE)
             try:
                 response = self._client.post(f"{endpoint}/v3/{path}", json=body)
@@ -387,7 +392,12 @@ class EtcdStore(Store):
                 ) from exc
             except RuntimeError as exc:  # httpx: the client was closed by another thread
                 raise self._error(doing, f"the store is closed ({exc})") from exc
-            if attempt < attempts - 1 and count > 1 and _not_applied(response):
+            # A read refused with a server error (e.g. "request timed out" while the members
+            # elect a leader) is repeatable whatever the reason.
+            refused = _not_applied(response) or (
+                path in _REPEATABLE and response.status_code >= 500
+            )
+            if attempt < attempts - 1 and count > 1 and refused:
                 failures.append(f"{endpoint}: {_NO_LEADER}: {_describe_failure(path, response)}")
                 continue
             self._current = index
@@ -601,7 +611,8 @@ _NO_LEADER = "not served"
 # Requests whose repetition changes nothing: after a member dies with one in flight they go to
 # the next member. A transaction may have been applied; it is never sent twice.
 _REPEATABLE = frozenset({"kv/range", "lease/revoke", "lease/keepalive"})
-_ELECTION_PAUSE = 0.5  # seconds before the second round
+_ELECTION_PAUSE = 0.5  # seconds before another round
+_ELECTION_ROUNDS = 5  # an election may take up to about 2 s before the request is refused
 
 
 def _not_applied(response: httpx.Response) -> bool:
