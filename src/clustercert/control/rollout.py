@@ -60,7 +60,7 @@ from clustercert.errors import (
 from clustercert.internode import CommitAnswer, ServiceProof
 
 # NodeOutcome is re-exported for the API module, which imports it from here.
-__all__ = ["Coordinator", "NodeOutcome"]
+__all__ = ["Coordinator", "NodeOutcome", "Proofs"]
 
 log = logging.getLogger("clustercert.rollout")
 
@@ -182,12 +182,16 @@ class Coordinator:
             )
         return list(outcomes)
 
-    async def push(self, node: NodeRecord, records: Sequence[CertRecord]) -> NodeOutcome:
-        """Stage and commit ``records`` on one node (the reconciler and roll-forward use it)."""
+    async def push(
+        self, node: NodeRecord, records: Sequence[CertRecord], proofs: Proofs | None = None
+    ) -> NodeOutcome:
+        """Stage and commit ``records`` on one node (the reconciler and roll-forward use it).
+        What it proved is recorded at once, or appended to ``proofs`` for the caller to record
+        with other nodes' in one store commit."""
         staged = await self._stage_node(node, records, no_seam)
         if not staged.ok:
             return staged
-        return await self._commit_node(node, records, no_seam)
+        return await self._commit_node(node, records, no_seam, proofs)
 
     async def resolve_in_flight(self) -> None:
         """Finish the rollout a control plane left in flight (it died, or failed half-way):
