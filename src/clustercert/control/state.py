@@ -603,8 +603,36 @@ class ClusterState:
 
     @_in_thread
     def add_event(self, event: AuditEvent) -> None:
-        sequence = self._next_id("next_event")
-        self.store.put(f"events/{sequence:012d}", json.dumps({"id": sequence, **event.to_json()}))
+        self._commit_events([event])
+
+    def _commit_events(
+        self,
+        events: Sequence[AuditEvent],
+        ops: Sequence[Put | Delete] = (),
+        unchanged: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Commit ``ops`` and ``events``, numbered from meta/cluster's counter, atomically. When
+        another writer took the next numbers meanwhile (a conflict), number them again, as long
+        as ``unchanged()`` says the conflict was not on one of ``ops`` (else it is raised)."""
+        while True:
+            entry = self.store.get("meta/cluster")
+            if entry is None:
+                raise ValueError("the cluster is not initialised")
+            meta = json.loads(entry.value)
+            first = int(meta.get("next_event", 1))
+            meta["next_event"] = first + len(events)
+            written = [
+                Put(f"events/{n:012d}", json.dumps({"id": n, **event.to_json()}))
+                for n, event in enumerate(events, start=first)
+            ]
+            meta_put = Put("meta/cluster", json.dumps(meta), expect_revision=entry.revision)
+            try:
+                self.store.commit([*ops, *written, meta_put])
+            except StoreConflict:
+                if not unchanged():
+                    raise
+                continue
+            return
 
     @_in_thread
     def events(self) -> list[dict[str, Any]]:
@@ -739,9 +767,9 @@ class ClusterState:
         nodes proved, the audit events, and forgetting ``record`` (compare-and-delete at its
         revision; StoreConflict if it changed). More than ~100 proofs are recorded first, 100
         per commit, as :meth:`record_applied_many` does. Replaces ``record_applied_many``,
-        ``add_event`` and ``end_rollout`` one after another: three durable writes or more (the
-        event's sequence number is one more) become one."""
-        ops: list[Put | Delete] = [
+        ``add_event`` and ``end_rollout`` one after another: three durable writes or more
+        become one."""
+        ops = [
             Put(f"applied/{node_id}/{name}", json.dumps(asdict(entry)))
             for node_id, name, entry in proofs
         ]
@@ -749,32 +777,14 @@ class ClusterState:
         while len(ops) > room:
             self.store.commit(ops[:_MAX_OPS])
             ops = ops[_MAX_OPS:]
-        while True:
-            entry = self.store.get("meta/cluster")
-            if entry is None:
-                raise ValueError("the cluster is not initialised")
-            meta = json.loads(entry.value)
-            first = int(meta.get("next_event", 1))
-            meta["next_event"] = first + len(events)
-            written = [
-                Put(f"events/{n:012d}", json.dumps({"id": n, **event.to_json()}))
-                for n, event in enumerate(events, start=first)
-            ]
-            try:
-                self.store.commit(
-                    [
-                        *ops,
-                        *written,
-                        Put("meta/cluster", json.dumps(meta), expect_revision=entry.revision),
-                        Delete(ROLLOUT_KEY, expect_revision=record.revision),
-                    ]
-                )
-            except StoreConflict:
-                now = self.store.get(ROLLOUT_KEY)
-                if now is None or now.revision != record.revision:
-                    raise
-                continue  # another event took the next sequence number: number them again
-            return
+
+        def still_in_flight() -> bool:
+            now = self.store.get(ROLLOUT_KEY)
+            return now is not None and now.revision == record.revision
+
+        self._commit_events(
+            events, [*ops, Delete(ROLLOUT_KEY, expect_revision=record.revision)], still_in_flight
+        )
 
     @_in_thread
     def end_rollout(self, record: RolloutRecord) -> None:
