@@ -61,7 +61,10 @@ class TrustBundles:
     def __init__(self, directory: Path, keep: int = 3) -> None:
         self.directory = directory
         self.keep = keep
-        self._written: dict[Path, int] = {}  # path -> the count of writes when last written
+        # Bundles this object wrote, by the count of writes when last written: pruning breaks
+        # ties of equal mtimes with it.
+        self._writes = 0
+        self._written: dict[Path, int] = {}
 
     def write(self, certificates: Iterable[x509.Certificate]) -> tuple[Path, list[str]]:
         """Write the bundle of ``certificates`` (duplicates dropped, stable order) and return its
@@ -75,7 +78,8 @@ class TrustBundles:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomically(path, content, 0o644)
         path.touch()  # newest first when pruning
-        self._written[path] = max(self._written.values(), default=0) + 1
+        self._writes += 1
+        self._written[path] = self._writes
         self._prune(path)
         return path, fingerprints
 
@@ -90,6 +94,7 @@ class TrustBundles:
         for old in bundles[self.keep :]:
             if old != current:
                 old.unlink(missing_ok=True)
+                self._written.pop(old, None)
 
 
 class PinnedRoots:
