@@ -126,7 +126,9 @@ class AgentClient:
         wait: float = 0.0,
     ) -> Answer:
         """One call; ``wait``: seconds the agent may hold the answer back (a watch), on top of
-        the usual timeout. Any failure is reported to ``on_unavailable`` before it is raised."""
+        the usual timeout. Any failure is reported to ``on_unavailable`` before it is raised,
+        except a 404: an agent that answers it is up, it only lacks the call (an older one);
+        reporting it would make the reconciler drop the node's watch and ask it again."""
         if self._on_call is not None:
             self._on_call(step)
         try:
@@ -134,6 +136,8 @@ class AgentClient:
                 return await self._exchange(step, method, path, parse, body, wait)
             async with self._gate:
                 return await self._exchange(step, method, path, parse, body, wait)
+        except _NoSuchCall:
+            raise
         except AgentUnavailable:
             if self._on_unavailable is not None:
                 self._on_unavailable(self.node.node_id)
