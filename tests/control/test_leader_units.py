@@ -61,6 +61,11 @@ def test_one_leads_the_other_follows_and_takes_over_when_its_lease_runs_out(
         await b.cycle()
         assert b.health.of(1).reachable and b.health.of(1).last_seen == a.health.of(1).last_seen
         assert not b.health.of(2).reachable and b.health.of(2).error == "cp-a: connection refused"
+        await a.cycle()  # nothing changed: nothing written
+        a.health.answered(2)  # a later change is published too
+        await a.cycle()
+        await b.cycle()
+        assert b.health.of(2).reachable
 
         listed = {p["name"]: p for p in await b.control_planes()}
         assert listed.keys() == {"cp-a:9443", "cp-b:9443"}

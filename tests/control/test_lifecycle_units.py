@@ -188,6 +188,12 @@ def test_the_node_alert_names_a_node_that_missed_a_renewal(plane: Plane) -> None
         assert [c.name for c in states[NODE_ALERT].certificates] == ["proxy"]
         assert "proxy" not in {c.name for c in states[CLUSTER_ALERT].certificates}
 
+        # A new proof alone (nothing desired or joined changed) is seen on the next pass:
+        # the loop re-reads the proofs when their revision moves.
+        await plane.state.record_applied(2, "proxy", AppliedRecord(2, renewed.fingerprint, True))
+        states = await lifecycle.check_alerts(await plane.state.certificates())
+        assert not states[NODE_ALERT].raised
+
     asyncio.run(scenario())
 
 

@@ -28,7 +28,7 @@ from clustercert.control.faults import FaultPlan
 from clustercert.control.lock import lock_owner
 from clustercert.control.reconcile import Reconciler
 from clustercert.control.rollout import Coordinator
-from clustercert.control.state import AppliedRecord, ClusterState, RolloutRecord
+from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, RolloutRecord
 from clustercert.demo import free_port
 from clustercert.errors import ConfigError, StoreConflict
 from clustercert.sealing import KeySealer
@@ -93,6 +93,49 @@ def test_the_end_of_a_rollout_is_one_commit_or_nothing(tmp_path: Path) -> None:
     written = {e.key: e.revision for e in state.store.list("")}
     revisions = {written[k] for k in written if k.startswith(("applied/", "events/"))}
     assert revisions == {written["meta/cluster"]}
+    assert written["meta/applied"] == written["meta/cluster"]  # the proofs' change check too
+    state.store.close()
+
+
+def _cert(name: str) -> CertRecord:
+    leaf = CA.new().issue(name)
+    return CertRecord(
+        name, 1, leaf.full_chain_pem, leaf.key_pem, leaf.fingerprint, "2030-01-01T00:00:00Z",
+        "user", "2025-01-01T00:00:00Z", "admin@cluster.local",
+    )  # fmt: skip
+
+
+def test_every_change_to_the_proofs_moves_the_applied_revision(tmp_path: Path) -> None:
+    """What the lifecycle loop re-reads the proofs by: each writer of applied/ moves it in the
+    same commit, and nothing else does."""
+    state = _state(tmp_path)
+    state.store.put("meta/cluster", json.dumps({"next_node_id": 1}))
+    proof = AppliedRecord(5, "ab" * 32, True)
+    seen = [run(state.applied_revision())]
+    assert seen == [0]
+
+    def moved() -> bool:
+        now = run(state.applied_revision())
+        moved, seen[0] = now != seen[0], now
+        return moved and now == max(e.revision for e in state.store.list(""))
+
+    node = run(state.add_node("node-1", "https://127.0.0.1:1", dt.datetime.now(dt.UTC)))
+    assert not moved()
+    run(state.record_applied(node.node_id, "proxy", proof))
+    assert moved()
+    # 250 proofs: three commits of at most 100 operations, the marker in each.
+    run(state.record_applied_many([(n, "syncer", proof) for n in range(100, 350)]))
+    assert moved()
+    assert len(run(state.applied_by_node())) == 251
+    run(state.put_certificate(_cert("syncer")))
+    assert not moved()
+    syncer = run(state.certificate("syncer"))
+    assert syncer is not None
+    run(state.delete_certificate(syncer))
+    assert moved()
+    assert run(state.remove_node(node.node_id)) is not None
+    assert moved()
+    assert run(state.applied_by_node()) == {}
     state.store.close()
 
 

@@ -37,23 +37,32 @@ class NodeHealth:
         self._lock = threading.Lock()
         self._seen: dict[int, dt.datetime] = {}
         self._down: dict[int, str] = {}
+        self._changes = 0
+
+    @property
+    def changes(self) -> int:
+        """How many times this record changed: a cheap check before a :meth:`snapshot`."""
+        return self._changes
 
     def answered(self, node_id: int) -> None:
         """The node answered a call just now."""
         with self._lock:
             self._seen[node_id] = self._clock()
             self._down.pop(node_id, None)
+            self._changes += 1
 
     def failed(self, node_id: int, error: str) -> None:
         """A call to the node failed (unreachable, timed out, or refused)."""
         with self._lock:
             self._down[node_id] = error
+            self._changes += 1
 
     def forget(self, node_id: int) -> None:
         """The node left the cluster."""
         with self._lock:
             self._seen.pop(node_id, None)
             self._down.pop(node_id, None)
+            self._changes += 1
 
     def snapshot(self) -> dict[str, Any]:
         """What this record knows, as JSON (``{"seen": {id: iso}, "down": {id: error}}``)."""
@@ -69,6 +78,7 @@ class NodeHealth:
         down = {int(n): str(e) for n, e in snapshot.get("down", {}).items()}
         with self._lock:
             self._seen, self._down = seen, down
+            self._changes += 1
 
     def of(self, node_id: int) -> Reachability:
         with self._lock:

@@ -109,6 +109,7 @@ class Leadership:
         self._renewed = 0.0  # loop time the lease was last renewed (taken before the call)
         self._tasks: list[asyncio.Task[None]] = []
         self._published: dict[str, Any] | None = None
+        self._published_changes = -1  # NodeHealth.changes when _published was taken
         self._registered = -self.ttl  # loop time of the last registration
 
     @property
@@ -180,18 +181,23 @@ class Leadership:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._published = None
+        self._published, self._published_changes = None, -1
 
     async def _register(self) -> None:
         self.record = dataclasses.replace(self.record, last_seen=iso(utc_now()))
         await self.state.register_control_plane(self.record.name, self.record.as_json())
 
     async def _publish_health(self) -> None:
-        """Write the nodes' reachability when it changed since the last write."""
+        """Write the nodes' reachability when it changed since the last write (a snapshot is
+        taken only when the record changed: at 1,000 nodes it formats 1,000 times)."""
+        changes = self.health.changes
+        if changes == self._published_changes:
+            return
         snapshot = self.health.snapshot()
         if snapshot != self._published:
             await self.state.put_node_health(snapshot)
             self._published = snapshot
+        self._published_changes = changes
 
     async def _follow_health(self) -> None:
         snapshot = await self.state.node_health()

@@ -91,6 +91,11 @@ class Lifecycle:
     # fingerprint -> not_after of every certificate seen desired: a node that lags behind a
     # renewal still serves one of these, and its expiry is what the node alert needs.
     _expiry: dict[str, dt.datetime] = field(default_factory=dict)
+    # What the nodes serve, with what it was built from (the proofs' and the membership's
+    # revisions, the desired fingerprints): rebuilt only when one of them moved, not every
+    # pass (at 1,000 nodes that is 7,000 proofs read and decoded every 5 s).
+    _served: list[NodeCertificate] = field(default_factory=list)
+    _served_from: tuple[int, int, frozenset[str]] | None = None
     _failures: int = 0
     _retry_at: float = 0.0
 
@@ -105,6 +110,18 @@ class Lifecycle:
         ]
         for record, expiry in zip(records, desired, strict=True):
             self._expiry[record.fingerprint] = expiry.not_after
+        source = (
+            await self.state.applied_revision(),
+            await self.state.membership_revision(),
+            frozenset(r.fingerprint for r in records),
+        )
+        if source[0] == 0 or source != self._served_from:
+            self._served = await self._serving(records)
+            self._served_from = source
+        return desired, self._served
+
+    async def _serving(self, records: Sequence[CertRecord]) -> list[NodeCertificate]:
+        """What every node serves of ``records``' names, by its last proof."""
         internal = {r.name: r.source == "internal" for r in records}
         applied = await self.state.applied_by_node()
         served = [
@@ -117,7 +134,7 @@ class Lifecycle:
         live = {r.fingerprint for r in records}
         live |= {p.fingerprint for proofs in applied.values() for p in proofs.values()}
         self._expiry = {f: e for f, e in self._expiry.items() if f in live}
-        return desired, served
+        return served
 
     async def _stored(self) -> dict[str, tuple[AlertState, int]]:
         return {

@@ -9,6 +9,7 @@ Key layout (the store itself is layout-agnostic)::
     certs/<name>                   desired certificate: generation, chain, sealed key, ...
     nodes/<node_id>                a joined node: name, agent URL
     applied/<node_id>/<name>       what the node last proved it serves
+    meta/applied                   touched in every commit that writes or deletes a proof
     users/<email>                  a user: uid, role, scrypt hash
     tokens/<sha256 of token>       a one-time join token and its expiry
     events/<zero-padded sequence>  the audit history
@@ -68,6 +69,9 @@ TRUST_KEY = "trust/roots"
 CA_KEY = "ca/internal"
 MEMBERSHIP_KEY = "meta/membership"  # touched when a node joins again or is removed
 _MEMBERSHIP_KEYS = ("meta/cluster", MEMBERSHIP_KEY)
+# Touched in the same commit as every change under applied/: its revision says whether the
+# proofs moved (applied_revision) without listing them, 7 per node.
+APPLIED_KEY = "meta/applied"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -164,6 +168,11 @@ class AppliedRecord:
     ok: bool
     services: list[dict[str, Any]] = field(default_factory=list)
     at: str = ""
+
+
+def _applied_moved() -> Put:
+    """The operation that goes into every commit changing a proof (see APPLIED_KEY)."""
+    return Put(APPLIED_KEY, "{}")
 
 
 def proves(applied: AppliedRecord | None, generation: int) -> bool:
@@ -405,7 +414,7 @@ class ClusterState:
         ops += [
             Delete(e.key) for e in self.store.list("applied/") if e.key.endswith("/" + record.name)
         ]
-        self.store.commit(ops)
+        self.store.commit([*ops, _applied_moved()] if len(ops) > 1 else ops)
 
     # --- nodes --------------------------------------------------------------------------
 
@@ -459,6 +468,8 @@ class ClusterState:
         ops: list[Put | Delete] = [Delete(entry.key, expect_revision=entry.revision)]
         ops += [Delete(e.key) for e in self.store.list(f"applied/{node_id}/")]
         ops.append(Put(MEMBERSHIP_KEY, json.dumps({"changed": node_id})))
+        if len(ops) > 2:
+            ops.append(_applied_moved())
         self.store.commit(ops)
         return NodeRecord(**json.loads(entry.value))
 
@@ -480,16 +491,25 @@ class ClusterState:
         return everything
 
     @_in_thread
+    def applied_revision(self) -> int:
+        """A cheap change check for :meth:`applied_by_node`: it moves with every proof written
+        or deleted (0 for a store no proof was written to since this key exists)."""
+        entry = self.store.get(APPLIED_KEY)
+        return entry.revision if entry else 0
+
+    @_in_thread
     def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:
-        self.store.put(f"applied/{node_id}/{name}", json.dumps(asdict(record)))
+        self.store.commit(
+            [Put(f"applied/{node_id}/{name}", json.dumps(asdict(record))), _applied_moved()]
+        )
 
     @_in_thread
     def record_applied_many(self, entries: Sequence[tuple[int, str, AppliedRecord]]) -> None:
         """Record what many nodes proved, in as few store commits as possible (each commit
         atomic; at most 100 keys per commit, below etcd's default --max-txn-ops of 128)."""
         ops = [Put(f"applied/{n}/{name}", json.dumps(asdict(r))) for n, name, r in entries]
-        for start in range(0, len(ops), _MAX_OPS):
-            self.store.commit(ops[start : start + _MAX_OPS])
+        for start in range(0, len(ops), _MAX_OPS - 1):
+            self.store.commit([*ops[start : start + _MAX_OPS - 1], _applied_moved()])
 
     # --- users --------------------------------------------------------------------------
 
@@ -773,10 +793,12 @@ class ClusterState:
             Put(f"applied/{node_id}/{name}", json.dumps(asdict(entry)))
             for node_id, name, entry in proofs
         ]
-        room = max(0, _MAX_OPS - len(events) - 2)  # the events, meta/cluster, the delete
+        room = max(0, _MAX_OPS - len(events) - 3)  # the events, meta/cluster, the delete, ...
         while len(ops) > room:
-            self.store.commit(ops[:_MAX_OPS])
-            ops = ops[_MAX_OPS:]
+            self.store.commit([*ops[: _MAX_OPS - 1], _applied_moved()])
+            ops = ops[_MAX_OPS - 1 :]
+        if ops:
+            ops.append(_applied_moved())  # ... and meta/applied
 
         def still_in_flight() -> bool:
             now = self.store.get(ROLLOUT_KEY)
