@@ -4,11 +4,12 @@ One process plays K nodes on K loopback ports. Towards the control plane each on
 like any other: it joins with a real one-time token through the real join flow (its own key,
 a CSR, ``POST /v1/internal/join``, the agent's own :func:`join`), serves the internode API over
 real mutual TLS with the identity it was given, and reads and writes the real internode
-messages (:mod:`clustercert.internode`). It answers stage, commit, status, abort and remove as
-an agent does (same idempotency, same refusals, same status).
+messages (:mod:`clustercert.internode`). It answers stage, commit, status, abort, remove and
+trust as an agent does (same idempotency, same refusals, same status).
 
 What it does NOT do: it keeps the staged files in memory, reloads nothing and proves nothing.
-Its commit answers with a *synthetic* proof: the fingerprint of the leaf it was sent. So it
+Its commit answers with a *synthetic* proof: the fingerprint of the leaf it was sent; it pins
+the roots it is sent but keeps no trust bundle (as an agent without redis). So it
 measures what the control plane pays per node, and never what an agent does; no figure taken
 with it may be quoted as an agent's behaviour (docs/benchmarks.md).
 
@@ -50,6 +51,8 @@ from clustercert.internode import (
     StageRequest,
     StatusAnswer,
     Target,
+    TrustAnswer,
+    TrustRequest,
     certificate_name,
 )
 
@@ -90,6 +93,7 @@ class HollowNode:
     generations: dict[str, dict[int, _Generation]] = field(default_factory=dict)
     current: dict[str, int] = field(default_factory=dict)
     boot_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    pinned: tuple[str, ...] = ()  # SHA-256 fingerprints of the roots pinned (PUT /internal/trust)
 
     def status(self) -> StatusAnswer:
         certificates = {}
@@ -100,7 +104,9 @@ class HollowNode:
                 fingerprint=held[generation].fingerprint if generation is not None else None,
                 staged=tuple(sorted(g for g in held if g != generation)),
             )
-        return StatusAnswer(self.node_id, self.name, certificates, None, boot_id=self.boot_id)
+        return StatusAnswer(
+            self.node_id, self.name, certificates, None, pinned=self.pinned, boot_id=self.boot_id
+        )
 
     async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:
         if boot_id == self.boot_id:
@@ -142,6 +148,13 @@ class HollowNode:
             self.generations.get(target.name, {}).pop(target.generation, None)
         return AbortAnswer(target.name, target.generation)
 
+    def trust(self, request: TrustRequest) -> TrustAnswer:
+        try:
+            self.pinned = tuple(sorted({leaf_fingerprint(root) for root in request.roots}))
+        except (IndexError, ValueError) as exc:
+            raise Refused(422, f"a root is not a PEM certificate: {exc}") from None
+        return TrustAnswer(self.pinned, {})
+
     def remove(self, name: str) -> RemoveAnswer:
         self.generations.pop(name, None)
         self.current.pop(name, None)
@@ -157,6 +170,8 @@ class HollowNode:
                 if "wait" in query:
                     return (await self.watch(query.get("boot"), float(query["wait"]))).to_json()
                 return self.status().to_json()
+            if parts == ["internal", "trust"] and method == "PUT":
+                return self.trust(TrustRequest.from_json(json.loads(body))).to_json()
             if parts[:2] != ["internal", "certificates"] or len(parts) not in (3, 4, 5):
                 raise Refused(404, f"no route {method} {url.path}")
             if len(parts) == 3 and method == "DELETE":

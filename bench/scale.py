@@ -39,7 +39,7 @@ from typing import IO, Any
 import httpx
 
 from bench import procstat
-from bench.certs import new_hierarchy
+from bench.certs import Issuer, new_hierarchy
 from bench.fleet import BenchCluster
 from bench.report import update_doc
 from bench.stats import Summary, summarize
@@ -53,6 +53,10 @@ _PER_PROCESS = 250  # hollow nodes per process (one event loop each; see docs/be
 _PROJECT_TO = 10_000
 _SETTLE_S = 5.0
 _RESYNC_DEFAULT = 120.0  # the server's --watch-resync: each watch answers after 60-120 s
+# The measured control planes run with watches that answer after 30-60 minutes, so that no
+# watch answers while the idle base is measured (a run is shorter); their steady share at the
+# default is added from the separately measured cost of one answer.
+_RESYNC_QUIET = 3600.0
 # The cost of one watch answer is measured apart, with this many nodes answering every 2-4 s:
 _WATCH_PROBE_NODES, _WATCH_PROBE_RESYNC, _WATCH_PROBE_SECONDS = 100, 4.0, 15.0
 
@@ -230,15 +234,14 @@ def _wait_in_sync(client: httpx.Client, nodes: int, timeout: float) -> float:
 
 def measure(
     cluster: BenchCluster, hollow: HollowFleet, store: str, reps: int, idle_seconds: float,
-    join_s: float, sync_s: float, watch_ms: float,
+    join_s: float, sync_s: float, watch_ms: float, issuer: Issuer,
 ) -> SizeFigures:  # fmt: skip
-    """One warm-up rotation (it opens the kept-alive connections), a few seconds for the
-    reconciler to see it, the idle CPU over ``idle_seconds`` (no rotation running; the watches
-    armed at the first sync are not due yet, so this is the base), then ``reps`` rotations.
-    The idle figure adds the watches' steady share at the default resync: N answers every 90 s
-    on average, ``watch_ms`` each (:func:`measure_watch_cost`)."""
+    """One warm-up rotation (it opens the kept-alive connections; at the first size it also
+    pins ``issuer``'s root on every node), a few seconds for the reconciler to see it, the idle
+    CPU over ``idle_seconds`` (no rotation running, no watch answering: the base), then
+    ``reps`` rotations. The idle figure adds the watches' steady share at the default resync:
+    N answers every 90 s on average, ``watch_ms`` each (:func:`measure_watch_cost`)."""
     pid, n = cluster.server_pid, hollow.nodes
-    issuer = new_hierarchy("p256")
     leaves = [issuer.issue() for _ in range(reps + 1)]
     cluster.rotate(leaves[0])
     time.sleep(_SETTLE_S)
@@ -342,12 +345,16 @@ def run(
         [("etcd", [max(sizes)])] if etcd else []
     )
     for store, steps in runs:
-        with control_plane(store, parent) as (cluster, hollow):
+        issuer = new_hierarchy("p256")  # one root per control plane: pinned once
+        quiet = ("--watch-resync", str(_RESYNC_QUIET))
+        with control_plane(store, parent, quiet) as (cluster, hollow):
             for n in steps:
                 join_s = hollow.grow(n)
                 sync_s = _wait_in_sync(cluster.client, n, timeout=600)
                 _log(f"{store} N={n}: joined in {join_s:.0f} s, in sync {sync_s:.0f} s later")
-                size = measure(cluster, hollow, store, reps, idle_seconds, join_s, sync_s, watch_ms)
+                size = measure(
+                    cluster, hollow, store, reps, idle_seconds, join_s, sync_s, watch_ms, issuer
+                )
                 _log(f"{store} N={n}: p50 {size.latency.p50:.0f} ms, p95 "
                      f"{size.latency.p95:.0f} ms, control plane {size.cp_cpu_ms_per_node:.2f} "
                      f"ms/node/rotation, idle {size.idle_cpu_pct:.1f} % of a core, RSS "
@@ -381,8 +388,9 @@ def render_markdown(
         f"Command: `make bench-scale` (`.venv/bin/python -m bench.scale`), {wall_s:.0f} s in "
         f"all; {reps} timed rotations per size after one warm-up. Hollow nodes (a load "
         "generator, not agents) share the 2 cores with the control plane. *Idle*: the control "
-        f"plane's CPU over {idle_s:.0f} s with no rotation running, measured before any watch "
-        "was due (*base*), plus the watches' steady share at the default `--watch-resync` "
+        f"plane's CPU over {idle_s:.0f} s with no rotation running and no watch answering (the "
+        f"measured control planes run with `--watch-resync {_RESYNC_QUIET:.0f}`) (*base*), "
+        "plus the watches' steady share at the default `--watch-resync` "
         f"(120 s: each node's watch answers every 60-120 s, 90 s on average) at {watch_ms:.2f} ms "
         f"per answer, measured in the same run ({_WATCH_PROBE_NODES} nodes answering every "
         f"{_WATCH_PROBE_RESYNC / 2:.0f}-{_WATCH_PROBE_RESYNC:.0f} s for "

@@ -4,6 +4,7 @@ them. It proves the load generator works, nothing about agents."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import subprocess
@@ -12,9 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from certfactory import CA
 from clusterkit import api, proxy_body, wait_until
 from conftest import start_cluster
 
+from bench.hollow import HollowNode, Refused
+from clustercert import pki
 from clustercert.clock import utc_now
 from clustercert.control.state import run_blocking
 from clustercert.demo import DemoCluster
@@ -80,3 +84,17 @@ def test_hollow_nodes_join_and_take_a_rotation(
         nodes = response.json()["nodes"]
         assert len(nodes) == NODES
         assert {n["served_fingerprint"] for n in nodes} == {fingerprint}  # the synthetic proof
+
+
+def test_a_hollow_node_pins_roots_and_reports_them_as_an_agent_does() -> None:
+    """In-process, no control plane: what the trust phase and the reconciler read."""
+    node = HollowNode("hollow-1", 1)
+    ca = CA.new()
+    fingerprint = pki.fingerprint_sha256(ca.cert)
+    request = json.dumps({"roots": [ca.cert_pem]}).encode()
+    answer = asyncio.run(node.route("PUT", "/internal/trust", request))
+    assert answer == {"pinned": [fingerprint], "bundles": {}}
+    assert asyncio.run(node.route("GET", "/internal/status", b""))["pinned"] == [fingerprint]
+    with pytest.raises(Refused, match="not a PEM certificate"):
+        asyncio.run(node.route("PUT", "/internal/trust", b'{"roots": ["nonsense"]}'))
+    assert node.pinned == (fingerprint,)  # a refused request changed nothing
