@@ -44,6 +44,7 @@ from bench.fleet import BenchCluster
 from bench.report import update_doc
 from bench.stats import Summary, summarize
 from clustercert.clock import utc_now
+from clustercert.control.reconcile import WATCH_RESYNC
 from clustercert.control.state import run_blocking
 from clustercert.demo import DemoCluster, free_port
 
@@ -52,7 +53,7 @@ __all__ = ["main"]
 _PER_PROCESS = 250  # hollow nodes per process (one event loop each; see docs/benchmarks.md)
 _PROJECT_TO = 10_000
 _SETTLE_S = 5.0
-_RESYNC_DEFAULT = 120.0  # the server's --watch-resync: each watch answers after 60-120 s
+_RESYNC_DEFAULT = WATCH_RESYNC  # the server's --watch-resync: a watch answers after 150-300 s
 # The measured control planes run with watches that answer after 30-60 minutes, so that no
 # watch answers while the idle base is measured (a run is shorter); their steady share at the
 # default is added from the separately measured cost of one answer.
@@ -240,7 +241,7 @@ def measure(
     pins ``issuer``'s root on every node), a few seconds for the reconciler to see it, the idle
     CPU over ``idle_seconds`` (no rotation running, no watch answering: the base), then
     ``reps`` rotations. The idle figure adds the watches' steady share at the default resync:
-    N answers every 90 s on average, ``watch_ms`` each (:func:`measure_watch_cost`)."""
+    N answers every 0.75 x the resync on average, ``watch_ms`` each (:func:`measure_watch_cost`)."""
     pid, n = cluster.server_pid, hollow.nodes
     leaves = [issuer.issue() for _ in range(reps + 1)]
     cluster.rotate(leaves[0])
@@ -391,7 +392,8 @@ def render_markdown(
         f"plane's CPU over {idle_s:.0f} s with no rotation running and no watch answering (the "
         f"measured control planes run with `--watch-resync {_RESYNC_QUIET:.0f}`) (*base*), "
         "plus the watches' steady share at the default `--watch-resync` "
-        f"(120 s: each node's watch answers every 60-120 s, 90 s on average) at {watch_ms:.2f} ms "
+        f"({_RESYNC_DEFAULT:.0f} s: each node's watch answers every {_RESYNC_DEFAULT / 2:.0f}-"
+        f"{_RESYNC_DEFAULT:.0f} s, {0.75 * _RESYNC_DEFAULT:.0f} s on average) at {watch_ms:.2f} ms "
         f"per answer, measured in the same run ({_WATCH_PROBE_NODES} nodes answering every "
         f"{_WATCH_PROBE_RESYNC / 2:.0f}-{_WATCH_PROBE_RESYNC:.0f} s for "
         f"{_WATCH_PROBE_SECONDS:.0f} s).",

@@ -148,7 +148,7 @@ def _listen(value: str) -> tuple[str, int]:
 )  # fmt: skip
 @click.option(
     "--watch-resync",
-    default=120.0,
+    default=300.0,
     show_default=True,
     help="Seconds before the status of a node known to be in sync is read again.",
 )

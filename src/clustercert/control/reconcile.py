@@ -40,7 +40,11 @@ from clustercert.control.state import AppliedRecord, CertRecord, NodeRecord
 from clustercert.errors import AgentUnavailable, ClusterCertError, StoreError, UpdateInProgress
 from clustercert.internode import StatusAnswer
 
-__all__ = ["Reconciler"]
+__all__ = ["WATCH_RESYNC", "Reconciler"]
+
+# The default resync, in seconds: a watch on a node known in sync answers after half of it to
+# all of it (docs/decisions.md, "Why 300 s").
+WATCH_RESYNC = 300.0
 
 log = logging.getLogger("clustercert.reconcile")
 
@@ -52,7 +56,7 @@ class Reconciler:
         *,
         interval: float = 1.0,
         max_backoff: float = 10.0,
-        resync: float = 120.0,
+        resync: float = WATCH_RESYNC,
         clock: Callable[[], float] | None = None,
         health: NodeHealth | None = None,
         outage: StoreOutage | None = None,

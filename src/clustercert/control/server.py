@@ -37,7 +37,7 @@ from clustercert.control.listener import ASGIApp, ListenerLimits, RequestLimits,
 from clustercert.control.metrics import Metrics
 from clustercert.control.outage import StoreOutage
 from clustercert.control.plane import ControlPlane
-from clustercert.control.reconcile import Reconciler
+from clustercert.control.reconcile import WATCH_RESYNC, Reconciler
 from clustercert.control.rollout import Coordinator
 from clustercert.control.sankeeper import SanKeeper
 from clustercert.control.state import CaRecord, CertRecord, ClusterState
@@ -73,7 +73,7 @@ class ServerSettings:
     advertise: tuple[str, ...] = ()
     # How long a watch on a node known in sync is held before its status is read again: the
     # resync of a node that nothing else reported on (docs/decisions.md).
-    watch_resync: float = 120.0
+    watch_resync: float = WATCH_RESYNC
     # TEST-ONLY fault injection (docs/reliability.md); None: read CLUSTERCERT_FAULT once at start.
     fault: str | None = None
     lifecycle_interval: float = 5.0  # alerts and the rotation job (docs/alerts.md)
