@@ -105,7 +105,13 @@ class HollowNode:
                 staged=tuple(sorted(g for g in held if g != generation)),
             )
         return StatusAnswer(
-            self.node_id, self.name, certificates, None, pinned=self.pinned, boot_id=self.boot_id
+            self.node_id,
+            self.name,
+            certificates,
+            None,
+            pinned=self.pinned,
+            boot_id=self.boot_id,
+            etcd_member=False,
         )
 
     async def watch(self, boot_id: str | None, wait: float) -> StatusAnswer:

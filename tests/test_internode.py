@@ -87,6 +87,8 @@ MESSAGES: list[Any] = [
         4242,
     ),
     StatusAnswer(2, "node-2", {}, None),
+    StatusAnswer(4, "node-4", {}, None, (FP,), "b" * 16, FP, (FP,), etcd_member=True),
+    StatusAnswer(5, "node-5", {}, None, etcd_member=False),
 ]
 
 

@@ -492,6 +492,9 @@ class StatusAnswer:
     # holds (the CAs it trusts for the control plane): the internal CA rotation reads them.
     identity: str | None = None
     ca: tuple[str, ...] | None = None
+    # Whether the node runs an etcd member, which restarts to load a new pinned root (so such
+    # nodes are pinned one at a time); None from an agent that does not report it.
+    etcd_member: bool | None = None
 
     @classmethod
     def from_json(cls, data: object) -> StatusAnswer:
@@ -499,7 +502,7 @@ class StatusAnswer:
             "status answer",
             data,
             ("node_id", "name", "certificates"),
-            ("redis_pid", "pinned", "boot_id", "identity", "ca"),
+            ("redis_pid", "pinned", "boot_id", "identity", "ca", "etcd_member"),
         )
         return cls(
             fields.number("node_id"),
@@ -513,6 +516,7 @@ class StatusAnswer:
             fields.optional_text("boot_id"),
             fields.optional_text("identity"),
             fields.texts("ca") if "ca" in fields.data else None,
+            fields.flag("etcd_member") if "etcd_member" in fields.data else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -525,6 +529,7 @@ class StatusAnswer:
             **({"boot_id": self.boot_id} if self.boot_id is not None else {}),
             **({"identity": self.identity} if self.identity is not None else {}),
             **({"ca": list(self.ca)} if self.ca is not None else {}),
+            **({"etcd_member": self.etcd_member} if self.etcd_member is not None else {}),
         }
         return answer
 

@@ -57,6 +57,16 @@ def _client_context(cluster: DemoCluster, roots_pem: str) -> ssl.SSLContext:
     return context
 
 
+def _status(cluster: DemoCluster, agent_url: str) -> dict[str, object]:
+    """An agent's internal status, asked as the control plane asks it (its identity)."""
+    context = _client_context(cluster, cluster.cluster.ca_file.read_text())
+    with httpx.Client(base_url=agent_url, verify=context, timeout=10) as client:
+        answer = client.get("/internal/status")
+    assert answer.status_code == 200, answer.text
+    status: dict[str, object] = answer.json()
+    return status
+
+
 @dataclass
 class Poller:
     """Polls every member until stopped: per poll, which members answered /health healthy
@@ -183,6 +193,8 @@ def test_a_rotation_to_a_new_ca_trusts_first_and_keeps_a_quorum(ha: DemoCluster)
     """The new root goes into every member's trusted CA file first (each member restarts to
     load it, one at a time), then every member switches; the store keeps a quorum and
     answers throughout, and both control planes reach it afterwards."""
+    # Each node says it runs a member, so the new root is pinned one node at a time.
+    assert all(_status(ha, n.agent_url)["etcd_member"] is True for n in ha.nodes)
     new_ca = CA.new()
     leaf = new_ca.issue(
         "ccs.cluster.local",

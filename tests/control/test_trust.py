@@ -129,6 +129,50 @@ def test_a_new_root_is_pinned_everywhere_before_anything_is_staged(state: Cluste
     assert all(n["ok"] for e in trust_events for n in e["nodes"])
 
 
+@pytest.mark.parametrize(
+    ("members", "together"),
+    [
+        ({"node-1": False, "node-2": False, "node-3": True}, {"node-1", "node-2"}),
+        ({"node-1": False, "node-2": None, "node-3": None}, set()),  # never said: one at a time
+    ],
+)
+def test_a_new_root_is_pinned_in_parallel_except_on_etcd_members(
+    state: ClusterState, members: dict[str, bool | None], together: set[str]
+) -> None:
+    """Nodes that said they run no etcd member are pinned together; the others one at a time,
+    never beside another pin (a member restarts to load the root; quorum allows one)."""
+    agents = TrustingAgents()
+    active: set[str] = set()
+    seen_together: list[frozenset[str]] = []
+
+    def slow(agent: TrustingAgent) -> None:
+        pin = agent.trust
+
+        async def trust(roots: Sequence[str]) -> TrustAnswer:
+            active.add(agent.name)
+            seen_together.append(frozenset(active))
+            await asyncio.sleep(0.02)
+            active.discard(agent.name)
+            return await pin(roots)
+
+        agent.trust = trust  # type: ignore[method-assign]
+
+    for agent in agents.by_name.values():
+        slow(agent)
+    coordinator = _coordinator(state, agents)
+    assert coordinator.trust is not None
+    for node in run(state.nodes()):
+        status = StatusAnswer(node.node_id, node.name, {}, None, etcd_member=members[node.name])
+        coordinator.trust.learn(node.node_id, status)
+    root = CA.new()
+    asyncio.run(coordinator.roll_out([_proposal(root)], ACTOR))
+    assert all(a.pinned == {_fp(root)} for a in agents.by_name.values())
+    for name, member in members.items():
+        if member is not False:  # pinned while no other node was
+            assert all(s == {name} for s in seen_together if name in s)
+    assert {n for s in seen_together if len(s) > 1 for n in s} == together
+
+
 def test_the_same_root_again_has_no_trust_phase(state: ClusterState) -> None:
     agents = TrustingAgents()
     ca = CA.new()

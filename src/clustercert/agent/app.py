@@ -378,6 +378,7 @@ class Agent:
             tuple(sorted(pki.fingerprint_sha256(r) for r in self.pinned.load())),
             self.boot_id,
             *self._identity_seen,
+            etcd_member=any(isinstance(s, EtcdService) for s in self.services),
         )
 
     def _identity_status(self) -> tuple[str | None, tuple[str, ...] | None]:

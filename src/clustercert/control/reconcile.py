@@ -234,6 +234,8 @@ class Reconciler:
             self.health.failed(node.node_id, exc.description)
             return None
         self.health.answered(node.node_id)
+        if self.coordinator.trust is not None:
+            self.coordinator.trust.learn(node.node_id, status)
         return status
 
     async def _needs_work(
