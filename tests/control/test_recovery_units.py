@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from asyncio import run
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,39 @@ def test_every_change_to_the_proofs_moves_the_applied_revision(tmp_path: Path) -
     assert run(state.remove_node(node.node_id)) is not None
     assert moved()
     assert run(state.applied_by_node()) == {}
+    state.store.close()
+
+
+def test_the_polls_share_one_recent_read_and_the_rest_read_the_store(tmp_path: Path) -> None:
+    """On etcd each read is a round trip, so the loops' change checks (``recent=True``) share
+    one read up to ``poll_age`` old; a check without ``recent`` always reads the store."""
+    reads: list[list[str]] = []
+
+    class CountingStore(SqliteStore):
+        def revisions(self, prefixes: Sequence[str]) -> dict[str, int]:
+            reads.append(list(prefixes))
+            return super().revisions(prefixes)
+
+    state = ClusterState(CountingStore(tmp_path / "store.db"), KeySealer(os.urandom(32)), 3600)
+    first = state.store.put("certs/proxy", "{}")
+    assert run(state.revision("proxy", recent=True)) == first
+    assert run(state.membership_revision(recent=True)) == 0
+    assert run(state.desired_revisions(recent=True)) == (("certs/proxy", first),)
+    assert len(reads) == 1  # one store read for three checks
+    second = state.store.put("meta/membership", "{}")
+    assert run(state.membership_revision(recent=True)) == 0  # up to poll_age old
+    assert run(state.membership_revision()) == second  # not recent: the store now
+    assert run(state.membership_revision(recent=True)) == second  # and shared from then on
+    assert len(reads) == 2
+    state.poll_age = 0.0  # SQLite's default: every check reads
+    assert run(state.applied_revision(recent=True)) == 0
+    assert len(reads) == 3
+
+    async def together() -> list[int]:  # checks made while a read is under way join it
+        return await asyncio.gather(*(state.membership_revision(recent=True) for _ in range(5)))
+
+    assert run(together()) == [second] * 5
+    assert len(reads) == 4
     state.store.close()
 
 

@@ -181,6 +181,24 @@ def test_list_returns_the_prefix_sorted_by_key(store: Store) -> None:
     assert store.list("nothing/") == []
 
 
+def test_revisions_name_every_key_under_the_prefixes_without_values(store: Store) -> None:
+    revisions = {k: store.put(k, "{}") for k in ("certs/api", "certs/proxy", "meta/a", "nodes/1")}
+    both = store.commit([Put("certs/api", "2"), Put("meta/applied", "3")])
+    store.delete("certs/proxy")
+    assert store.try_lock("meta/lock", "owner-a", LONG_TTL)  # locks are not keys
+    assert store.revisions(["certs/", "meta/applied", "rollouts/"]) == {
+        "certs/api": both,
+        "meta/applied": both,
+    }
+    assert store.revisions(["meta/", "nodes/1"]) == {
+        "meta/a": revisions["meta/a"],
+        "meta/applied": both,
+        "nodes/1": revisions["nodes/1"],
+    }
+    assert store.revisions([]) == {}
+    assert store.revisions(["nothing/"]) == {}
+
+
 def test_locks_are_not_keys(store: Store) -> None:
     store.put("x", "1")
     assert store.try_lock("x", "owner-a", LONG_TTL)
@@ -711,6 +729,21 @@ def test_open_store_names_several_etcd_members() -> None:
 def test_open_store_rejects_other_locations(location: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         open_store(location)
+
+
+def test_a_revisions_read_cut_off_by_a_dying_member_goes_to_the_next(
+    etcd_server: EtcdProcess,
+) -> None:
+    """revisions() is a read-only transaction: cut off, it is repeated on the next member
+    like any read (a write transaction is read back first: the test below)."""
+    prefix = f"/test-{uuid.uuid4().hex}/"
+    with EtcdStore(etcd_server.endpoint, prefix=prefix) as direct:
+        revision = direct.put("certs/proxy", '"v1"')
+    with (
+        dying_member(etcd_server.endpoint, forward=True) as dying,
+        EtcdStore([dying, etcd_server.endpoint], prefix=prefix) as store,
+    ):
+        assert store.revisions(["certs/"]) == {"certs/proxy": revision}
 
 
 @pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])

@@ -26,8 +26,9 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 from clustercert import pki
 from clustercert.clock import parse_iso, utc_now
@@ -42,7 +43,7 @@ from clustercert.control.directory import reissue_internal
 from clustercert.control.metrics import Metrics
 from clustercert.control.outage import StoreOutage
 from clustercert.control.rollout import Coordinator
-from clustercert.control.state import CertRecord, ClusterState
+from clustercert.control.state import SETTINGS_KEY, CertRecord, ClusterState
 from clustercert.control.webhook import WebhookNotifier
 from clustercert.errors import ClusterCertError, StoreError
 from clustercert.names import NAMES
@@ -52,6 +53,7 @@ __all__ = ["ROTATION_ACTOR", "Lifecycle", "renewal_due"]
 log = logging.getLogger("clustercert.lifecycle")
 
 ROTATION_ACTOR = "rotation-job"
+_T = TypeVar("_T")
 _MAX_RETRY_DELAY = 3600.0
 
 
@@ -96,8 +98,25 @@ class Lifecycle:
     # pass (at 1,000 nodes that is 7,000 proofs read and decoded every 5 s).
     _served: list[NodeCertificate] = field(default_factory=list)
     _served_from: tuple[int, int, frozenset[str]] | None = None
+    # What _polled read last, by what and under which revisions.
+    _reads: dict[tuple[str, str], tuple[tuple[tuple[str, int], ...], Any]] = field(
+        default_factory=dict
+    )
     _failures: int = 0
     _retry_at: float = 0.0
+
+    async def _polled(self, prefix: str, read: Callable[[], Awaitable[_T]]) -> _T:
+        """What ``read()`` answers, read again only when a key under ``prefix`` (one the
+        control plane polls: ClusterState.polled_revisions) moved: a pass every 5 s reads
+        the certificates and settings only after they changed."""
+        revisions = await self.state.polled_revisions(recent=True)
+        seen = tuple((k, r) for k, r in revisions.items() if k.startswith(prefix))
+        cached = self._reads.get((prefix, read.__name__))
+        if cached is not None and cached[0] == seen:
+            return cast(_T, cached[1])
+        value = await read()
+        self._reads[(prefix, read.__name__)] = (seen, value)
+        return value
 
     # --- alerts ---------------------------------------------------------------------------
 
@@ -111,8 +130,8 @@ class Lifecycle:
         for record, expiry in zip(records, desired, strict=True):
             self._expiry[record.fingerprint] = expiry.not_after
         source = (
-            await self.state.applied_revision(),
-            await self.state.membership_revision(),
+            await self.state.applied_revision(recent=True),
+            await self.state.membership_revision(recent=True),
             frozenset(r.fingerprint for r in records),
         )
         if source[0] == 0 or source != self._served_from:
@@ -149,21 +168,23 @@ class Lifecycle:
         """Every alert evaluated now against the store (``since`` from the stored states);
         writes nothing. What ``GET /v1/cluster/alerts`` answers."""
         desired, served = await self._inputs(
-            records if records is not None else await self.state.certificates()
+            records
+            if records is not None
+            else await self._polled("certs/", self.state.certificates)
         )
         previous = {name: state for name, (state, _) in (await self._stored()).items()}
-        settings = (await self.state.settings()).alert_settings
+        settings = (await self._polled(SETTINGS_KEY, self.state.settings)).alert_settings
         return evaluate(desired, served, settings, self.clock(), previous)
 
     async def check_alerts(self, records: Sequence[CertRecord]) -> dict[str, AlertState]:
         """Evaluate, record the flips, notify the ones this control plane recorded."""
         stored = await self._stored()
         desired, served = await self._inputs(records)
-        settings = (await self.state.settings()).alert_settings
+        settings = (await self._polled(SETTINGS_KEY, self.state.settings)).alert_settings
         now = self.clock()
         previous = {name: state for name, (state, _) in stored.items()}
         current = evaluate(desired, served, settings, now, previous)
-        cluster = await self.state.cluster_name()
+        cluster = await self._polled("meta/cluster", self.state.cluster_name)
         for name, state in current.items():
             before, revision = stored.get(name, (None, 0))
             was_raised = before.raised if before is not None else False
@@ -193,11 +214,11 @@ class Lifecycle:
     async def renew(self, records: Sequence[CertRecord]) -> list[CertRecord]:
         """Re-issue and roll out what is due now (see :func:`renewal_due`); return what was
         renewed. Raises what the rollout raises."""
-        job = (await self.state.settings()).cert_rotation_job_settings
+        job = (await self._polled(SETTINGS_KEY, self.state.settings)).cert_rotation_job_settings
         if not job.enabled:
             return []
         now = self.clock()
-        validity = await self.state.internal_cert_validity()
+        validity = await self._polled("meta/cluster", self.state.internal_cert_validity)
         due = renewal_due(records, job.expiry_days_before_rotation, validity, now)
         if not due:
             return []
@@ -227,7 +248,7 @@ class Lifecycle:
         return all(desired.get(r.name) == r.fingerprint for r in fresh)
 
     async def run_once(self) -> None:
-        records = await self.state.certificates()
+        records = await self._polled("certs/", self.state.certificates)
         await self.check_alerts(records)
         if time.monotonic() < self._retry_at:
             return

@@ -36,7 +36,7 @@ from clustercert.control.health import NodeHealth
 from clustercert.control.lock import cluster_lock
 from clustercert.control.outage import StoreOutage
 from clustercert.control.rollout import Coordinator, Proofs
-from clustercert.control.state import AppliedRecord, CertRecord, NodeRecord
+from clustercert.control.state import ROLLOUT_KEY, AppliedRecord, CertRecord, NodeRecord
 from clustercert.errors import AgentUnavailable, ClusterCertError, StoreError, UpdateInProgress
 from clustercert.internode import StatusAnswer
 
@@ -181,8 +181,10 @@ class Reconciler:
         that may not answer: an update waits on the reconciler only while it really works."""
         await self._follow_membership()
         # A rollout in flight has decided new generations but may not have recorded every
-        # node's proof yet: compare proofs with the desired state only when none is.
-        if await self.state.rollout_in_flight() is not None:
+        # node's proof yet: compare proofs with the desired state only when none is. (Its
+        # record is read only when the poll's change check finds one.)
+        polled = await self.state.polled_revisions(recent=True)
+        if ROLLOUT_KEY in polled and await self.state.rollout_in_flight() is not None:
             try:
                 async with cluster_lock(self.state, 0.0, role="reconciler"):
                     await self.coordinator.resolve_in_flight()
@@ -258,7 +260,7 @@ class Reconciler:
         await self._wake_returned(nodes, now)
         due = [n for n in nodes if self._retry_at.get(n.node_id, 0.0) <= now]
         # Read (and unseal) the desired certificates once per pass, not twice per node.
-        seen = await self.state.desired_revisions() if due else ()
+        seen = await self.state.desired_revisions(recent=True) if due else ()
         desired = await self.state.certificates() if due else []
         applied = await self.state.applied_by_node() if due else {}
         answers = await asyncio.gather(*(self._inspect(n) for n in due))
@@ -383,7 +385,7 @@ class Reconciler:
     async def _follow_membership(self) -> None:
         """Re-read the node list only when the store says it may have changed (a node id was
         handed out) or :meth:`wake` asked: one small read per pass, not N."""
-        revision = await self.state.membership_revision()
+        revision = await self.state.membership_revision(recent=True)
         if revision == self._membership_seen:
             return
         self._membership_seen = revision
@@ -397,7 +399,7 @@ class Reconciler:
         """When the desired certificates change (a rollout, a delete, another control plane),
         every node whose recorded proof does not match them is visited again: one read of the
         proofs, no call to any node. Nodes that proved them stay known in sync."""
-        seen = await self.state.desired_revisions()
+        seen = await self.state.desired_revisions(recent=True)
         if seen == self._desired_seen:
             return
         self._desired_seen = seen

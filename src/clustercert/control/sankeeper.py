@@ -102,7 +102,7 @@ class SanKeeper:
         return all(self.health.of(n.node_id).reachable for n in await self.state.nodes())
 
     async def _names_moved(self) -> bool:
-        revision = await self.state.membership_revision()
+        revision = await self.state.membership_revision(recent=True)
         moved, self._membership = revision != self._membership, revision
         return moved
 

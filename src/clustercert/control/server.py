@@ -57,6 +57,10 @@ __all__ = ["CertificateListener", "ServerSettings", "serve"]
 
 log = logging.getLogger("clustercert.server")
 
+# On etcd, how old the answer to a poll's change check may be (ClusterState.polled_revisions):
+# the loops polling every second then make one store read a second between them, not ten.
+POLL_AGE = 1.0
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -123,7 +127,7 @@ class CertificateListener:
                 self.on_committed([record])
 
     async def _moved(self, name: str) -> bool:
-        revision = await self.state.revision(name)
+        revision = await self.state.revision(name, recent=True)
         moved = revision != self._seen.get(name)
         self._seen[name] = revision
         return moved
@@ -331,6 +335,9 @@ async def serve(directory: ClusterDirectory, settings: ServerSettings) -> None:
     store = directory.open_store(settings.store)
     try:
         state = directory.state(store)
+        if isinstance(store, EtcdStore):
+            # Each read is a round trip to etcd: the loops that poll every second share one.
+            state.poll_age = POLL_AGE
         await record_advertised(state, settings)
         if await asyncio.to_thread(directory.ensure_control_plane_identity, utc_now()):
             log.warning(

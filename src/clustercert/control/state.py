@@ -31,6 +31,7 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -72,6 +73,9 @@ _MEMBERSHIP_KEYS = ("meta/cluster", MEMBERSHIP_KEY)
 # Touched in the same commit as every change under applied/: its revision says whether the
 # proofs moved (applied_revision) without listing them, 7 per node.
 APPLIED_KEY = "meta/applied"
+# What the control plane's loops poll (every second): their revisions are read together, in one
+# store read, and only the records that moved are read in full (polled_revisions).
+_POLLED = ("meta/", "certs/", ROLLOUT_KEY, TRUST_KEY)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -253,9 +257,36 @@ class ClusterState:
     worker thread (one thread hop per call, however many store calls it makes); the pure
     encoders are plain methods. Thread-safe as the store is."""
 
-    def __init__(self, store: Store, sealer: KeySealer) -> None:
+    def __init__(self, store: Store, sealer: KeySealer, poll_age: float = 0.0) -> None:
         self.store = store
         self.sealer = sealer
+        # How old an answer to a poll's change check may be (see polled_revisions).
+        self.poll_age = poll_age
+        self._polled: tuple[float, dict[str, int]] | None = None
+        self._polling: asyncio.Future[dict[str, int]] | None = None  # the read under way
+
+    async def polled_revisions(self, *, recent: bool = False) -> dict[str, int]:
+        """The revisions of every key the loops poll (certificates, membership, proofs
+        marker, rollout in flight, pinned roots), in one store read. ``recent``: a read made
+        up to ``poll_age`` seconds ago will do: every loop that polls each second shares one
+        read instead of each making its own (an etcd round trip each; docs/decisions.md,
+        "One read for every poll"). Never ``recent`` where a decision needs the store's
+        present state, under the lock."""
+        polled, reading = self._polled, self._polling
+        started = time.monotonic()
+        if recent and polled is not None and started - polled[0] < self.poll_age:
+            return polled[1]
+        if recent and reading is not None and reading.get_loop() is asyncio.get_running_loop():
+            return await asyncio.shield(reading)  # a read already under way will do
+        task = asyncio.ensure_future(asyncio.to_thread(self.store.revisions, _POLLED))
+        self._polling = task
+        try:
+            revisions = await asyncio.shield(task)
+        finally:
+            if self._polling is task:
+                self._polling = None
+        self._polled = (started, revisions)
+        return revisions
 
     # --- cluster ------------------------------------------------------------------------
 
@@ -384,17 +415,16 @@ class ClusterState:
         entry = self.store.get("certs/" + name)
         return self._decode_cert(entry.value, entry.revision) if entry else None
 
-    @_in_thread
-    def revision(self, name: str) -> int:
-        """The store revision of certificate ``name`` (0 when unset): a cheap change check."""
-        entry = self.store.get("certs/" + name)
-        return entry.revision if entry else 0
+    async def revision(self, name: str, *, recent: bool = False) -> int:
+        """The store revision of certificate ``name`` (0 when unset): a cheap change check
+        (``recent``: see :meth:`polled_revisions`)."""
+        return (await self.polled_revisions(recent=recent)).get("certs/" + name, 0)
 
-    @_in_thread
-    def desired_revisions(self) -> tuple[tuple[str, int], ...]:
+    async def desired_revisions(self, *, recent: bool = False) -> tuple[tuple[str, int], ...]:
         """A cheap change check for :meth:`certificates`: each name with its store revision
-        (nothing is decoded or unsealed)."""
-        return tuple((e.key, e.revision) for e in self.store.list("certs/"))
+        (nothing is decoded or unsealed; ``recent``: see :meth:`polled_revisions`)."""
+        revisions = await self.polled_revisions(recent=recent)
+        return tuple(sorted((k, r) for k, r in revisions.items() if k.startswith("certs/")))
 
     @_in_thread
     def certificates(self) -> list[CertRecord]:
@@ -426,15 +456,15 @@ class ClusterState:
         records = [NodeRecord(**json.loads(e.value)) for e in self.store.list("nodes/")]
         return sorted(records, key=lambda n: n.node_id)
 
-    @_in_thread
-    def membership_revision(self) -> int:
+    async def membership_revision(self, *, recent: bool = False) -> int:
         """A cheap change check for :meth:`nodes` and the names certificates must carry: the
         latest store revision of the record that hands out node ids and holds the control
         planes' names (it moves when a node joins for the first time or a name is added) and
         of ``meta/membership`` (it moves when a node joins again or is removed). Every
-        control plane sees a change made through any of them."""
-        revisions = [e.revision for e in (self.store.get(k) for k in _MEMBERSHIP_KEYS) if e]
-        return max(revisions, default=0)
+        control plane sees a change made through any of them. ``recent``: see
+        :meth:`polled_revisions`."""
+        revisions = await self.polled_revisions(recent=recent)
+        return max((revisions.get(k, 0) for k in _MEMBERSHIP_KEYS), default=0)
 
     @_in_thread
     def node(self, node_id: int) -> NodeRecord | None:
@@ -490,12 +520,11 @@ class ClusterState:
             everything.setdefault(int(node_id), {})[name] = AppliedRecord(**json.loads(entry.value))
         return everything
 
-    @_in_thread
-    def applied_revision(self) -> int:
+    async def applied_revision(self, *, recent: bool = False) -> int:
         """A cheap change check for :meth:`applied_by_node`: it moves with every proof written
-        or deleted (0 for a store no proof was written to since this key exists)."""
-        entry = self.store.get(APPLIED_KEY)
-        return entry.revision if entry else 0
+        or deleted (0 for a store no proof was written to since this key exists; ``recent``:
+        see :meth:`polled_revisions`)."""
+        return (await self.polled_revisions(recent=recent)).get(APPLIED_KEY, 0)
 
     @_in_thread
     def record_applied(self, node_id: int, name: str, record: AppliedRecord) -> None:

@@ -25,7 +25,7 @@ from cryptography import x509
 
 from clustercert import pki
 from clustercert.certfiles import write_atomically
-from clustercert.control.state import ClusterState
+from clustercert.control.state import ROLLOUT_KEY, TRUST_KEY, ClusterState
 
 __all__ = ["StoreTrustFile", "write_store_trust"]
 
@@ -77,11 +77,13 @@ class StoreTrustFile:
             log.info("the store's CA file %s now trusts %d pinned root(s)", self.path, len(roots))
 
     async def refresh(self) -> None:
-        """Follow the trust record and a rollout adding roots (another control plane's)."""
-        record = await self.state.trust()
-        in_flight = await self.state.rollout_in_flight()
-        adding = in_flight.trust_added if in_flight is not None else []
-        seen = (record.revision, in_flight.revision if in_flight is not None else 0)
+        """Follow the trust record and a rollout adding roots (another control plane's); both
+        records are read only when their revisions moved."""
+        polled = await self.state.polled_revisions(recent=True)
+        seen = (polled.get(TRUST_KEY, 0), polled.get(ROLLOUT_KEY, 0))
         if seen != self._seen or self._ca_changed():
+            record = await self.state.trust()
+            in_flight = await self.state.rollout_in_flight()
+            adding = in_flight.trust_added if in_flight is not None else []
             self.pinned([*record.roots, *adding])
-            self._seen = seen
+            self._seen = (record.revision, in_flight.revision if in_flight is not None else 0)

@@ -112,6 +112,15 @@ class Store(abc.ABC):
         keys and never appear. Raises :class:`StoreError`.
         """
 
+    def revisions(self, prefixes: Sequence[str]) -> dict[str, int]:
+        """Every key that starts with any of ``prefixes``, with its revision; no value is read.
+
+        A cheap change check: what a poll compares before it reads the values. Atomicity: the
+        backends override this with one consistent snapshot of every prefix (this default,
+        one :meth:`list` per prefix, is not). Raises :class:`StoreError`.
+        """
+        return {e.key: e.revision for prefix in prefixes for e in self.list(prefix)}
+
     @abc.abstractmethod
     def commit(self, ops: Sequence[Put | Delete]) -> int:
         """Apply every operation of ``ops`` as one transaction; return its revision.

@@ -12,6 +12,8 @@ Mapping of the contract onto etcd (gateway paths under ``/v3/``, keys and values
 
 - get, list: ``kv/range`` (list pages through the prefix at one pinned revision, so it is one
   snapshot however many pages it takes);
+- revisions: one read-only ``kv/txn`` of ``keys_only`` ranges (one snapshot of several
+  prefixes; repeated on another member like a read);
 - put, delete, commit: one ``kv/txn``. Its compares are the expectations (``mod_revision == n``,
   or ``create_revision == 0`` for "absent"); its success branch holds the writes, so they land
   at one revision; its failure branch reads back every guarded key so that a
@@ -233,6 +235,42 @@ class EtcdStore(Store):
 
         return self._run(doing, read)
 
+    def revisions(self, prefixes: Sequence[str]) -> dict[str, int]:
+        for prefix in prefixes:
+            if not isinstance(prefix, str):
+                raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        if not prefixes:
+            return {}
+        doing = f"reading the revisions under {list(prefixes)!r}"
+        # One read-only transaction (served as one linearizable read, never through the log):
+        # a consistent snapshot of every prefix in one round trip, keys and revisions only.
+        ranges = []
+        for prefix in prefixes:
+            start = self._kv + prefix.encode()
+            ranges.append(
+                {
+                    "request_range": {
+                        "key": _b64(start),
+                        "range_end": _b64(_prefix_end(start)),
+                        "keys_only": True,
+                    }
+                }
+            )
+
+        def read() -> dict[str, int]:
+            answer = self._call("kv/txn", {"success": ranges}, doing, repeatable=True)
+            responses = answer.get("responses", [])
+            if not isinstance(responses, list) or len(responses) != len(ranges):
+                raise _BadAnswer(f"{len(ranges)} ranges read, answered: {responses!r:.200}")
+            found: dict[str, int] = {}
+            for response in responses:
+                for kv in self._kvs(response["response_range"]):
+                    entry = self._entry(kv)
+                    found[entry.key] = entry.revision
+            return found
+
+        return self._run(doing, read)
+
     def commit(self, ops: Sequence[Put | Delete]) -> int:
         check_ops(ops)
         doing = f"committing {len(ops)} operation(s)"
@@ -353,9 +391,15 @@ class EtcdStore(Store):
                 doing, f"unexpected answer from etcd ({type(exc).__name__}: {exc})"
             ) from exc
 
-    def _post(self, path: str, body: _Json, doing: str) -> httpx.Response:
-        """POST to the first member that takes the request (see the module docstring)."""
+    def _post(
+        self, path: str, body: _Json, doing: str, repeatable: bool | None = None
+    ) -> httpx.Response:
+        """POST to the first member that takes the request (see the module docstring).
+        ``repeatable``: whether sending it twice changes nothing (default: by ``path``; a
+        read-only transaction says so itself)."""
         count = len(self._endpoints)
+        if repeatable is None:
+            repeatable = path in _REPEATABLE
         first = self._current
         failures: list[str] = []
         # Another round, after a pause, while a member answered that it has no leader: an
@@ -375,7 +419,7 @@ class EtcdStore(Store):
                 failures.append(f"{endpoint}: {_one_line(exc)}")
                 continue
             except httpx.TransportError as exc:
-                if path not in _REPEATABLE:
+                if not repeatable:
                     error = self._error(
                         doing, f"cannot reach etcd at {endpoint} ({type(exc).__name__}: {exc})"
                     )
@@ -394,9 +438,7 @@ class EtcdStore(Store):
                 raise self._error(doing, f"the store is closed ({exc})") from exc
             # A read refused with a server error (e.g. "request timed out" while the members
             # elect a leader) is repeatable whatever the reason.
-            refused = _not_applied(response) or (
-                path in _REPEATABLE and response.status_code >= 500
-            )
+            refused = _not_applied(response) or (repeatable and response.status_code >= 500)
             if attempt < attempts - 1 and count > 1 and refused:
                 failures.append(f"{endpoint}: {_NO_LEADER}: {_describe_failure(path, response)}")
                 continue
@@ -408,16 +450,18 @@ class EtcdStore(Store):
             doing, f"cannot reach etcd: no member took the request ({'; '.join(failures)})"
         )
 
-    def _post_ok(self, path: str, body: _Json, doing: str) -> httpx.Response:
+    def _post_ok(
+        self, path: str, body: _Json, doing: str, repeatable: bool | None = None
+    ) -> httpx.Response:
         """POST to the gateway; StoreError unless it answers 200."""
-        response = self._post(path, body, doing)
+        response = self._post(path, body, doing, repeatable)
         if response.status_code != 200:
             raise self._error(doing, _describe_failure(path, response))
         return response
 
-    def _call(self, path: str, body: _Json, doing: str) -> _Json:
+    def _call(self, path: str, body: _Json, doing: str, repeatable: bool | None = None) -> _Json:
         """POST one unary gateway request; return its JSON answer or raise StoreError."""
-        return _json_object(self._post_ok(path, body, doing).text, path)
+        return _json_object(self._post_ok(path, body, doing, repeatable).text, path)
 
     def _keepalive(self, lease: int, doing: str) -> bool:
         """Renew ``lease``; ``False`` if it no longer exists (the lock already expired)."""

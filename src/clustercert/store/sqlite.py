@@ -150,6 +150,24 @@ class SqliteStore(Store):
 
         return self._read(f"listing keys under {prefix!r}", read)
 
+    def revisions(self, prefixes: Sequence[str]) -> dict[str, int]:
+        for prefix in prefixes:
+            if not isinstance(prefix, str):
+                raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        if not prefixes:
+            return {}
+        where = " OR ".join("(key >= ? AND substr(key, 1, ?) = ?)" for _ in prefixes)
+        arguments = [a for p in prefixes for a in (p, len(p), p)]
+
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            # One SELECT (one snapshot); the text is a constant clause per prefix, the
+            # prefixes are bound parameters.
+            query = f"SELECT key, revision FROM kv WHERE {where}"  # noqa: S608
+            rows = conn.execute(query, arguments)
+            return dict(rows.fetchall())
+
+        return self._read(f"reading the revisions under {list(prefixes)!r}", read)
+
     def commit(self, ops: Sequence[Put | Delete]) -> int:
         check_ops(ops)
         revision, _ = self._write(f"committing {len(ops)} operation(s)", ops)
