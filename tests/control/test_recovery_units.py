@@ -33,7 +33,7 @@ from clustercert.control.state import AppliedRecord, CertRecord, ClusterState, R
 from clustercert.demo import free_port
 from clustercert.errors import ConfigError, StoreConflict
 from clustercert.sealing import KeySealer
-from clustercert.store import SqliteStore
+from clustercert.store import Entry, SqliteStore
 
 # --- the rollout record ---------------------------------------------------------------------------
 
@@ -137,6 +137,69 @@ def test_every_change_to_the_proofs_moves_the_applied_revision(tmp_path: Path) -
     assert run(state.remove_node(node.node_id)) is not None
     assert moved()
     assert run(state.applied_by_node()) == {}
+    state.store.close()
+
+
+def test_the_proofs_are_listed_again_only_after_they_changed(tmp_path: Path) -> None:
+    """applied_by_node lists every proof only when the proofs marker moved; what it returns
+    is the caller's own (changing it changes nothing for the next caller)."""
+    listings: list[str] = []
+
+    class CountingStore(SqliteStore):
+        def list(self, prefix: str) -> list[Entry]:
+            listings.append(prefix)
+            return super().list(prefix)
+
+    state = ClusterState(CountingStore(tmp_path / "store.db"), KeySealer(os.urandom(32)))
+    proof = AppliedRecord(5, "ab" * 32, True)
+    run(state.record_applied_many([(n, "proxy", proof) for n in (1, 2)]))
+    assert run(state.applied_by_node()) == {1: {"proxy": proof}, 2: {"proxy": proof}}
+    mine = run(state.applied_by_node())
+    assert listings.count("applied/") == 1
+    mine[1].clear()
+    mine.pop(2)
+    assert run(state.applied_by_node()) == {1: {"proxy": proof}, 2: {"proxy": proof}}
+    newer = AppliedRecord(6, "cd" * 32, True)
+    run(state.record_applied(2, "proxy", newer))
+    assert run(state.applied_by_node()) == {1: {"proxy": proof}, 2: {"proxy": newer}}
+    assert listings.count("applied/") == 2
+    state.store.delete("meta/applied")  # a store written before the marker: always listed
+    run(state.applied_by_node())
+    run(state.applied_by_node())
+    assert listings.count("applied/") == 4
+    state.store.close()
+
+
+def test_the_membership_revision_moves_with_the_membership_only(tmp_path: Path) -> None:
+    """What the reconciler, the SAN keeper and the alert loop re-read the nodes by: every
+    node joining, joining again or removed and every control-plane name added moves it; an
+    audit event or a user (their counters share meta/cluster) does not."""
+    state = _state(tmp_path)
+    state.store.put("meta/cluster", json.dumps({"name": "cluster.local"}))
+    now = dt.datetime.now(dt.UTC)
+    seen = [run(state.membership_revision())]
+
+    def moved() -> bool:
+        """Whether the revision moved, checking that a move was to the latest commit's."""
+        current = run(state.membership_revision())
+        moved, seen[0] = current != seen[0], current
+        assert not moved or current == max(e.revision for e in state.store.list(""))
+        return moved
+
+    node = run(state.add_node("node-1", "https://127.0.0.1:1", now))
+    assert moved() and [n.name for n in run(state.nodes())] == ["node-1"]
+    run(state.add_node("node-1", "https://127.0.0.1:2", now))  # joins again
+    assert moved()
+    assert run(state.add_control_plane_names(["cp.example"])) == ["cp.example"]
+    assert moved()
+    assert run(state.add_control_plane_names(["cp.example"])) == []  # nothing new
+    assert not moved()
+    event = CertificateEvent(now, "admin@cluster.local", "update", name="proxy")
+    run(state.add_event(event))
+    run(state.create_user("a@cluster.local", "A", "admin", "scrypt$1$1$1$AA$AA"))
+    assert not moved()
+    assert run(state.remove_node(node.node_id)) is not None
+    assert moved()
     state.store.close()
 
 
