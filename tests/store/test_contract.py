@@ -167,6 +167,7 @@ def test_list_returns_the_prefix_sorted_by_key(store: Store) -> None:
         "certs/proxy",
         "certs/api",
         "certsX",
+        "certs0",  # "0" follows "/": the first key past the prefix
         "nodes/2",
         "events/000000002",
         "nodes/10",

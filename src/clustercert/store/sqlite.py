@@ -45,6 +45,20 @@ __all__ = ["SqliteStore"]
 
 _T = TypeVar("_T")
 
+
+def _under(prefix: str) -> tuple[str, tuple[str | int, ...]]:
+    """The WHERE clause (and its parameters) for the keys that start with ``prefix``: an
+    index range from ``prefix`` up to the first string after every key starting with it, so
+    SQLite reads only those rows (``key >= prefix`` alone read on to the end of the table);
+    substr() is the exact test."""
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return "key >= ? AND substr(key, 1, ?) = ?", (prefix, len(prefix), prefix)
+    following = ord(stripped[-1]) + 1
+    end = stripped[:-1] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)
+    return "key >= ? AND key < ? AND substr(key, 1, ?) = ?", (prefix, end, len(prefix), prefix)
+
+
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS revision (
@@ -139,12 +153,12 @@ class SqliteStore(Store):
         if not isinstance(prefix, str):
             raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
 
+        where, arguments = _under(prefix)
+
         def read(conn: sqlite3.Connection) -> list[Entry]:
-            # `key >= prefix` lets SQLite seek in the primary key; substr() is the exact test.
             rows = conn.execute(
-                "SELECT key, value, revision FROM kv WHERE key >= ? AND substr(key, 1, ?) = ?"
-                " ORDER BY key",
-                (prefix, len(prefix), prefix),
+                f"SELECT key, value, revision FROM kv WHERE {where} ORDER BY key",  # noqa: S608
+                arguments,
             ).fetchall()
             return [Entry(k, v, r) for k, v, r in rows]
 
@@ -156,15 +170,15 @@ class SqliteStore(Store):
                 raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
         if not prefixes:
             return {}
-        where = " OR ".join("(key >= ? AND substr(key, 1, ?) = ?)" for _ in prefixes)
-        arguments = [a for p in prefixes for a in (p, len(p), p)]
+        # One statement (one snapshot), one index range per prefix; the text is a constant
+        # clause per prefix, the prefixes are bound parameters.
+        ranges = [_under(p) for p in prefixes]
+        select = "SELECT key, revision FROM kv WHERE "
+        query = " UNION ALL ".join(select + where for where, _ in ranges)
+        arguments = [a for _, values in ranges for a in values]
 
         def read(conn: sqlite3.Connection) -> dict[str, int]:
-            # One SELECT (one snapshot); the text is a constant clause per prefix, the
-            # prefixes are bound parameters.
-            query = f"SELECT key, revision FROM kv WHERE {where}"  # noqa: S608
-            rows = conn.execute(query, arguments)
-            return dict(rows.fetchall())
+            return dict(conn.execute(query, arguments).fetchall())
 
         return self._read(f"reading the revisions under {list(prefixes)!r}", read)
 
