@@ -9,62 +9,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from certfactory import CA
+from tlsserver import Handler, read_request, serve
 
 from clustercert.control.http1 import Connections, ProtocolError
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def _contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = CA.new()
-    cert, key = ca.issue("127.0.0.1", sans=["127.0.0.1"], eku=["serverAuth"]).write(tmp_path)
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    client = ssl.create_default_context(cadata=ca.cert_pem)
-    return server, client
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    return await reader.readexactly(length)
 
 
 def _run(
     tmp_path: Path, handler: Handler, scenario: Callable[[Connections], Awaitable[None]]
 ) -> int:
-    """Serve ``handler`` over TLS on a free port, run ``scenario``; the connections accepted."""
-    server_context, client_context = _contexts(tmp_path)
-    accepted = 0
+    """Serve ``handler`` over TLS, run ``scenario`` on a client of it; the connections accepted."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        try:
-            await handler(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def main() -> None:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
-        port = server.sockets[0].getsockname()[1]
-        connections = Connections(f"https://127.0.0.1:{port}", client_context)
+    async def on_client(url: str, context: ssl.SSLContext) -> None:
+        connections = Connections(url, context)
         try:
             await scenario(connections)
         finally:
             await connections.aclose()
-            server.close()
 
-    asyncio.run(main())
-    return accepted
+    return serve(tmp_path, handler, on_client)
 
 
 async def _echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while True:
-        body = await _read_request(reader)
+        body = await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
 
@@ -82,7 +49,7 @@ def test_calls_reuse_one_kept_alive_connection(tmp_path: Path) -> None:
 
 def test_a_connection_the_agent_closed_is_replaced_once(tmp_path: Path) -> None:
     async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
         await reader.read(1)  # then closes as soon as anything more arrives: e.g. a restart
@@ -97,7 +64,7 @@ def test_a_connection_the_agent_closed_is_replaced_once(tmp_path: Path) -> None:
 
 def test_a_chunked_answer_is_read(tmp_path: Path) -> None:
     async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(
             b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n"
             b'3\r\n{"a\r\n5\r\n": 1}\r\n0\r\n\r\n'
@@ -113,7 +80,7 @@ def test_a_chunked_answer_is_read(tmp_path: Path) -> None:
 
 def test_an_answer_that_is_not_http_is_a_protocol_error(tmp_path: Path) -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
         await writer.drain()
 
@@ -126,7 +93,7 @@ def test_an_answer_that_is_not_http_is_a_protocol_error(tmp_path: Path) -> None:
 
 def test_a_silent_agent_times_out(tmp_path: Path) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_request(reader)
         await asyncio.sleep(5)
 
     async def scenario(connections: Connections) -> None:

@@ -8,6 +8,7 @@ SQLite and a real 1 s lease on etcd (waited for with a bounded poll; nothing ass
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import stat
@@ -732,18 +733,28 @@ def test_open_store_rejects_other_locations(location: str, message: str) -> None
         open_store(location)
 
 
+@contextlib.contextmanager
+def _behind_a_dying_member(
+    etcd_server: EtcdProcess, forward: bool
+) -> Iterator[tuple[EtcdStore, int]]:
+    """A store naming a member that dies mid-request (forwarding its transactions first when
+    ``forward``), then the real one; and the revision of ``certs/proxy``, put beforehand."""
+    prefix = f"/test-{uuid.uuid4().hex}/"
+    with EtcdStore(etcd_server.endpoint, prefix=prefix) as direct:
+        revision = direct.put("certs/proxy", '"v1"')
+    with (
+        dying_member(etcd_server.endpoint, forward=forward) as dying,
+        EtcdStore([dying, etcd_server.endpoint], prefix=prefix) as store,
+    ):
+        yield store, revision
+
+
 def test_a_revisions_read_cut_off_by_a_dying_member_goes_to_the_next(
     etcd_server: EtcdProcess,
 ) -> None:
     """revisions() is a read-only transaction: cut off, it is repeated on the next member
     like any read (a write transaction is read back first: the test below)."""
-    prefix = f"/test-{uuid.uuid4().hex}/"
-    with EtcdStore(etcd_server.endpoint, prefix=prefix) as direct:
-        revision = direct.put("certs/proxy", '"v1"')
-    with (
-        dying_member(etcd_server.endpoint, forward=True) as dying,
-        EtcdStore([dying, etcd_server.endpoint], prefix=prefix) as store,
-    ):
+    with _behind_a_dying_member(etcd_server, forward=True) as (store, revision):
         assert store.revisions(["certs/"]) == {"certs/proxy": revision}
 
 
@@ -751,13 +762,7 @@ def test_a_revisions_read_cut_off_by_a_dying_member_goes_to_the_next(
 def test_a_transaction_cut_off_by_a_dying_member_is_applied_exactly_once(
     etcd_server: EtcdProcess, landed: bool
 ) -> None:
-    prefix = f"/test-{uuid.uuid4().hex}/"
-    with EtcdStore(etcd_server.endpoint, prefix=prefix) as direct:
-        revision = direct.put("certs/proxy", '"v1"')
-    with (
-        dying_member(etcd_server.endpoint, forward=landed) as dying,
-        EtcdStore([dying, etcd_server.endpoint], prefix=prefix) as store,
-    ):
+    with _behind_a_dying_member(etcd_server, forward=landed) as (store, revision):
         store.commit([Put("certs/proxy", '"v2"', expect_revision=revision)])
         entry = store.get("certs/proxy")
         assert entry is not None and entry.value == '"v2"'

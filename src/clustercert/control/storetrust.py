@@ -86,4 +86,4 @@ class StoreTrustFile:
             in_flight = await self.state.rollout_in_flight()
             adding = in_flight.trust_added if in_flight is not None else []
             self.pinned([*record.roots, *adding])
-            self._seen = (record.revision, in_flight.revision if in_flight is not None else 0)
+            self._seen = seen

@@ -207,6 +207,13 @@ def check_key(key: str, what: str = "key") -> None:
         raise ValueError(f"store {what} must not be empty")
 
 
+def check_prefixes(*prefixes: str) -> None:
+    """Reject a list or revisions prefix that is not a ``str`` (``""``, every key, is one)."""
+    for prefix in prefixes:
+        if not isinstance(prefix, str):
+            raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+
+
 def check_expectation(expect_revision: int | None) -> None:
     """Reject an ``expect_revision`` that is neither ``None`` nor an ``int >= 0``."""
     if expect_revision is None:

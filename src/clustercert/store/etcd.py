@@ -71,6 +71,7 @@ from clustercert.store.base import (
     check_key,
     check_lock,
     check_ops,
+    check_prefixes,
     conflict,
     expectation_holds,
 )
@@ -209,8 +210,7 @@ class EtcdStore(Store):
         return deleted
 
     def list(self, prefix: str) -> list[Entry]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        check_prefixes(prefix)
         doing = f"listing keys under {prefix!r}"
         start = self._kv + prefix.encode()
         request: _Json = {
@@ -236,9 +236,7 @@ class EtcdStore(Store):
         return self._run(doing, read)
 
     def revisions(self, prefixes: Sequence[str]) -> dict[str, int]:
-        for prefix in prefixes:
-            if not isinstance(prefix, str):
-                raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        check_prefixes(*prefixes)
         if not prefixes:
             return {}
         doing = f"reading the revisions under {list(prefixes)!r}"

@@ -37,6 +37,7 @@ from clustercert.store.base import (
     check_key,
     check_lock,
     check_ops,
+    check_prefixes,
     conflict,
     expectation_holds,
 )
@@ -150,8 +151,7 @@ class SqliteStore(Store):
         return changed
 
     def list(self, prefix: str) -> list[Entry]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        check_prefixes(prefix)
 
         where, arguments = _under(prefix)
 
@@ -165,9 +165,7 @@ class SqliteStore(Store):
         return self._read(f"listing keys under {prefix!r}", read)
 
     def revisions(self, prefixes: Sequence[str]) -> dict[str, int]:
-        for prefix in prefixes:
-            if not isinstance(prefix, str):
-                raise TypeError(f"store prefix must be str, not {type(prefix).__name__}")
+        check_prefixes(*prefixes)
         if not prefixes:
             return {}
         # One statement (one snapshot), one index range per prefix; the text is a constant
